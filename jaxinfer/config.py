@@ -1,0 +1,177 @@
+"""Frozen configuration dataclasses: the model shape and the per-request sampling knobs.
+
+Layer 1 of the map (../shared/ARCHITECTURE.md): no jax, no numpy, nothing mutable.
+Every dataclass validates itself in ``__post_init__`` and raises ValueError naming the
+field and its allowed range, so bad input is rejected on the host before any work.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional, Sequence, Union
+
+# Families the model code implements. The checkpoint registry maps HF `model_type`
+# strings onto these.
+FAMILIES = ("llama", "mistral", "qwen2", "gemma")
+ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def _require(cond: bool, field: str, message: str) -> None:
+    if not cond:
+        raise ValueError(f"{field}: {message}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RopeScaling:
+    """RoPE frequency scaling, as in HF `rope_parameters` / `rope_scaling`."""
+
+    rope_type: str  # "linear" or "llama3"
+    factor: float  # positions are stretched by this factor
+    low_freq_factor: float = 1.0  # llama3 only
+    high_freq_factor: float = 4.0  # llama3 only
+    original_max_position_embeddings: int = 8192  # llama3 only
+
+    def __post_init__(self):
+        _require(self.rope_type in ("linear", "llama3"), "rope_scaling.rope_type",
+                 f"unsupported rope type {self.rope_type!r}; supported: linear, llama3")
+        _require(self.factor > 0, "rope_scaling.factor", f"must be > 0, got {self.factor}")
+        if self.rope_type == "llama3":
+            _require(self.high_freq_factor > self.low_freq_factor > 0,
+                     "rope_scaling.high_freq_factor",
+                     "llama3 needs high_freq_factor > low_freq_factor > 0")
+            _require(self.original_max_position_embeddings > 0,
+                     "rope_scaling.original_max_position_embeddings", "must be > 0")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Shape and numerics of a decoder-only transformer of one of FAMILIES."""
+
+    family: str  # one of FAMILIES
+    vocab_size: int
+    hidden_size: int  # D
+    intermediate_size: int  # F
+    num_layers: int
+    num_heads: int  # N
+    num_kv_heads: int  # K (GQA when < N)
+    head_dim: int  # H (Gemma: not hidden_size // num_heads)
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[RopeScaling] = None
+    qkv_bias: bool = False  # Qwen2: bias on q/k/v projections
+    o_bias: bool = False  # Llama `attention_bias` also puts a bias on o_proj
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    hidden_act: str = "silu"  # gated MLP activation: SwiGLU (silu) or GeGLU (gelu*)
+    norm_weight_offset: float = 0.0  # Gemma's RMSNorm multiplies by (1 + w): offset 1
+    scale_embeddings: bool = False  # Gemma multiplies embeddings by sqrt(hidden_size)
+    # One entry per layer: the sliding window (keys with q_pos - k_pos < window are
+    # visible) or None for full causal attention. Empty tuple = all None.
+    sliding_windows: tuple = ()
+    bos_token_id: Optional[int] = None
+    eos_token_ids: tuple = ()
+
+    def __post_init__(self):
+        _require(self.family in FAMILIES, "family", f"{self.family!r} not in {FAMILIES}")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                     "num_heads", "num_kv_heads", "head_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value > 0, name, f"must be a positive int, got {value!r}")
+        _require(self.num_heads % self.num_kv_heads == 0, "num_kv_heads",
+                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        _require(self.head_dim % 2 == 0, "head_dim", f"must be even for RoPE, got {self.head_dim}")
+        _require(self.hidden_act in ACTIVATIONS, "hidden_act", f"{self.hidden_act!r} not in {ACTIVATIONS}")
+        _require(self.rms_norm_eps > 0, "rms_norm_eps", "must be > 0")
+        _require(self.rope_theta > 0, "rope_theta", "must be > 0")
+        if self.sliding_windows:
+            _require(len(self.sliding_windows) == self.num_layers, "sliding_windows",
+                     f"needs one entry per layer ({self.num_layers}), got {len(self.sliding_windows)}")
+            for w in self.sliding_windows:
+                _require(w is None or (isinstance(w, int) and w > 0), "sliding_windows",
+                         f"entries must be None or a positive int, got {w!r}")
+
+    def sliding_window(self, layer: int) -> Optional[int]:
+        return self.sliding_windows[layer] if self.sliding_windows else None
+
+    @property
+    def num_queries_per_kv(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SamplingParams:
+    """Per-request decoding parameters (the names follow vLLM's SamplingParams)."""
+
+    max_tokens: int = 16  # generated tokens at most
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # keep the k most likely tokens; 0 or -1 = off
+    top_p: float = 1.0  # nucleus: smallest set with probability >= top_p; in (0, 1]
+    min_p: float = 0.0  # drop tokens with p < min_p * p_max; in [0, 1]
+    seed: Optional[int] = None  # None = a fresh seed per request
+    stop: Union[str, Sequence[str], None] = ()  # stop strings (not included in text)
+    stop_token_ids: Sequence[int] = ()  # stop when one of these is generated
+    ignore_eos: bool = False  # keep going past the EOS token
+    logprobs: bool = False  # return log p of each generated token
+    prompt_logprobs: bool = False  # return log p of each prompt token after the first
+
+    def __post_init__(self):
+        _require(isinstance(self.max_tokens, int) and not isinstance(self.max_tokens, bool)
+                 and self.max_tokens >= 1, "max_tokens", f"must be an int >= 1, got {self.max_tokens!r}")
+        _require(isinstance(self.temperature, (int, float)) and not math.isnan(self.temperature)
+                 and math.isfinite(self.temperature) and self.temperature >= 0, "temperature",
+                 f"must be a finite number >= 0, got {self.temperature!r}")
+        _require(isinstance(self.top_k, int) and self.top_k >= -1, "top_k",
+                 f"must be an int >= 1, or 0 / -1 to disable, got {self.top_k!r}")
+        _require(isinstance(self.top_p, (int, float)) and not math.isnan(self.top_p)
+                 and 0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p!r}")
+        _require(isinstance(self.min_p, (int, float)) and not math.isnan(self.min_p)
+                 and 0 <= self.min_p <= 1, "min_p", f"must be in [0, 1], got {self.min_p!r}")
+        _require(self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**63),
+                 "seed", f"must be None or an int in [0, 2**63), got {self.seed!r}")
+        stop = self.stop
+        if stop is None:
+            stop = ()
+        elif isinstance(stop, str):
+            stop = (stop,)
+        stop = tuple(stop)
+        for s in stop:
+            _require(isinstance(s, str) and s != "", "stop", f"entries must be non-empty strings, got {s!r}")
+        object.__setattr__(self, "stop", stop)
+        ids = tuple(self.stop_token_ids or ())
+        for t in ids:
+            _require(isinstance(t, int) and t >= 0, "stop_token_ids", f"entries must be ints >= 0, got {t!r}")
+        object.__setattr__(self, "stop_token_ids", ids)
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+ATTENTION_IMPLS = ("xla",)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EngineConfig:
+    """Serving-engine knobs: KV pages, the per-step token budget, batch limits."""
+
+    page_size: int = 16  # tokens per KV page
+    num_pages: Optional[int] = None  # pages in the pool; None = sized from max_kv_cache_bytes
+    max_kv_cache_bytes: int = 1 << 30  # budget for the automatic num_pages
+    max_num_batched_tokens: int = 512  # Sarathi token budget per step (decodes + prefill chunks)
+    max_num_seqs: int = 64  # running sequences at most
+    max_model_len: Optional[int] = None  # prompt + output cap; None = the model's context
+    attention_impl: Optional[str] = None  # one of ATTENTION_IMPLS; None = backend default
+
+    def __post_init__(self):
+        for name in ("page_size", "max_num_batched_tokens", "max_num_seqs", "max_kv_cache_bytes"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name,
+                     f"must be an int >= 1, got {value!r}")
+        _require(self.num_pages is None or (isinstance(self.num_pages, int) and self.num_pages >= 1),
+                 "num_pages", f"must be None or an int >= 1, got {self.num_pages!r}")
+        _require(self.max_model_len is None or (isinstance(self.max_model_len, int) and self.max_model_len >= 1),
+                 "max_model_len", f"must be None or an int >= 1, got {self.max_model_len!r}")
+        _require(self.attention_impl is None or self.attention_impl in ATTENTION_IMPLS, "attention_impl",
+                 f"{self.attention_impl!r} not in {ATTENTION_IMPLS}")

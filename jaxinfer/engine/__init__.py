@@ -1,0 +1,1 @@
+"""Host side: request state, scheduler, block manager, engine loop, output processing."""

@@ -1,0 +1,1 @@
+"""Flax model families, the architecture registry, checkpoint and tokenizer loading."""

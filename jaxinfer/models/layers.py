@@ -1,0 +1,121 @@
+"""Building blocks shared by every family: linear, RMSNorm, RoPE, gated MLP, embedding.
+
+Dimension codes: T tokens, D model dim, F ffn dim, N query heads, K kv heads, H head
+dim, V vocab. Parameters live in `param_dtype`; matmuls accumulate in float32
+(`preferred_element_type`) and return `dtype` activations, like HF's bf16 kernels.
+Each weight carries logical axis names for jaxinfer.sharding.rules.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxinfer.config import ModelConfig, RopeScaling
+
+
+def _init(std: float):
+    return nn.initializers.normal(stddev=std)
+
+
+class Linear(nn.Module):
+    """y = x @ kernel (+ bias); kernel [in, out] (HF stores [out, in]: transposed on load)."""
+
+    features: int
+    use_bias: bool
+    axes: Sequence[Optional[str]]  # logical names of the kernel's (in, out) dims
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    init_std: float = 0.02
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", nn.with_logical_partitioning(_init(self.init_std), tuple(self.axes)),
+                            (x.shape[-1], self.features), self.param_dtype)
+        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype), preferred_element_type=jnp.float32)
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (self.axes[1],)),
+                              (self.features,), self.param_dtype)
+            y = y + bias.astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm in float32. Llama: w * cast(x_hat); Gemma (offset 1): cast(x_hat * (1 + w))."""
+
+    eps: float
+    weight_offset: float = 0.0
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        init = nn.initializers.zeros if self.weight_offset else nn.initializers.ones
+        scale = self.param("scale", nn.with_logical_partitioning(init, ("norm",)), (x.shape[-1],),
+                           self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        x_hat = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.weight_offset:
+            return (x_hat * (self.weight_offset + scale.astype(jnp.float32))).astype(self.dtype)
+        return scale.astype(self.dtype) * x_hat.astype(self.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: Optional[RopeScaling]) -> jax.Array:
+    """Inverse frequencies [H/2] (float32), with `linear` or `llama3` scaling applied."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    if scaling is None:
+        return inv_freq
+    if scaling.rope_type == "linear":
+        return inv_freq / scaling.factor
+    # llama3 (Llama 3.1 report): long wavelengths are divided by `factor`, short ones
+    # kept, and the band between is interpolated smoothly.
+    old_len = scaling.original_max_position_embeddings
+    low_freq_wavelen = old_len / scaling.low_freq_factor
+    high_freq_wavelen = old_len / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (old_len / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return jnp.where(is_medium, smoothed, scaled)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotates x [T, heads, H] by its positions [T] (HF's rotate-half layout)."""
+    freqs = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, H/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)  # [T, H]
+    cos = jnp.cos(emb).astype(x.dtype)[:, None, :]
+    sin = jnp.sin(emb).astype(x.dtype)[:, None, :]
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+def activation(name: str, x: jax.Array) -> jax.Array:
+    if name == "silu":
+        return jax.nn.silu(x)
+    if name == "gelu_tanh":
+        return jax.nn.gelu(x, approximate=True)
+    return jax.nn.gelu(x, approximate=False)
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)): SwiGLU for Llama/Mistral/Qwen2, GeGLU for Gemma."""
+
+    config: ModelConfig
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+    init_std: float = 0.02
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        dense = dict(use_bias=cfg.mlp_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+                     init_std=self.init_std)
+        gate = Linear(cfg.intermediate_size, axes=("embed", "mlp"), name="gate_proj", **dense)(x)
+        up = Linear(cfg.intermediate_size, axes=("embed", "mlp"), name="up_proj", **dense)(x)
+        hidden = activation(cfg.hidden_act, gate) * up  # [T, F]
+        return Linear(cfg.hidden_size, axes=("mlp", "embed"), name="down_proj", **dense)(hidden)

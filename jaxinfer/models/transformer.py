@@ -1,0 +1,195 @@
+"""The decoder-only transformer of the Llama / Mistral / Qwen2 / Gemma families.
+
+Path of a request: runner -> **model** -> attention op (jaxinfer.pallas) -> sampler.
+The forward pass works on a flat ragged batch of tokens (prefill chunks and decodes of
+many sequences, concatenated) and receives the paged KV cache and its metadata as
+arguments: it writes the new K/V into the pages and returns the updated pages; it never
+allocates the cache. `kv_caches=None` runs a dense batch (training, scoring) with the
+same code: the batch's own K/V are viewed as one page per sequence.
+
+Dimension codes: T tokens, S sequences, D model dim, N query heads, K kv heads, H head
+dim, V vocab, P pages, L page size.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from jaxinfer.config import ModelConfig
+from jaxinfer.models.layers import GatedMLP, Linear, RMSNorm, apply_rope, rope_inv_freq
+from jaxinfer.pallas import ragged_paged_attention as rpa
+
+
+@flax.struct.dataclass
+class AttentionMetadata:
+    """Where each token's K/V goes and which keys each sequence's queries see."""
+
+    slot_mapping: jax.Array  # [T] int32 flat KV slot per token (P * L = dropped padding)
+    cu_q_lens: jax.Array  # [S + 1] int32 cumulative query tokens per sequence
+    kv_lens: jax.Array  # [S] int32 tokens in each sequence's pages after this step
+    page_tables: jax.Array  # [S, pages per sequence] int32
+    max_q_len: int = flax.struct.field(pytree_node=False)  # static bound on query tokens per sequence
+
+    @classmethod
+    def dense(cls, batch: int, length: int) -> "AttentionMetadata":
+        """Metadata of a dense [batch, length] causal batch run with kv_caches=None."""
+        lens = jnp.full((batch,), length, jnp.int32)
+        return cls(slot_mapping=jnp.full((batch * length,), -1, jnp.int32),
+                   cu_q_lens=jnp.arange(batch + 1, dtype=jnp.int32) * length,
+                   kv_lens=lens,
+                   page_tables=jnp.arange(batch, dtype=jnp.int32)[:, None],
+                   max_q_len=length)
+
+
+class Attention(nn.Module):
+    config: ModelConfig
+    layer: int
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+    attention_impl: Optional[str] = None
+    init_std: float = 0.02
+
+    @nn.compact
+    def __call__(self, x, positions, kv_cache, metadata: AttentionMetadata):
+        cfg = self.config
+        dense = dict(dtype=self.dtype, param_dtype=self.param_dtype, init_std=self.init_std)
+        num_tokens = x.shape[0]
+        q = Linear(cfg.num_heads * cfg.head_dim, use_bias=cfg.qkv_bias, axes=("embed", "heads"),
+                   name="q_proj", **dense)(x)
+        k = Linear(cfg.num_kv_heads * cfg.head_dim, use_bias=cfg.qkv_bias, axes=("embed", "kv_heads"),
+                   name="k_proj", **dense)(x)
+        v = Linear(cfg.num_kv_heads * cfg.head_dim, use_bias=cfg.qkv_bias, axes=("embed", "kv_heads"),
+                   name="v_proj", **dense)(x)
+        q = q.reshape(num_tokens, cfg.num_heads, cfg.head_dim)  # [T, N, H]
+        k = k.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim)  # [T, K, H]
+        v = v.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim)  # [T, K, H]
+        inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        q = apply_rope(q, positions, inv_freq)
+        k = apply_rope(k, positions, inv_freq)
+
+        if kv_cache is None:
+            num_seqs = metadata.page_tables.shape[0]
+            # [S, T / S, K, H]: each sequence of the dense batch is one page.
+            k_pages = k.reshape(num_seqs, num_tokens // num_seqs, cfg.num_kv_heads, cfg.head_dim)
+            v_pages = v.reshape(k_pages.shape)
+            new_cache = None
+        else:
+            k_pages, v_pages = rpa.write_kv(kv_cache[0], kv_cache[1], k, v, metadata.slot_mapping)
+            new_cache = (k_pages, v_pages)
+
+        out = rpa.ragged_paged_attention(
+            q, k_pages, v_pages, metadata.cu_q_lens, metadata.kv_lens, metadata.page_tables,
+            max_q_len=metadata.max_q_len, sm_scale=cfg.head_dim ** -0.5,
+            sliding_window=cfg.sliding_window(self.layer), impl=self.attention_impl)
+        out = out.reshape(num_tokens, cfg.num_heads * cfg.head_dim)  # [T, N * H]
+        out = Linear(cfg.hidden_size, use_bias=cfg.o_bias, axes=("heads", "embed"), name="o_proj",
+                     **dense)(out)
+        return out, new_cache
+
+
+class DecoderLayer(nn.Module):
+    config: ModelConfig
+    layer: int
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+    attention_impl: Optional[str] = None
+    init_std: float = 0.02
+
+    @nn.compact
+    def __call__(self, x, positions, kv_cache, metadata):
+        cfg = self.config
+        norm = dict(eps=cfg.rms_norm_eps, weight_offset=cfg.norm_weight_offset, dtype=self.dtype,
+                    param_dtype=self.param_dtype)
+        h = RMSNorm(name="input_layernorm", **norm)(x)
+        h, new_cache = Attention(cfg, self.layer, self.dtype, self.param_dtype, self.attention_impl,
+                                 self.init_std, name="self_attn")(h, positions, kv_cache, metadata)
+        x = x + h
+        h = RMSNorm(name="post_attention_layernorm", **norm)(x)
+        x = x + GatedMLP(cfg, self.dtype, self.param_dtype, self.init_std, name="mlp")(h)
+        return x, new_cache
+
+
+class Transformer(nn.Module):
+    """Token ids in, logits (and the updated KV pages) out.
+
+    Attributes:
+      config: the model shape.
+      dtype: activation dtype (float32 or bfloat16); norms, softmax and logits run in float32.
+      param_dtype: dtype the parameters are created in by `init`.
+      attention_impl: forwarded to the attention op (None = its default for the backend).
+      init_std: std of the normal init of linear/embedding weights (init only).
+    """
+
+    config: ModelConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    attention_impl: Optional[str] = None
+    init_std: float = 0.02
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, positions: jax.Array, kv_caches, metadata: AttentionMetadata,
+                 logits_indices: Optional[jax.Array] = None):
+        """Runs the model over a flat token batch.
+
+        Args:
+          tokens: [T] int32 token ids.
+          positions: [T] int32 position of each token in its sequence.
+          kv_caches: per layer a (k_pages, v_pages) pair of [P, L, K, H], or None for a
+            dense batch (see AttentionMetadata.dense).
+          metadata: AttentionMetadata of this batch.
+          logits_indices: optional [S] int32 rows of the batch to compute logits for
+            (e.g. the last token of each sequence); None = every token.
+        Returns:
+          (logits [T or S, V] float32, new kv_caches or None).
+        """
+        cfg = self.config
+        embedding = self.param("embed_tokens", nn.with_logical_partitioning(
+            nn.initializers.normal(stddev=self.init_std), ("vocab", "embed")),
+            (cfg.vocab_size, cfg.hidden_size), self.param_dtype)
+        x = jnp.take(embedding, tokens, axis=0).astype(self.dtype)  # [T, D]
+        if cfg.scale_embeddings:
+            # Gemma rounds the normalizer to the activation dtype before multiplying.
+            x = x * jnp.asarray(cfg.hidden_size ** 0.5, dtype=self.dtype)
+
+        new_caches = []
+        for i in range(cfg.num_layers):
+            cache = None if kv_caches is None else kv_caches[i]
+            x, cache = DecoderLayer(cfg, i, self.dtype, self.param_dtype, self.attention_impl,
+                                    self.init_std, name=f"layers_{i}")(x, positions, cache, metadata)
+            new_caches.append(cache)
+
+        x = RMSNorm(cfg.rms_norm_eps, cfg.norm_weight_offset, self.dtype, self.param_dtype, name="norm")(x)
+        if logits_indices is not None:
+            x = x[logits_indices]  # [S, D]
+        if cfg.tie_word_embeddings:
+            logits = jnp.dot(x, embedding.astype(self.dtype).T, preferred_element_type=jnp.float32)
+        else:
+            logits = Linear(cfg.vocab_size, use_bias=False, axes=("embed", "vocab"), dtype=self.dtype,
+                            param_dtype=self.param_dtype, init_std=self.init_std, name="lm_head")(x)
+        return logits.astype(jnp.float32), (None if kv_caches is None else tuple(new_caches))
+
+
+def init_params(config: ModelConfig, rng: jax.Array, dtype=jnp.float32, init_std: float = 0.02):
+    """Random parameters (a plain nested dict of arrays) for `config`."""
+    model = Transformer(config, dtype=dtype, param_dtype=dtype, init_std=init_std)
+    tokens = jnp.zeros((2,), jnp.int32)
+    variables = model.init(rng, tokens, jnp.arange(2, dtype=jnp.int32), None, AttentionMetadata.dense(1, 2))
+    return nn.meta.unbox(variables["params"])
+
+
+def param_shapes(config: ModelConfig, dtype=jnp.float32):
+    """Shapes/dtypes of the parameters (jax.ShapeDtypeStruct leaves); allocates nothing."""
+    return jax.eval_shape(lambda rng: init_params(config, rng, dtype), jax.random.key(0))
+
+
+def logical_axes(config: ModelConfig):
+    """The logical axis names of every parameter, as a tree matching the parameters."""
+    model = Transformer(config)
+    variables = jax.eval_shape(lambda rng: model.init(
+        rng, jnp.zeros((2,), jnp.int32), jnp.arange(2, dtype=jnp.int32), None, AttentionMetadata.dense(1, 2)),
+        jax.random.key(0))
+    return nn.get_partition_spec(variables)["params"]

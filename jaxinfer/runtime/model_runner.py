@@ -1,0 +1,196 @@
+"""ModelRunner: the only owner of device arrays (parameters, KV pages) and of jax.jit.
+
+Path: engine -> StepInput -> **runner** (pad to a shape bucket, one compiled step:
+model forward over the flat ragged batch + KV write into pages + attention + sampling)
+-> StepOutput -> engine.
+
+Shapes. XLA compiles once per input shape, so every step is padded to buckets: tokens
+per step and sequences per step to powers of two (minimum 16 and 4), pages per
+sequence and the longest query run to powers of two. A long mixed workload therefore
+compiles a bounded number of programs; `num_compiles` counts them and `compile_seconds`
+sums the time of the steps that compiled. The KV pages are donated to each step, so
+XLA updates them in place.
+
+Safety. Every token id, page id and position is checked on the host before it reaches
+the device: XLA clamps out-of-range gathers silently, which would read another
+request's KV or a wrong embedding.
+"""
+from __future__ import annotations
+
+import functools
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinfer.config import ModelConfig
+from jaxinfer.models.transformer import AttentionMetadata, Transformer
+from jaxinfer.runtime import sampler
+from jaxinfer.types import StepInput, StepOutput
+
+MIN_TOKEN_BUCKET = 16
+MIN_SEQ_BUCKET = 4
+
+
+def bucket(n: int, minimum: int = 1) -> int:
+    """Smallest power of two >= max(n, minimum)."""
+    n = max(n, minimum)
+    return 1 << (n - 1).bit_length()
+
+
+class ModelRunner:
+    """Runs steps of a model over a paged KV cache it owns.
+
+    Args:
+      config: model shape.
+      params: parameter tree (already in `dtype`).
+      page_size: tokens per KV page (L).
+      num_pages: pages in the pool (P).
+      dtype: activation and KV-cache dtype.
+      attention_impl: forwarded to the attention op.
+    """
+
+    def __init__(self, config: ModelConfig, params, *, page_size: int, num_pages: int,
+                 dtype=jnp.float32, attention_impl: Optional[str] = None):
+        self.config = config
+        self.params = params
+        self.page_size = page_size
+        self.num_pages = num_pages
+        self.dtype = jnp.dtype(dtype)
+        self.model = Transformer(config, dtype=self.dtype, param_dtype=self.dtype,
+                                 attention_impl=attention_impl)
+        shape = (num_pages, page_size, config.num_kv_heads, config.head_dim)  # [P, L, K, H]
+        self.kv_caches = tuple((jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
+                               for _ in range(config.num_layers))
+        self._step = jax.jit(functools.partial(_step_fn, self.model),
+                             static_argnames=("max_q_len", "all_greedy", "all_logits"),
+                             donate_argnames=("kv_caches",))
+        self._signatures: set = set()
+        self.compile_seconds = 0.0
+
+    @property
+    def num_compiles(self) -> int:
+        return len(self._signatures)
+
+    @property
+    def weight_bytes(self) -> int:
+        return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self.params)))
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return int(sum(k.size * k.dtype.itemsize * 2 for k, _ in self.kv_caches))
+
+    def _validate(self, seq) -> None:
+        cfg = self.config
+        ids = np.asarray(seq.token_ids, dtype=np.int64)
+        if ids.size == 0:
+            raise ValueError(f"request {seq.request_id}: token_ids is empty")
+        if ids.min() < 0 or ids.max() >= cfg.vocab_size:
+            raise ValueError(f"request {seq.request_id}: token id {int(ids[(ids < 0) | (ids >= cfg.vocab_size)][0])} "
+                             f"outside the vocabulary [0, {cfg.vocab_size})")
+        end = seq.start_position + ids.size
+        if seq.start_position < 0 or end > cfg.max_position_embeddings:
+            raise ValueError(f"request {seq.request_id}: positions [{seq.start_position}, {end}) outside the "
+                             f"model's context of {cfg.max_position_embeddings}")
+        pages = np.asarray(seq.page_ids, dtype=np.int64)
+        if pages.size * self.page_size < end:
+            raise ValueError(f"request {seq.request_id}: {pages.size} pages cannot hold {end} tokens")
+        if pages.size and (pages.min() < 0 or pages.max() >= self.num_pages):
+            raise ValueError(f"request {seq.request_id}: page id outside [0, {self.num_pages})")
+
+    def execute(self, step: StepInput) -> StepOutput:
+        """Runs one step; returns a sampled token for every sequence that asked for one."""
+        seqs = step.sequences
+        if not seqs:
+            raise ValueError("step: no sequences scheduled")
+        for seq in seqs:
+            self._validate(seq)
+        lens = np.array([len(s.token_ids) for s in seqs], dtype=np.int32)
+        num_tokens = bucket(int(lens.sum()), MIN_TOKEN_BUCKET)
+        num_seqs = bucket(len(seqs), MIN_SEQ_BUCKET)
+        max_pages = bucket(max(len(s.page_ids) for s in seqs))
+        max_q_len = min(bucket(int(lens.max())), num_tokens)
+        all_greedy = all(s.temperature <= 0 or s.top_k == 1 for s in seqs)
+        all_logits = any(s.want_prompt_logprobs for s in seqs)
+
+        tokens = np.zeros(num_tokens, np.int32)
+        positions = np.zeros(num_tokens, np.int32)
+        slots = np.full(num_tokens, self.num_pages * self.page_size, np.int32)  # dropped
+        cu_q_lens = np.zeros(num_seqs + 1, np.int32)
+        kv_lens = np.zeros(num_seqs, np.int32)
+        page_tables = np.zeros((num_seqs, max_pages), np.int32)
+        logits_indices = np.zeros(num_seqs, np.int32)
+        temperature = np.zeros(num_seqs, np.float32)
+        top_k = np.zeros(num_seqs, np.int32)
+        top_p = np.ones(num_seqs, np.float32)
+        min_p = np.zeros(num_seqs, np.float32)
+        seed_hi = np.zeros(num_seqs, np.uint32)
+        seed_lo = np.zeros(num_seqs, np.uint32)
+        sample_pos = np.zeros(num_seqs, np.int32)
+        targets = np.zeros(num_tokens, np.int32)  # successor of each token (prompt logprobs)
+        offset = 0
+        for i, s in enumerate(seqs):
+            n = lens[i]
+            pos = s.start_position + np.arange(n, dtype=np.int32)
+            pages = np.asarray(s.page_ids, dtype=np.int32)
+            tokens[offset:offset + n] = s.token_ids
+            targets[offset:offset + n - 1] = s.token_ids[1:]
+            if s.next_token_id is not None:
+                targets[offset + n - 1] = s.next_token_id
+            positions[offset:offset + n] = pos
+            slots[offset:offset + n] = pages[pos // self.page_size] * self.page_size + pos % self.page_size
+            page_tables[i, :pages.size] = pages
+            kv_lens[i] = s.start_position + n
+            offset += n
+            cu_q_lens[i + 1] = offset
+            logits_indices[i] = offset - 1
+            temperature[i], top_k[i], top_p[i], min_p[i] = s.temperature, s.top_k, s.top_p, s.min_p
+            seed_hi[i], seed_lo[i] = (s.seed >> 32) & 0xFFFFFFFF, s.seed & 0xFFFFFFFF
+            sample_pos[i] = s.start_position + n
+        cu_q_lens[len(seqs) + 1:] = offset
+
+        signature = (num_tokens, num_seqs, max_pages, max_q_len, all_greedy, all_logits)
+        is_new = signature not in self._signatures
+        start = time.perf_counter()
+        sampled, logprobs, prompt_lp, self.kv_caches = self._step(
+            self.params, self.kv_caches, tokens, positions, slots, cu_q_lens, kv_lens, page_tables,
+            logits_indices, targets, temperature, top_k, top_p, min_p, seed_hi, seed_lo, sample_pos,
+            max_q_len=max_q_len, all_greedy=all_greedy, all_logits=all_logits)
+        sampled, logprobs, prompt_lp = jax.device_get((sampled, logprobs, prompt_lp))
+        if is_new:
+            self._signatures.add(signature)
+            self.compile_seconds += time.perf_counter() - start
+
+        out_tokens, out_lps, out_prompt = [], [], []
+        offset = 0
+        for i, s in enumerate(seqs):
+            n = lens[i]
+            out_tokens.append(int(sampled[i]) if s.sample else None)
+            out_lps.append(float(logprobs[i]) if s.sample and s.want_logprobs else None)
+            num_known = n if s.next_token_id is not None else n - 1
+            out_prompt.append(tuple(float(x) for x in prompt_lp[offset:offset + num_known])
+                              if s.want_prompt_logprobs else None)
+            offset += n
+        return StepOutput(sampled_token_ids=tuple(out_tokens), logprobs=tuple(out_lps),
+                          prompt_logprobs=tuple(out_prompt))
+
+
+def _step_fn(model, params, kv_caches, tokens, positions, slots, cu_q_lens, kv_lens, page_tables,
+             logits_indices, targets, temperature, top_k, top_p, min_p, seed_hi, seed_lo, sample_pos, *,
+             max_q_len, all_greedy, all_logits):
+    metadata = AttentionMetadata(slot_mapping=slots, cu_q_lens=cu_q_lens, kv_lens=kv_lens,
+                                 page_tables=page_tables, max_q_len=max_q_len)
+    variables = {"params": params}
+    if all_logits:
+        all_rows, kv_caches = model.apply(variables, tokens, positions, kv_caches, metadata)  # [T, V]
+        logits = all_rows[logits_indices]
+        log_probs = jax.nn.log_softmax(all_rows, axis=-1)
+        prompt_lp = jnp.take_along_axis(log_probs, targets[:, None], axis=-1)[:, 0]  # [T]
+    else:
+        logits, kv_caches = model.apply(variables, tokens, positions, kv_caches, metadata, logits_indices)
+        prompt_lp = jnp.zeros((0,), jnp.float32)
+    keys = sampler.request_keys(seed_hi, seed_lo, sample_pos)
+    sampled, logprobs = sampler.sample(logits, temperature, top_k, top_p, min_p, keys, all_greedy=all_greedy)
+    return sampled, logprobs, prompt_lp, kv_caches

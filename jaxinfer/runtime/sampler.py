@@ -1,0 +1,69 @@
+"""On-device sampling: greedy, temperature, top-k, top-p, min-p, per-request seeds.
+
+Path: runner -> model logits -> **sampler** -> StepOutput. Every knob is a per-row array
+so one compiled program serves any mix of requests. The key of the token a request
+samples at sequence position p is `fold_in(fold_in(fold_in(key(0), seed_hi), seed_lo), p)`:
+it depends only on the request's own seed and position, never on the batch, so a
+seeded request gives the same tokens alone or inside any batch.
+
+Order of the filters (vLLM's convention): temperature scales the logits; min-p drops
+tokens whose probability under the scaled distribution is below min_p * p_max; top-k
+keeps the k largest; top-p keeps the smallest prefix of the sorted distribution whose
+mass (after top-k) reaches top_p. Dimension codes: S sequences, V vocab.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def request_keys(seed_hi: jax.Array, seed_lo: jax.Array, positions: jax.Array) -> jax.Array:
+    """[S] uint32 seed halves and [S] positions -> [S] PRNG keys."""
+    def one(hi, lo, pos):
+        key = jax.random.fold_in(jax.random.key(0), hi)
+        return jax.random.fold_in(jax.random.fold_in(key, lo), pos)
+    return jax.vmap(one)(seed_hi, seed_lo, positions)
+
+
+def sample(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array,
+           min_p: jax.Array, keys: jax.Array, *, all_greedy: bool) -> tuple[jax.Array, jax.Array]:
+    """Samples one token per row.
+
+    Args:
+      logits: [S, V] float32.
+      temperature: [S] float32; 0 = greedy.
+      top_k: [S] int32; <= 0 = off.
+      top_p: [S] float32 in (0, 1].
+      min_p: [S] float32 in [0, 1].
+      keys: [S] PRNG keys (request_keys).
+      all_greedy: static; skips the sort when every row is greedy.
+    Returns:
+      (tokens [S] int32, logprobs [S] float32: log p of each token under the raw model
+      distribution, before temperature and filters).
+    """
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if all_greedy:
+        return greedy, jnp.take_along_axis(log_probs, greedy[:, None], axis=-1)[:, 0]
+
+    vocab = logits.shape[-1]
+    is_greedy = (temperature <= 0) | (top_k == 1)
+    scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+    order = jnp.argsort(-scaled, axis=-1)  # [S, V] token ids, most likely first
+    sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
+    sorted_probs = jax.nn.softmax(sorted_logits, axis=-1)
+    rank = jnp.arange(vocab)[None, :]
+
+    keep = sorted_probs >= (min_p[:, None] * sorted_probs[:, :1])
+    keep &= (top_k[:, None] <= 0) | (rank < top_k[:, None])
+    kept_probs = jnp.where(keep, sorted_probs, 0.0)
+    kept_probs = kept_probs / jnp.sum(kept_probs, axis=-1, keepdims=True)
+    mass_before = jnp.cumsum(kept_probs, axis=-1) - kept_probs
+    keep &= mass_before < top_p[:, None]
+    keep = keep.at[:, 0].set(True)  # the most likely token always survives
+
+    masked = jnp.where(keep, sorted_logits, -jnp.inf)
+    choice = jax.vmap(lambda k, row: jax.random.categorical(k, row))(keys, masked)
+    sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    tokens = jnp.where(is_greedy, greedy, sampled)
+    return tokens, jnp.take_along_axis(log_probs, tokens[:, None], axis=-1)[:, 0]

@@ -1,0 +1,25 @@
+"""Shared fixtures: tiny HF checkpoints of every family, built once per test session."""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+
+
+@pytest.fixture(scope="session")
+def hf_model_dir(tmp_path_factory):
+    """Returns f(name) -> (folder, torch model); each model is built once."""
+    import hf_models
+    built = {}
+
+    def get(name):
+        if name not in built:
+            path = str(tmp_path_factory.mktemp(name))
+            built[name] = (path, hf_models.build(name, path))
+        return built[name]
+    return get
