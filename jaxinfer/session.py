@@ -58,6 +58,7 @@ class InferenceSession:
     @classmethod
     def from_pretrained(cls, path: str, dtype="float32", engine: Optional[EngineConfig] = None) -> "InferenceSession":
         """Loads an HF folder (safetensors), a folder converted to orbax, or a bundled name."""
+        checkpoint.resolve_dtype(dtype)
         path = resolve_model_path(str(path))
         if not os.path.isdir(path):
             raise FileNotFoundError(f"path: {path!r} is neither a model folder nor a bundled model name")

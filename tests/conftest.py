@@ -23,3 +23,11 @@ def hf_model_dir(tmp_path_factory):
             built[name] = (path, hf_models.build(name, path))
         return built[name]
     return get
+
+
+@pytest.fixture(scope="session")
+def text_model_dir(tmp_path_factory):
+    """(folder, torch model) of a tiny Llama with a sentencepiece tokenizer."""
+    import hf_models
+    path = str(tmp_path_factory.mktemp("text_model"))
+    return path, hf_models.build_text_model(path)

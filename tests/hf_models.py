@@ -43,3 +43,39 @@ def build(name: str, path: str, seed: int = 0, **overrides) -> transformers.PreT
                 param.add_(0.1 * torch.randn_like(param))
     model.save_pretrained(path)
     return model
+
+
+TEXT_CORPUS = [
+    "def add(a, b):\n    return a + b\n",
+    "for i in range(10):\n    print(i, i * i)\n",
+    "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n",
+    "héllo wörld — naïve café, 日本語 and emoji 😀 🚀\n",
+    "import os\nimport sys\nprint(os.path.join('a', 'b'))\n",
+    "while True:\n    break\n# comment: the quick brown fox jumps over the lazy dog\n",
+]
+
+
+def build_text_model(path: str, vocab_size: int = 400, seed: int = 0) -> transformers.PreTrainedModel:
+    """A tiny Llama with a sentencepiece tokenizer (byte fallback) trained on TEXT_CORPUS."""
+    import json
+    import os
+
+    import sentencepiece as spm
+    os.makedirs(path, exist_ok=True)
+    corpus = os.path.join(path, "corpus.txt")
+    with open(corpus, "w", encoding="utf-8") as f:
+        f.write("".join(TEXT_CORPUS * 20))
+    spm.SentencePieceTrainer.train(
+        input=corpus, model_prefix=os.path.join(path, "tokenizer"), vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, add_dummy_prefix=True, minloglevel=2, hard_vocab_limit=False)
+    for leftover in ("corpus.txt", "tokenizer.vocab"):
+        os.remove(os.path.join(path, leftover))
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump({"add_bos_token": True, "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>"}, f)
+    processor = spm.SentencePieceProcessor(model_file=os.path.join(path, "tokenizer.model"))
+    config = transformers.LlamaConfig(**{**COMMON, "vocab_size": processor.vocab_size()})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    model.save_pretrained(path)
+    return model

@@ -1,0 +1,64 @@
+#!/usr/bin/env python3
+"""Quickstart tasks that need nothing but Python 3.10+ and pip.
+
+    python3 tasks.py demo   # venv + install + generate with the bundled model
+    python3 tasks.py test   # venv + install with test extras + the whole test suite
+
+Each creates (or reuses) the virtual environment `.venv` beside this file, installs
+jaxinfer into it, and runs the job with that environment's interpreter. Extra
+arguments after the task are passed on (to `jaxinfer generate` or to pytest).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import venv
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+VENV = os.path.join(ROOT, ".venv")
+BIN = os.path.join(VENV, "Scripts" if os.name == "nt" else "bin")
+PYTHON = os.path.join(BIN, "python")
+DEMO_PROMPT = "def fibonacci(n):\n    "
+
+
+def _run(*cmd: str) -> None:
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
+
+
+def _install(extras: str = "") -> None:
+    if not os.path.exists(PYTHON):
+        print(f"+ creating {VENV}", flush=True)
+        venv.create(VENV, with_pip=True)
+    _run(PYTHON, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-e", f".{extras}")
+
+
+def demo(args: list) -> int:
+    _install()
+    cmd = [os.path.join(BIN, "jaxinfer"), "generate", "--prompt", DEMO_PROMPT, "--max_tokens", "80"]
+    _run(*cmd, *args)
+    return 0
+
+
+def test(args: list) -> int:
+    _install("[test]")
+    env = dict(os.environ)
+    env.setdefault("JAX_PLATFORMS", "cpu")  # the suite is the CPU suite; kernels run in interpret mode
+    cmd = [PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args]
+    print("+", " ".join(cmd), flush=True)
+    return subprocess.run(cmd, cwd=ROOT, env=env).returncode
+
+
+TASKS = {"demo": demo, "test": test}
+
+
+def main() -> int:
+    if len(sys.argv) < 2 or sys.argv[1] not in TASKS:
+        print(f"usage: python3 tasks.py {{{'|'.join(TASKS)}}} [args...]", file=sys.stderr)
+        return 2
+    return TASKS[sys.argv[1]](sys.argv[2:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

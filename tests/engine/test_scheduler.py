@@ -1,0 +1,106 @@
+"""Scheduler and block manager without jax: hand-driven steps and hand-built outputs."""
+from __future__ import annotations
+
+import ast
+import pathlib
+
+import pytest
+
+from jaxinfer.config import SamplingParams
+from jaxinfer.engine.block_manager import BlockManager
+from jaxinfer.engine.request import Request
+from jaxinfer.engine.scheduler import Scheduler
+
+
+def _request(rid, prompt_len, max_tokens=4):
+    return Request(str(rid), list(range(3, 3 + prompt_len)), SamplingParams(max_tokens=max_tokens, temperature=0),
+                   seed=0)
+
+
+def _run_step(scheduler, next_token=7):
+    """Schedules one step and plays the runner: every sampled sequence gets next_token."""
+    step, chosen = scheduler.schedule()
+    if step is None:
+        return None, []
+    scheduler.update(chosen)
+    for (request, _), seq in zip(chosen, step.sequences):
+        if seq.sample:
+            request.append_token(next_token, None)
+            if request.is_finished:
+                scheduler.finish(request)
+    return step, chosen
+
+
+def test_block_manager_refcounts_and_errors():
+    bm = BlockManager(num_pages=4, page_size=2)
+    assert bm.pages_needed(5) == 3
+    pages = bm.allocate(3)
+    assert len(set(pages)) == 3 and bm.num_free_pages == 1
+    assert not bm.can_allocate(2)
+    with pytest.raises(RuntimeError, match="out of KV pages"):
+        bm.allocate(2)
+    bm.free(pages)
+    assert bm.num_free_pages == 4
+    with pytest.raises(RuntimeError, match="freed twice"):
+        bm.free(pages[:1])
+
+
+def test_token_budget_chunks_prefill_and_decodes_go_first():
+    s = Scheduler(BlockManager(64, 4), max_num_batched_tokens=8, max_num_seqs=8)
+    a, b = _request("a", 3), _request("b", 20)
+    s.add(a)
+    s.add(b)
+    step, chosen = _run_step(s)
+    # a's whole prompt (3) + the first 5 tokens of b's prompt.
+    assert [(r.request_id, n) for r, n in chosen] == [("a", 3), ("b", 5)]
+    assert step.sequences[0].sample and not step.sequences[1].sample
+    assert step.sequences[1].start_position == 0 and step.sequences[1].next_token_id == b.prompt_ids[5]
+    step, chosen = _run_step(s)
+    # Decode of a first, then 7 more tokens of b.
+    assert [(r.request_id, n) for r, n in chosen] == [("a", 1), ("b", 7)]
+    assert step.sequences[1].start_position == 5
+    while s.has_unfinished:
+        step, chosen = _run_step(s)
+        assert sum(n for _, n in chosen) <= 8
+    assert a.output_ids == [7] * 4 and b.output_ids == [7] * 4
+    assert s.block_manager.num_free_pages == 64
+
+
+def test_max_num_seqs_limits_running():
+    s = Scheduler(BlockManager(64, 4), max_num_batched_tokens=100, max_num_seqs=2)
+    for i in range(4):
+        s.add(_request(i, 2))
+    _, chosen = _run_step(s)
+    assert [r.request_id for r, _ in chosen] == ["0", "1"]
+    assert len(s.running) == 2 and len(s.waiting) == 2
+
+
+def test_preempts_the_most_recently_admitted_and_recomputes():
+    # 6 pages of 2 tokens. Three requests of 4 prompt tokens take 2 pages each; their
+    # first decode needs a third page each: the newest gets preempted.
+    s = Scheduler(BlockManager(6, 2), max_num_batched_tokens=100, max_num_seqs=8)
+    reqs = [_request(i, 4, max_tokens=3) for i in range(3)]
+    for r in reqs:
+        s.add(r)
+    _run_step(s)  # prefill all three, each samples one token
+    assert s.block_manager.num_free_pages == 0
+    _, chosen = _run_step(s)
+    assert s.num_preemptions >= 1
+    assert reqs[2] in s.waiting and reqs[2].num_computed == 0 and reqs[2].page_ids == []
+    assert [r.request_id for r, _ in chosen] == ["0", "1"]
+    while s.has_unfinished:
+        _run_step(s)
+    assert all(r.output_ids == [7, 7, 7] for r in reqs)
+    assert s.block_manager.num_free_pages == 6
+
+
+def test_host_side_modules_never_import_jax():
+    """The scheduler, block manager and what they import are pure Python/numpy."""
+    root = pathlib.Path(__file__).resolve().parents[2] / "jaxinfer"
+    for rel in ("engine/scheduler.py", "engine/block_manager.py", "engine/request.py", "config.py", "types.py"):
+        tree = ast.parse((root / rel).read_text())
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            for name in names:
+                assert name.split(".")[0] not in ("jax", "flax", "jaxlib"), f"{rel} imports {name}"

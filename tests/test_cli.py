@@ -1,0 +1,37 @@
+"""The `jaxinfer generate` command line, run as a subprocess."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cli(*args):
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-m", "jaxinfer.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def test_generate_streams_and_summarizes(text_model_dir):
+    res = _cli("generate", "--model", text_model_dir[0], "--prompt", "def add(a, b):", "--max_tokens", "12")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("def add(a, b):")
+    summary = res.stdout.strip().splitlines()[-1]
+    from jaxinfer.models.tokenizer import load_tokenizer
+    num_prompt = len(load_tokenizer(text_model_dir[0]).encode("def add(a, b):"))
+    assert f"prompt tokens: {num_prompt} |" in summary
+    assert "generated tokens: 12 (length)" in summary
+    assert "time to first token" in summary and "tokens/s" in summary
+
+
+def test_usage_errors(text_model_dir):
+    res = _cli("generate", "--model", text_model_dir[0])
+    assert res.returncode != 0 and "--prompt" in res.stderr
+    res = _cli("generate", "--model", text_model_dir[0], "--prompt", "x", "--top_p", "0")
+    assert res.returncode != 0 and "top_p" in res.stderr
+    res = _cli("serve")
+    assert res.returncode != 0 and "usage" in res.stderr
+    res = _cli("generate", "--model", "/no/such/model", "--prompt", "x")
+    assert res.returncode == 2 and "/no/such/model" in res.stderr
