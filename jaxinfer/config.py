@@ -163,8 +163,11 @@ class EngineConfig:
     max_num_seqs: int = 64  # running sequences at most
     max_model_len: Optional[int] = None  # prompt + output cap; None = the model's context
     attention_impl: Optional[str] = None  # one of ATTENTION_IMPLS; None = backend default
+    enable_prefix_caching: bool = True  # share computed full pages across requests
 
     def __post_init__(self):
+        _require(isinstance(self.enable_prefix_caching, bool), "enable_prefix_caching",
+                 f"must be a bool, got {self.enable_prefix_caching!r}")
         for name in ("page_size", "max_num_batched_tokens", "max_num_seqs", "max_kv_cache_bytes"):
             value = getattr(self, name)
             _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name,

@@ -90,7 +90,7 @@ class InferenceSession:
                 raise ValueError(f"prompts[{index}]: token id {t!r} outside the vocabulary [0, {vocab})")
         return ids
 
-    def _add(self, prompts: Sequence[Prompt], params) -> list:
+    def _add(self, prompts: Sequence[Prompt], params, priority=0, cache_salt=None) -> list:
         if isinstance(prompts, str):
             raise ValueError("prompts: expected a list of prompts, got a single string (wrap it in a list)")
         prompts = list(prompts)
@@ -110,20 +110,34 @@ class InferenceSession:
             if total > engine.max_model_len:
                 raise ValueError(f"prompts[{i}]: max_tokens: prompt ({len(ids)} tokens) + max_tokens "
                                  f"({p.max_tokens}) = {total} exceeds the model's context of {engine.max_model_len}")
-        return [engine.add_request(ids, p) for ids, p in zip(encoded, params_list)]
+        priorities = list(priority) if isinstance(priority, (list, tuple)) else [priority] * len(prompts)
+        salts = list(cache_salt) if isinstance(cache_salt, (list, tuple)) else [cache_salt] * len(prompts)
+        if len(priorities) != len(prompts):
+            raise ValueError(f"priority: got {len(priorities)} priorities for {len(prompts)} prompts")
+        if len(salts) != len(prompts):
+            raise ValueError(f"cache_salt: got {len(salts)} salts for {len(prompts)} prompts")
+        for i, (pr, salt) in enumerate(zip(priorities, salts)):
+            if not isinstance(pr, int) or isinstance(pr, bool):
+                raise ValueError(f"priority[{i}]: expected an int, got {pr!r}")
+            if salt is not None and not isinstance(salt, str):
+                raise ValueError(f"cache_salt[{i}]: expected a string or None, got {type(salt).__name__}")
+        return [engine.add_request(ids, p, priority=pr, cache_salt=salt)
+                for ids, p, pr, salt in zip(encoded, params_list, priorities, salts)]
 
     # ------------------------------------------------------------------ API
 
-    def generate(self, prompts: Sequence[Prompt], params=None) -> list:
+    def generate(self, prompts: Sequence[Prompt], params=None, *, priority=0, cache_salt=None) -> list:
         """Generates for every prompt (strings or token-id lists).
 
         Args:
           prompts: list of prompts.
           params: one SamplingParams for all, or a list with one per prompt.
+          priority: int or list of ints; lower values are admitted first.
+          cache_salt: str or list; requests share prefix-cache pages only within a salt.
         Returns:
           list[RequestOutput] in prompt order.
         """
-        requests = self._add(prompts, params)
+        requests = self._add(prompts, params, priority, cache_salt)
         try:
             while not all(r.is_finished for r in requests):
                 self.engine.step()
@@ -136,9 +150,10 @@ class InferenceSession:
             self.engine.release(r)
         return outputs
 
-    def stream(self, prompt: Prompt, params: Optional[SamplingParams] = None) -> Iterator[str]:
+    def stream(self, prompt: Prompt, params: Optional[SamplingParams] = None, *, priority: int = 0,
+               cache_salt: Optional[str] = None) -> Iterator[str]:
         """Yields the generated text of one prompt piece by piece as it is produced."""
-        (request,) = self._add([prompt], params)
+        (request,) = self._add([prompt], params, priority, cache_salt)
         try:
             while not request.is_finished:
                 self.engine.step()

@@ -45,17 +45,21 @@ class Engine:
         self.eos_token_ids = tuple(eos_token_ids)
         self.max_model_len = min(engine_config.max_model_len or model_config.max_position_embeddings,
                                  model_config.max_position_embeddings)
-        self.block_manager = BlockManager(runner.num_pages, runner.page_size)
+        self.block_manager = BlockManager(runner.num_pages, runner.page_size,
+                                          enable_prefix_caching=engine_config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_batched_tokens=engine_config.max_num_batched_tokens,
                                    max_num_seqs=engine_config.max_num_seqs)
         self.requests: dict = {}
         self._ids = itertools.count()
+        self._arrivals = itertools.count()
+        self.num_scheduled_seqs = 0
         self._seed_rng = random.Random()
         self.num_steps = 0
         self.num_batched_tokens = 0
         self.host_seconds = 0.0
 
-    def add_request(self, prompt_ids: list, params: SamplingParams, request_id: Optional[str] = None) -> Request:
+    def add_request(self, prompt_ids: list, params: SamplingParams, request_id: Optional[str] = None,
+                    priority: int = 0, cache_salt: Optional[str] = None) -> Request:
         """Validates and queues one request.
 
         Raises:
@@ -75,6 +79,10 @@ class Engine:
         if self.block_manager.pages_needed(total) > self.block_manager.num_pages:
             raise ValueError(f"max_tokens: prompt + max_tokens = {total} tokens can never fit in the KV cache "
                              f"({self.block_manager.num_pages} pages of {self.block_manager.page_size})")
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise ValueError(f"priority: expected an int, got {priority!r}")
+        if cache_salt is not None and not isinstance(cache_salt, str):
+            raise ValueError(f"cache_salt: expected a string or None, got {type(cache_salt).__name__}")
         for t in params.stop_token_ids:
             if t >= vocab:
                 raise ValueError(f"stop_token_ids: {t} outside the vocabulary [0, {vocab})")
@@ -83,7 +91,8 @@ class Engine:
             raise ValueError(f"request_id: {request_id!r} is already in use")
         seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
         detok = IncrementalDetokenizer(self.tokenizer, prompt_ids) if self.tokenizer is not None else None
-        request = Request(request_id, prompt_ids, params, seed, detok, self.eos_token_ids)
+        request = Request(request_id, prompt_ids, params, seed, detok, self.eos_token_ids, priority=priority,
+                          cache_salt=cache_salt, arrival_index=next(self._arrivals))
         self.requests[request_id] = request
         self.scheduler.add(request)
         return request
@@ -98,9 +107,7 @@ class Engine:
         step_input, chosen = self.scheduler.schedule()
         if step_input is None:
             return []
-        device_start = time.perf_counter()
         step_output = self.runner.execute(step_input)
-        device_seconds = time.perf_counter() - device_start
         self.scheduler.update(chosen)
         touched = []
         for (request, num_tokens), token, logprob, prompt_lps in zip(
@@ -119,7 +126,9 @@ class Engine:
                 self.scheduler.finish(request)
         self.num_steps += 1
         self.num_batched_tokens += sum(n for _, n in chosen)
-        self.host_seconds += time.perf_counter() - start - device_seconds
+        self.num_scheduled_seqs += len(chosen)
+        # Host time: everything but the runner's device call (its input packing counts).
+        self.host_seconds += time.perf_counter() - start - self.runner.last_device_seconds
         return touched
 
     def output(self, request: Request) -> RequestOutput:
@@ -136,10 +145,7 @@ class Engine:
     def abort(self, request: Request) -> None:
         """Stops a request wherever it is and frees its pages."""
         if not request.is_finished:
-            if request in self.scheduler.waiting:
-                self.scheduler.waiting.remove(request)
-            else:
-                self.scheduler.finish(request)
+            self.scheduler.finish(request)
             request.finish_reason = request.finish_reason or "abort"
             request.status = Status.FINISHED
         self.release(request)
@@ -149,15 +155,26 @@ class Engine:
         self.requests.pop(request.request_id, None)
 
     def metrics(self) -> dict:
+        bm = self.block_manager
+        steps = max(self.num_steps, 1)
         return {
             "num_steps": self.num_steps,
             "num_batched_tokens": self.num_batched_tokens,
+            "mean_batch_tokens": self.num_batched_tokens / steps,
+            "mean_batch_seqs": self.num_scheduled_seqs / steps,
             "num_preemptions": self.scheduler.num_preemptions,
             "num_compiles": self.runner.num_compiles,
             "compile_seconds": self.runner.compile_seconds,
             "host_seconds": self.host_seconds,
-            "num_free_pages": self.block_manager.num_free_pages,
-            "num_total_pages": self.block_manager.num_pages,
+            "host_ms_per_step": 1000 * self.host_seconds / steps,
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "num_free_pages": bm.num_free_pages,
+            "num_total_pages": bm.num_pages,
+            "num_cached_pages": bm.num_cached_pages,
+            "prefix_cache_queries": bm.num_cache_queries,
+            "prefix_cache_hits": bm.num_cache_hits,
+            "prefix_cache_hit_rate": bm.num_cache_hits / max(bm.num_cache_queries, 1),
             "weight_bytes": self.runner.weight_bytes,
             "kv_cache_bytes": self.runner.kv_cache_bytes,
         }

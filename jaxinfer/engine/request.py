@@ -11,6 +11,7 @@ import time
 from typing import Optional
 
 from jaxinfer.config import SamplingParams
+from jaxinfer.engine.block_manager import page_hashes
 
 
 class Status(enum.Enum):
@@ -21,8 +22,15 @@ class Status(enum.Enum):
 
 class Request:
     def __init__(self, request_id: str, prompt_ids: list, params: SamplingParams, seed: int,
-                 detokenizer=None, eos_token_ids: tuple = ()):
+                 detokenizer=None, eos_token_ids: tuple = (), priority: int = 0,
+                 cache_salt: Optional[str] = None, arrival_index: int = 0):
         self.request_id = request_id
+        self.priority = priority  # lower runs first (vLLM's convention)
+        self.cache_salt = cache_salt  # prefix-cache namespace (per tenant)
+        self.arrival_index = arrival_index  # FCFS tie-break among equal priorities
+        self.admission_index = -1  # set by the scheduler at each admission
+        self.page_hashes: list = []  # hash chain of the full pages of all_ids
+        self.num_registered_pages = 0  # leading pages registered in the prefix cache
         self.prompt_ids = list(prompt_ids)
         self.params = params
         self.seed = seed
@@ -49,6 +57,15 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
+
+    def full_page_hashes(self, page_size: int) -> list:
+        """The hash chain of every full page of all_ids (extended lazily)."""
+        num_full = self.num_tokens // page_size
+        if len(self.page_hashes) < num_full:
+            start = len(self.page_hashes)
+            self.page_hashes += page_hashes(self.all_ids, page_size, self.cache_salt, start,
+                                            self.page_hashes[-1] if start else None)
+        return self.page_hashes
 
     @property
     def is_finished(self) -> bool:

@@ -1,17 +1,24 @@
 """Scheduler: decides which tokens of which requests run in the next step (no jax).
 
 Path: engine -> **scheduler** -> StepInput -> runner. Continuous batching with
-chunked prefill in the manner of Sarathi (Agrawal et al., 2023/2024): each step has a
-token budget; every running decode gets its one token first (decode-maximal), then
-partially prefilled prompts continue, then waiting requests are admitted first come
-first served, each taking min(remaining prompt, budget left). A request is admitted
-only when pages for all of its current tokens can be allocated; when a decode needs a
-page and none is free, the most recently admitted running request is preempted (its
-pages freed, to be recomputed later).
+chunked prefill in the manner of Sarathi-Serve (Agrawal et al., OSDI 2024): each step
+has a token budget (`max_num_batched_tokens`); every running decode gets its one token
+first (decode-maximal batching), then partially prefilled prompts continue, then
+waiting requests are admitted, each taking min(remaining prompt, budget left). Requests
+join and leave at every step.
+
+Admission order is by priority (lower first), then arrival (first come first served).
+A request is admitted only when pages for all of its current tokens can be had; pages
+of its prefix already in the prefix cache are shared instead of recomputed (at least
+one token is always left to compute, to produce the next-token logits). When a running
+decode needs a page and none is free, the running request of the lowest priority that
+was admitted most recently is preempted: its pages are freed (its computed full pages
+stay in the prefix cache) and it is recomputed later.
 """
 from __future__ import annotations
 
-import collections
+import bisect
+import itertools
 from typing import Optional
 
 from jaxinfer.engine.block_manager import BlockManager
@@ -24,40 +31,74 @@ class Scheduler:
         self.block_manager = block_manager
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
-        self.waiting: collections.deque = collections.deque()
+        self.waiting: list = []  # sorted by (priority, arrival_index)
         self.running: list = []  # in admission order
         self.num_preemptions = 0
+        self._admissions = itertools.count()
+
+    @staticmethod
+    def _order(request: Request):
+        return request.priority, request.arrival_index
 
     def add(self, request: Request) -> None:
-        self.waiting.append(request)
+        bisect.insort(self.waiting, request, key=self._order)
 
     @property
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def _preempt(self, request: Request) -> None:
-        self.running.remove(request)
+    # ---------------------------------------------------------------- pages
+
+    def _release_pages(self, request: Request) -> None:
         self.block_manager.free(request.page_ids)
         request.page_ids = []
+        request.num_registered_pages = 0
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self._release_pages(request)
         request.num_computed = 0
         request.status = Status.WAITING
-        self.waiting.appendleft(request)
+        self.add(request)
         self.num_preemptions += 1
 
+    def _victim(self) -> Request:
+        # Lowest priority (largest value) first; among equals the most recently admitted.
+        return max(self.running, key=lambda r: (r.priority, r.admission_index))
+
     def _grow(self, request: Request, num_tokens: int, scheduled: set) -> bool:
-        """Gives `request` pages for num_tokens tokens, preempting from the tail if needed."""
+        """Gives `request` pages for num_tokens tokens, preempting others if needed."""
         bm = self.block_manager
         need = bm.pages_needed(num_tokens) - len(request.page_ids)
         while need > bm.num_free_pages:
-            victim = self.running[-1]
-            if victim is request or victim in scheduled:
-                if victim is request:
-                    self._preempt(request)
+            victim = self._victim()
+            if victim is request:
+                self._preempt(request)
+                return False
+            if victim in scheduled:
                 return False
             self._preempt(victim)
         if need > 0:
             request.page_ids += bm.allocate(need)
         return True
+
+    def _admit(self, request: Request) -> bool:
+        """Allocates pages for the request's tokens, sharing cached prefix pages."""
+        bm = self.block_manager
+        num_tokens = request.num_tokens
+        hashes = request.full_page_hashes(bm.page_size)
+        hits = bm.match_prefix(hashes, max_pages=(num_tokens - 1) // bm.page_size)
+        num_new = bm.pages_needed(num_tokens) - len(hits)
+        if not bm.can_admit(hits, num_new):
+            return False
+        bm.share(hits)
+        request.page_ids = list(hits) + bm.allocate(num_new)
+        request.num_computed = len(hits) * bm.page_size
+        request.num_registered_pages = len(hits)
+        bm.record_lookup(num_tokens, request.num_computed)
+        return True
+
+    # ---------------------------------------------------------------- steps
 
     def schedule(self) -> tuple[Optional[StepInput], list]:
         """Returns the next StepInput (None if there is nothing to run) and the
@@ -85,14 +126,13 @@ class Scheduler:
             take(request, min(remaining, budget))
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
-            need = self.block_manager.pages_needed(request.num_tokens)
-            if not self.block_manager.can_allocate(need):
+            if not self._admit(request):
                 break
-            self.waiting.popleft()
-            request.page_ids = self.block_manager.allocate(need)
+            self.waiting.pop(0)
             request.status = Status.RUNNING
+            request.admission_index = next(self._admissions)
             self.running.append(request)
-            take(request, min(request.num_tokens, budget))
+            take(request, min(request.num_tokens - request.num_computed, budget))
         if not chosen:
             return None, []
         return StepInput(sequences=tuple(self._sequence(r, n) for r, n in chosen)), chosen
@@ -120,13 +160,21 @@ class Scheduler:
         )
 
     def update(self, chosen: list) -> None:
-        """Marks the scheduled tokens as computed (their K/V are now in the cache)."""
+        """Marks the scheduled tokens as computed and caches the pages they filled."""
+        bm = self.block_manager
         for request, num_tokens in chosen:
             request.num_computed += num_tokens
+            num_full = request.num_computed // bm.page_size
+            if num_full > request.num_registered_pages:
+                hashes = request.full_page_hashes(bm.page_size)
+                for i in range(request.num_registered_pages, num_full):
+                    bm.register(request.page_ids[i], hashes[i])
+                request.num_registered_pages = num_full
 
     def finish(self, request: Request) -> None:
-        """Releases a finished request's pages."""
+        """Releases a finished (or aborted) request's pages."""
         if request in self.running:
             self.running.remove(request)
-        self.block_manager.free(request.page_ids)
-        request.page_ids = []
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        self._release_pages(request)

@@ -6,8 +6,9 @@ model forward over the flat ragged batch + KV write into pages + attention + sam
 
 Shapes. XLA compiles once per input shape, so every step is padded to buckets: tokens
 per step and sequences per step to powers of two (minimum 16 and 4), pages per
-sequence and the longest query run to powers of two. A long mixed workload therefore
-compiles a bounded number of programs; `num_compiles` counts them and `compile_seconds`
+sequence to a power of two, and the query block (the longest query run, capped at
+QUERY_BLOCK) to a power of two; the number of attention rows follows from those. A
+long mixed workload therefore compiles a bounded number of programs; `num_compiles` counts them and `compile_seconds`
 sums the time of the steps that compiled. The KV pages are donated to each step, so
 XLA updates them in place.
 
@@ -32,6 +33,7 @@ from jaxinfer.types import StepInput, StepOutput
 
 MIN_TOKEN_BUCKET = 16
 MIN_SEQ_BUCKET = 4
+QUERY_BLOCK = 32  # queries per attention row (see execute)
 
 
 def bucket(n: int, minimum: int = 1) -> int:
@@ -68,7 +70,9 @@ class ModelRunner:
                              static_argnames=("max_q_len", "all_greedy", "all_logits"),
                              donate_argnames=("kv_caches",))
         self._signatures: set = set()
-        self.compile_seconds = 0.0
+        self.compile_seconds = 0.0  # time of the steps that compiled (warm-up)
+        self.last_device_seconds = 0.0  # the last step's jitted call, results fetched
+        self.last_host_seconds = 0.0  # the last step's host-side input/output work
 
     @property
     def num_compiles(self) -> int:
@@ -102,66 +106,86 @@ class ModelRunner:
 
     def execute(self, step: StepInput) -> StepOutput:
         """Runs one step; returns a sampled token for every sequence that asked for one."""
+        prep_start = time.perf_counter()
         seqs = step.sequences
         if not seqs:
             raise ValueError("step: no sequences scheduled")
         for seq in seqs:
             self._validate(seq)
         lens = np.array([len(s.token_ids) for s in seqs], dtype=np.int32)
+        starts = np.array([s.start_position for s in seqs], dtype=np.int32)
         num_tokens = bucket(int(lens.sum()), MIN_TOKEN_BUCKET)
         num_seqs = bucket(len(seqs), MIN_SEQ_BUCKET)
         max_pages = bucket(max(len(s.page_ids) for s in seqs))
-        max_q_len = min(bucket(int(lens.max())), num_tokens)
+        # Attention sees each sequence as blocks of at most QUERY_BLOCK queries (one
+        # "attention row" per block, sharing the sequence's page table), so a mixed
+        # batch of decodes and a long prefill chunk pads at most QUERY_BLOCK - 1
+        # queries per row instead of padding every decode to the chunk's length.
+        max_q_len = min(bucket(int(lens.max())), QUERY_BLOCK)
+        blocks_per_seq = -(-lens // max_q_len)
+        # sum(ceil(n_i / Q)) <= seqs + tokens / Q: a row count fixed by the other buckets.
+        num_rows = num_seqs + (num_tokens // max_q_len if max_q_len > 1 else 0)
         all_greedy = all(s.temperature <= 0 or s.top_k == 1 for s in seqs)
         all_logits = any(s.want_prompt_logprobs for s in seqs)
 
         tokens = np.zeros(num_tokens, np.int32)
         positions = np.zeros(num_tokens, np.int32)
         slots = np.full(num_tokens, self.num_pages * self.page_size, np.int32)  # dropped
-        cu_q_lens = np.zeros(num_seqs + 1, np.int32)
-        kv_lens = np.zeros(num_seqs, np.int32)
-        page_tables = np.zeros((num_seqs, max_pages), np.int32)
+        targets = np.zeros(num_tokens, np.int32)  # successor of each token (prompt logprobs)
+        tables = np.zeros((len(seqs), max_pages), np.int32)
+        ends = np.cumsum(lens)
+        for i, s in enumerate(seqs):
+            lo, hi = ends[i] - lens[i], ends[i]
+            pages = np.asarray(s.page_ids, dtype=np.int32)
+            pos = starts[i] + np.arange(lens[i], dtype=np.int32)
+            tokens[lo:hi] = s.token_ids
+            targets[lo:hi - 1] = s.token_ids[1:]
+            if s.next_token_id is not None:
+                targets[hi - 1] = s.next_token_id
+            positions[lo:hi] = pos
+            slots[lo:hi] = pages[pos // self.page_size] * self.page_size + pos % self.page_size
+            tables[i, :pages.size] = pages
+
+        # Attention rows: block b of sequence i covers its queries [b * Q, min((b + 1) * Q, n)).
+        row_seq = np.repeat(np.arange(len(seqs)), blocks_per_seq)
+        row_block = np.arange(row_seq.size) - np.repeat(np.cumsum(blocks_per_seq) - blocks_per_seq, blocks_per_seq)
+        row_q_end = np.minimum((row_block + 1) * max_q_len, lens[row_seq])
+        cu_q_lens = np.full(num_rows + 1, ends[-1], np.int32)
+        cu_q_lens[0] = 0
+        cu_q_lens[1:row_seq.size + 1] = (ends - lens)[row_seq] + row_q_end
+        kv_lens = np.zeros(num_rows, np.int32)
+        kv_lens[:row_seq.size] = starts[row_seq] + row_q_end
+        page_tables = np.zeros((num_rows, max_pages), np.int32)
+        page_tables[:row_seq.size] = tables[row_seq]
+
         logits_indices = np.zeros(num_seqs, np.int32)
+        logits_indices[:len(seqs)] = ends - 1
         temperature = np.zeros(num_seqs, np.float32)
         top_k = np.zeros(num_seqs, np.int32)
         top_p = np.ones(num_seqs, np.float32)
         min_p = np.zeros(num_seqs, np.float32)
-        seed_hi = np.zeros(num_seqs, np.uint32)
-        seed_lo = np.zeros(num_seqs, np.uint32)
-        sample_pos = np.zeros(num_seqs, np.int32)
-        targets = np.zeros(num_tokens, np.int32)  # successor of each token (prompt logprobs)
-        offset = 0
+        seeds = np.zeros(num_seqs, np.uint64)
         for i, s in enumerate(seqs):
-            n = lens[i]
-            pos = s.start_position + np.arange(n, dtype=np.int32)
-            pages = np.asarray(s.page_ids, dtype=np.int32)
-            tokens[offset:offset + n] = s.token_ids
-            targets[offset:offset + n - 1] = s.token_ids[1:]
-            if s.next_token_id is not None:
-                targets[offset + n - 1] = s.next_token_id
-            positions[offset:offset + n] = pos
-            slots[offset:offset + n] = pages[pos // self.page_size] * self.page_size + pos % self.page_size
-            page_tables[i, :pages.size] = pages
-            kv_lens[i] = s.start_position + n
-            offset += n
-            cu_q_lens[i + 1] = offset
-            logits_indices[i] = offset - 1
-            temperature[i], top_k[i], top_p[i], min_p[i] = s.temperature, s.top_k, s.top_p, s.min_p
-            seed_hi[i], seed_lo[i] = (s.seed >> 32) & 0xFFFFFFFF, s.seed & 0xFFFFFFFF
-            sample_pos[i] = s.start_position + n
-        cu_q_lens[len(seqs) + 1:] = offset
+            temperature[i], top_k[i], top_p[i], min_p[i], seeds[i] = s.temperature, s.top_k, s.top_p, s.min_p, s.seed
+        seed_hi = (seeds >> np.uint64(32)).astype(np.uint32)
+        seed_lo = (seeds & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+        sample_pos = np.zeros(num_seqs, np.int32)
+        sample_pos[:len(seqs)] = starts + lens
 
         signature = (num_tokens, num_seqs, max_pages, max_q_len, all_greedy, all_logits)
         is_new = signature not in self._signatures
         start = time.perf_counter()
+        host_seconds = start - prep_start
         sampled, logprobs, prompt_lp, self.kv_caches = self._step(
             self.params, self.kv_caches, tokens, positions, slots, cu_q_lens, kv_lens, page_tables,
             logits_indices, targets, temperature, top_k, top_p, min_p, seed_hi, seed_lo, sample_pos,
             max_q_len=max_q_len, all_greedy=all_greedy, all_logits=all_logits)
         sampled, logprobs, prompt_lp = jax.device_get((sampled, logprobs, prompt_lp))
+        self.last_device_seconds = time.perf_counter() - start
         if is_new:
             self._signatures.add(signature)
-            self.compile_seconds += time.perf_counter() - start
+            self.compile_seconds += self.last_device_seconds
+        post_start = time.perf_counter()
 
         out_tokens, out_lps, out_prompt = [], [], []
         offset = 0
@@ -173,6 +197,7 @@ class ModelRunner:
             out_prompt.append(tuple(float(x) for x in prompt_lp[offset:offset + num_known])
                               if s.want_prompt_logprobs else None)
             offset += n
+        self.last_host_seconds = host_seconds + time.perf_counter() - post_start
         return StepOutput(sampled_token_ids=tuple(out_tokens), logprobs=tuple(out_lps),
                           prompt_logprobs=tuple(out_prompt))
 

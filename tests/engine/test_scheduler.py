@@ -104,3 +104,54 @@ def test_host_side_modules_never_import_jax():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             for name in names:
                 assert name.split(".")[0] not in ("jax", "flax", "jaxlib"), f"{rel} imports {name}"
+
+
+def test_prefix_cache_hash_chain_sharing_and_lru_eviction():
+    from jaxinfer.engine.block_manager import page_hashes
+    tokens = list(range(10, 22))  # 3 full pages of 4
+    chain = page_hashes(tokens, 4)
+    assert len(chain) == 3 and len(set(chain)) == 3
+    # A chain depends on everything before it: same page tokens after a different prefix differ.
+    assert page_hashes([0] + tokens[1:], 4)[1] != chain[1]
+    assert page_hashes(tokens, 4, salt="b") != chain
+    assert page_hashes(tokens, 4, start=2, parent=chain[1]) == chain[2:]
+
+    bm = BlockManager(num_pages=4, page_size=4)
+    pages = bm.allocate(3)
+    for p, h in zip(pages, chain):
+        bm.register(p, h)
+    assert bm.match_prefix(chain, max_pages=3) == pages
+    assert bm.match_prefix(chain, max_pages=2) == pages[:2]
+    bm.share(pages[:2])  # a second sequence shares two pages
+    bm.free(pages)
+    assert bm.num_free_pages == 2  # pages[2] and the never-used page
+    bm.free(pages[:2])
+    assert bm.num_free_pages == 4 and bm.num_cached_pages == 3
+    # Freed cached pages stay findable; allocation takes the uncached page first, then
+    # evicts the least recently freed cached page (pages[2], freed first).
+    assert bm.match_prefix(chain, 3) == pages
+    first = bm.allocate(1)
+    assert first[0] not in pages
+    second = bm.allocate(1)
+    assert second == [pages[2]]
+    assert bm.match_prefix(chain, 3) == pages[:2]
+    assert bm.can_admit(pages[:2], 0) and not bm.can_admit(pages[:2], 1)
+
+
+def test_scheduler_reuses_cached_prefix_and_leaves_one_token_to_compute():
+    s = Scheduler(BlockManager(32, 4), max_num_batched_tokens=64, max_num_seqs=8)
+    a = _request("a", 8, max_tokens=1)
+    s.add(a)
+    while s.has_unfinished:
+        _run_step(s)
+    b = _request("b", 8, max_tokens=1)  # same 8 prompt tokens: 2 full pages cached
+    s.add(b)
+    _, chosen = _run_step(s)
+    # Both pages hit but one token must be computed for logits: page 2 is recomputed.
+    assert chosen == [(b, 4)]
+    assert s.block_manager.num_cache_hits == 4 and s.block_manager.num_cache_queries == 16
+    c = _request("c", 10, max_tokens=1)  # 2 cached full pages + 2 new tokens
+    s.add(c)
+    _, chosen = _run_step(s)
+    assert chosen == [(c, 2)]
+    assert s.block_manager.num_free_pages == 32

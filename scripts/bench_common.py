@@ -1,0 +1,99 @@
+"""Shared pieces of the benchmarks (no absl flags here, so several scripts can import it).
+
+- The benchmark model: a random Llama-shaped checkpoint built with HF transformers and
+  saved as an ordinary HF folder, so that jaxinfer and HF load the very same weights.
+- Rooflines measured in the same run: memory bandwidth from a large float32 GEMV
+  (weights-bound decode) and the float32 GEMM rate from a large square matmul.
+- Environment facts for the JSON report.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# The issue's 125M-parameter Llama-shaped model.
+MODEL_PRESETS = {
+    "125m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
+                 intermediate_size=2048, vocab_size=32000, max_position_embeddings=2048),
+    "tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=256, vocab_size=1024, max_position_embeddings=1024),
+}
+
+
+def build_random_llama(preset: str, path: str, seed: int = 0) -> str:
+    """Creates (once) a random Llama HF folder of the preset's shape; returns the path."""
+    if os.path.exists(os.path.join(path, "config.json")):
+        return path
+    import torch
+    import transformers
+    config = transformers.LlamaConfig(**MODEL_PRESETS[preset], bos_token_id=1, eos_token_id=2,
+                                      tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(config)
+    model.save_pretrained(path)
+    return path
+
+
+def time_call(fn, *args, repeats: int = 10, warmup: int = 2) -> float:
+    """Median seconds of fn(*args) (results blocked on)."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def measure_memory_bandwidth(num_bytes: int = 512 << 20) -> float:
+    """Bytes/s streamed by a float32 GEMV over a matrix much larger than the caches."""
+    cols = 4096
+    rows = num_bytes // (4 * cols)
+    w = jax.random.normal(jax.random.key(0), (rows, cols), jnp.float32)
+    x = jax.random.normal(jax.random.key(1), (cols,), jnp.float32)
+    gemv = jax.jit(lambda w, x: w @ x)
+    seconds = time_call(gemv, w, x)
+    return rows * cols * 4 / seconds
+
+
+def measure_gemm_flops(n: int = 2048) -> float:
+    """FLOP/s of a float32 n x n x n matmul."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    gemm = jax.jit(lambda a, b: a @ b)
+    seconds = time_call(gemm, a, b, repeats=5)
+    return 2 * n ** 3 / seconds
+
+
+def environment() -> dict:
+    import flax
+    info = {"device": str(jax.devices()[0]), "backend": jax.default_backend(), "num_cpus": os.cpu_count(),
+            "platform": platform.platform(), "python": platform.python_version(), "jax": jax.__version__,
+            "flax": flax.__version__}
+    try:
+        import torch
+        import transformers
+        info.update(torch=torch.__version__, transformers=transformers.__version__,
+                    torch_threads=torch.get_num_threads())
+    except ImportError:
+        pass
+    return info
+
+
+def write_json(path: str, report: dict) -> None:
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"wrote {path}")
+
+
+def num_params(params) -> int:
+    return int(sum(x.size for x in jax.tree.leaves(params)))

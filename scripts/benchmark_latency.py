@@ -1,0 +1,127 @@
+"""Batch-1 latency: prefill time and decode ms/token, against the rooflines and HF.
+
+    python scripts/benchmark_latency.py [--preset 125m] [--prompt_len 128] [--output_len 128]
+
+Decode of one sequence reads every weight once per token, so its floor is
+weight bytes / memory bandwidth; the bandwidth is measured in the same run with a large
+float32 GEMV. The compute roofline (2 x parameters FLOPs per token over the float32 GEMM
+rate, also measured here) is printed too. HF transformers runs the same greedy
+generation on the same weights for the ratio.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import bench_common  # noqa: E402
+
+_PRESET = flags.DEFINE_enum("preset", "125m", list(bench_common.MODEL_PRESETS), "Benchmark model shape.")
+_MODEL = flags.DEFINE_string("model", None, "An HF folder to use instead of a random preset model.")
+_WORK_DIR = flags.DEFINE_string("work_dir", "runs/bench", "Where the random model is cached.")
+_PROMPT_LEN = flags.DEFINE_integer("prompt_len", 128, "Prompt tokens.")
+_OUTPUT_LEN = flags.DEFINE_integer("output_len", 128, "Generated tokens.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions (median reported).")
+_SKIP_HF = flags.DEFINE_bool("skip_hf", False, "Do not run the HF baseline.")
+_JSON = flags.DEFINE_string("json_out", "runs/bench/latency.json", "JSON report path.")
+
+
+def _jaxinfer(path, prompt, output_len, repeats):
+    import numpy as np
+
+    from jaxinfer import EngineConfig, InferenceSession, SamplingParams
+    start = time.perf_counter()
+    session = InferenceSession.from_pretrained(path, dtype="float32",
+                                               engine=EngineConfig(max_num_batched_tokens=max(512, len(prompt))))
+    load_seconds = time.perf_counter() - start
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    start = time.perf_counter()
+    session.generate([prompt], params)  # warm-up: compiles prefill and decode shapes
+    warmup_seconds = time.perf_counter() - start
+    ttfts, tpots = [], []
+    for _ in range(repeats):
+        (out,) = session.generate([prompt], params)
+        ttfts.append(out.time_to_first_token)
+        tpots.append(out.time_per_output_token)
+    m = session.metrics()
+    return {"load_seconds": load_seconds, "warmup_seconds": warmup_seconds, "prefill_seconds": float(np.median(ttfts)),
+            "decode_ms_per_token": 1000 * float(np.median(tpots)), "num_compiles": m["num_compiles"],
+            "host_ms_per_step": m["host_ms_per_step"], "weight_bytes": m["weight_bytes"],
+            "num_params": bench_common.num_params(session.engine.runner.params)}
+
+
+def _hf(path, prompt, output_len, repeats):
+    import numpy as np
+    import torch
+    import transformers
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None
+    ids = torch.tensor([prompt])
+    gen = transformers.GenerationConfig(do_sample=False, eos_token_id=None, pad_token_id=0)
+
+    def run(n):
+        start = time.perf_counter()
+        with torch.no_grad():
+            model.generate(ids, generation_config=gen, max_new_tokens=n, attention_mask=torch.ones_like(ids))
+        return time.perf_counter() - start
+
+    run(4)
+    prefill = float(np.median([run(1) for _ in range(repeats)]))
+    total = float(np.median([run(output_len) for _ in range(repeats)]))
+    return {"prefill_seconds": prefill, "decode_ms_per_token": 1000 * (total - prefill) / (output_len - 1)}
+
+
+def main(argv):
+    del argv
+    import numpy as np
+    path = _MODEL.value or bench_common.build_random_llama(
+        _PRESET.value, os.path.join(_WORK_DIR.value, f"llama-{_PRESET.value}"))
+    rng = np.random.RandomState(0)
+    prompt = [1] + rng.randint(3, 1000, size=_PROMPT_LEN.value - 1).tolist()
+
+    bandwidth = bench_common.measure_memory_bandwidth()
+    gemm = bench_common.measure_gemm_flops()
+    ours = _jaxinfer(path, prompt, _OUTPUT_LEN.value, _REPEATS.value)
+    weight_ms = 1000 * ours["weight_bytes"] / bandwidth
+    compute_ms = 1000 * 2 * ours["num_params"] / gemm
+    report = {
+        "env": bench_common.environment(), "model": path, "prompt_len": _PROMPT_LEN.value,
+        "output_len": _OUTPUT_LEN.value, "memory_bandwidth_gb_s": bandwidth / 1e9, "gemm_gflop_s": gemm / 1e9,
+        "jaxinfer": ours,
+        "memory_roofline_ms_per_token": weight_ms,
+        "compute_roofline_ms_per_token": compute_ms,
+        "jaxinfer_pct_of_memory_roofline": 100 * weight_ms / ours["decode_ms_per_token"],
+        "prefill_compute_roofline_seconds": 2 * ours["num_params"] * _PROMPT_LEN.value / gemm,
+    }
+    if not _SKIP_HF.value:
+        hf = _hf(path, prompt, _OUTPUT_LEN.value, _REPEATS.value)
+        report["hf"] = hf
+        report["hf_pct_of_memory_roofline"] = 100 * weight_ms / hf["decode_ms_per_token"]
+        report["decode_speedup_vs_hf"] = hf["decode_ms_per_token"] / ours["decode_ms_per_token"]
+        report["prefill_speedup_vs_hf"] = hf["prefill_seconds"] / ours["prefill_seconds"]
+
+    print(f"\nmodel {path}: {ours['num_params'] / 1e6:.1f}M params, {ours['weight_bytes'] / 1e6:.0f} MB of weights")
+    print(f"measured memory bandwidth {bandwidth / 1e9:.1f} GB/s, float32 GEMM {gemm / 1e9:.1f} GFLOP/s")
+    print(f"{'':24s}{'decode ms/tok':>14s}{'% mem roofline':>16s}{'prefill s':>11s}")
+    print(f"{'roofline (memory)':24s}{weight_ms:14.2f}{100.0:16.1f}{report['prefill_compute_roofline_seconds']:11.3f}")
+    print(f"{'roofline (compute)':24s}{compute_ms:14.2f}")
+    print(f"{'jaxinfer':24s}{ours['decode_ms_per_token']:14.2f}{report['jaxinfer_pct_of_memory_roofline']:16.1f}"
+          f"{ours['prefill_seconds']:11.3f}")
+    if "hf" in report:
+        hf = report["hf"]
+        print(f"{'HF transformers':24s}{hf['decode_ms_per_token']:14.2f}{report['hf_pct_of_memory_roofline']:16.1f}"
+              f"{hf['prefill_seconds']:11.3f}")
+        print(f"decode speed-up vs HF: {report['decode_speedup_vs_hf']:.2f}x, "
+              f"prefill: {report['prefill_speedup_vs_hf']:.2f}x")
+    print(f"compiles: {ours['num_compiles']}, warm-up {ours['warmup_seconds']:.1f} s, "
+          f"host {ours['host_ms_per_step']:.2f} ms/step")
+    bench_common.write_json(_JSON.value, report)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,155 @@
+"""Offline throughput: a batch of requests through the engine, against HF and the roofline.
+
+    python scripts/benchmark_throughput.py [--preset 125m] [--num_requests 64]
+        [--min_input_len 64 --max_input_len 256] [--output_len 64] [--shared_prefix_len 0]
+
+The engine serves every request at once (continuous batching, chunked prefill, paged
+KV). The same workload then runs through HF transformers `generate` in static batches
+of --hf_batch_size (left padded, greedy, all output tokens forced). The compute roofline
+is 2 x parameters FLOPs per token over the float32 GEMM rate measured in this run.
+Warm-up (compilation) runs a workload drawn from the same distribution with other token
+ids, so that prefix caching does not flatter the timed run.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import bench_common  # noqa: E402
+
+_PRESET = flags.DEFINE_enum("preset", "125m", list(bench_common.MODEL_PRESETS), "Benchmark model shape.")
+_MODEL = flags.DEFINE_string("model", None, "An HF folder to use instead of a random preset model.")
+_WORK_DIR = flags.DEFINE_string("work_dir", "runs/bench", "Where the random model is cached.")
+_NUM_REQUESTS = flags.DEFINE_integer("num_requests", 64, "Requests in the workload.")
+_MIN_INPUT = flags.DEFINE_integer("min_input_len", 64, "Shortest prompt (uniform distribution).")
+_MAX_INPUT = flags.DEFINE_integer("max_input_len", 256, "Longest prompt.")
+_OUTPUT_LEN = flags.DEFINE_integer("output_len", 64, "Generated tokens per request.")
+_SHARED_PREFIX = flags.DEFINE_integer("shared_prefix_len", 0, "Tokens of a prefix shared by every prompt.")
+_MAX_BATCHED_TOKENS = flags.DEFINE_integer("max_num_batched_tokens", 512, "Engine token budget per step.")
+_MAX_SEQS = flags.DEFINE_integer("max_num_seqs", 64, "Engine running-sequence limit.")
+_PAGE_SIZE = flags.DEFINE_integer("page_size", 16, "KV page size.")
+_HF_BATCH = flags.DEFINE_integer("hf_batch_size", 16, "HF static batch size.")
+_SKIP_HF = flags.DEFINE_bool("skip_hf", False, "Do not run the HF baseline.")
+_SEED = flags.DEFINE_integer("seed", 0, "Workload seed.")
+_JSON = flags.DEFINE_string("json_out", "runs/bench/throughput.json", "JSON report path.")
+
+
+def make_workload(seed, num, min_len, max_len, shared_prefix_len, vocab):
+    import numpy as np
+    rng = np.random.RandomState(seed)
+    prefix = [1] + rng.randint(3, vocab, size=max(shared_prefix_len - 1, 0)).tolist() if shared_prefix_len else [1]
+    return [prefix + rng.randint(3, vocab, size=int(rng.randint(min_len, max_len + 1))).tolist()
+            for _ in range(num)]
+
+
+def run_engine(path, prompts, warmup_prompts, output_len, engine_config):
+    from jaxinfer import InferenceSession, SamplingParams
+    session = InferenceSession.from_pretrained(path, dtype="float32", engine=engine_config)
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    start = time.perf_counter()
+    session.generate(warmup_prompts, params)
+    warmup_seconds = time.perf_counter() - start
+    before = session.metrics()
+    start = time.perf_counter()
+    outs = session.generate(prompts, params)
+    seconds = time.perf_counter() - start
+    m = session.metrics()
+    num_out = sum(len(o.token_ids) for o in outs)
+    return {"seconds": seconds, "output_tokens": num_out, "output_tokens_per_s": num_out / seconds,
+            "requests_per_s": len(prompts) / seconds,
+            "total_tokens_per_s": (num_out + sum(map(len, prompts))) / seconds,
+            "warmup_seconds": warmup_seconds, "num_compiles": m["num_compiles"],
+            "compiles_in_timed_run": m["num_compiles"] - before["num_compiles"],
+            "num_steps": m["num_steps"] - before["num_steps"],
+            "host_seconds": m["host_seconds"] - before["host_seconds"],
+            "prefix_cache_hit_rate": m["prefix_cache_hit_rate"], "num_preemptions": m["num_preemptions"],
+            "mean_ttft_s": sum(o.time_to_first_token for o in outs) / len(outs),
+            "mean_tpot_ms": 1000 * sum(o.time_per_output_token for o in outs) / len(outs),
+            "num_params": bench_common.num_params(session.engine.runner.params)}
+
+
+def run_hf(path, prompts, output_len, batch_size):
+    import torch
+    import transformers
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None
+    gen = transformers.GenerationConfig(do_sample=False, eos_token_id=None, pad_token_id=0,
+                                        max_new_tokens=output_len)
+
+    def batch_inputs(batch):
+        width = max(map(len, batch))
+        ids = torch.zeros((len(batch), width), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(batch):  # left padding
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        return ids, mask
+
+    with torch.no_grad():
+        ids, mask = batch_inputs(prompts[:2])
+        model.generate(ids, attention_mask=mask, generation_config=gen, max_new_tokens=2)  # warm-up
+        start = time.perf_counter()
+        num_out = 0
+        for i in range(0, len(prompts), batch_size):
+            ids, mask = batch_inputs(prompts[i:i + batch_size])
+            out = model.generate(ids, attention_mask=mask, generation_config=gen)
+            num_out += (out.shape[1] - ids.shape[1]) * out.shape[0]
+        seconds = time.perf_counter() - start
+    return {"seconds": seconds, "output_tokens": num_out, "output_tokens_per_s": num_out / seconds,
+            "requests_per_s": len(prompts) / seconds, "batch_size": batch_size}
+
+
+def main(argv):
+    del argv
+    from jaxinfer import EngineConfig
+    path = _MODEL.value or bench_common.build_random_llama(
+        _PRESET.value, os.path.join(_WORK_DIR.value, f"llama-{_PRESET.value}"))
+    vocab = min(1000, bench_common.MODEL_PRESETS[_PRESET.value]["vocab_size"])
+    args = (_NUM_REQUESTS.value, _MIN_INPUT.value, _MAX_INPUT.value, _SHARED_PREFIX.value, vocab)
+    prompts = make_workload(_SEED.value, *args)
+    warmup = make_workload(_SEED.value + 1, *args)
+    gemm = bench_common.measure_gemm_flops()
+    engine_config = EngineConfig(page_size=_PAGE_SIZE.value, max_num_batched_tokens=_MAX_BATCHED_TOKENS.value,
+                                 max_num_seqs=_MAX_SEQS.value)
+    ours = run_engine(path, prompts, warmup, _OUTPUT_LEN.value, engine_config)
+    # Every token (prompt and output) costs 2 x params FLOPs in the weight matmuls.
+    roofline_total_tokens_per_s = gemm / (2 * ours["num_params"])
+    report = {"env": bench_common.environment(), "model": path,
+              "workload": {"num_requests": _NUM_REQUESTS.value, "input_len": [_MIN_INPUT.value, _MAX_INPUT.value],
+                           "output_len": _OUTPUT_LEN.value, "shared_prefix_len": _SHARED_PREFIX.value},
+              "engine_config": {"page_size": _PAGE_SIZE.value, "max_num_batched_tokens": _MAX_BATCHED_TOKENS.value,
+                                "max_num_seqs": _MAX_SEQS.value},
+              "gemm_gflop_s": gemm / 1e9, "compute_roofline_tokens_per_s": roofline_total_tokens_per_s,
+              "jaxinfer": ours,
+              "jaxinfer_pct_of_compute_roofline": 100 * ours["total_tokens_per_s"] / roofline_total_tokens_per_s}
+    if not _SKIP_HF.value:
+        hf = run_hf(path, prompts, _OUTPUT_LEN.value, _HF_BATCH.value)
+        report["hf"] = hf
+        report["speedup_vs_hf"] = ours["output_tokens_per_s"] / hf["output_tokens_per_s"]
+
+    print(f"\n{_NUM_REQUESTS.value} requests, input {_MIN_INPUT.value}-{_MAX_INPUT.value} tokens "
+          f"(+{_SHARED_PREFIX.value} shared), output {_OUTPUT_LEN.value}; float32 GEMM {gemm / 1e9:.1f} GFLOP/s "
+          f"-> compute roofline {roofline_total_tokens_per_s:.0f} tokens/s (prompt + output)")
+    print(f"{'':18s}{'out tok/s':>10s}{'req/s':>8s}{'total tok/s':>12s}{'% roofline':>11s}{'seconds':>9s}")
+    print(f"{'jaxinfer':18s}{ours['output_tokens_per_s']:10.1f}{ours['requests_per_s']:8.2f}"
+          f"{ours['total_tokens_per_s']:12.1f}{report['jaxinfer_pct_of_compute_roofline']:11.1f}"
+          f"{ours['seconds']:9.1f}")
+    if "hf" in report:
+        hf = report["hf"]
+        print(f"{'HF static b=' + str(hf['batch_size']):18s}{hf['output_tokens_per_s']:10.1f}"
+              f"{hf['requests_per_s']:8.2f}{'':12s}{'':11s}{hf['seconds']:9.1f}")
+        print(f"speed-up vs HF: {report['speedup_vs_hf']:.2f}x")
+    print(f"compiles: {ours['num_compiles']} ({ours['compiles_in_timed_run']} in the timed run), warm-up "
+          f"{ours['warmup_seconds']:.1f} s, steps {ours['num_steps']}, host {ours['host_seconds']:.2f} s, "
+          f"prefix-cache hit rate {ours['prefix_cache_hit_rate']:.2f}")
+    bench_common.write_json(_JSON.value, report)
+
+
+if __name__ == "__main__":
+    app.run(main)

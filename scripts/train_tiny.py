@@ -1,0 +1,508 @@
+"""Trains `tiny-code`, the bundled default model: a small Llama on the Python standard library.
+
+Phases (each logged; all state lives in --work_dir, so a killed run resumes):
+  1. split: the stdlib's *.py files into train / held-out (scripts/stdlib_corpus.py).
+  2. tokenizer: a byte-fallback BPE sentencepiece model trained on the training files,
+     checked to round-trip every file of the corpus exactly.
+  3. tokenize: every training document as [BOS] ids [EOS], concatenated.
+  4. train: AdamW (warmup + cosine decay, global-norm clipping) on random windows of
+     that stream, float32, one jitted step; orbax checkpoints every --checkpoint_minutes
+     and at the end. With --max_steps 0 the step count is fitted to --max_minutes from
+     the speed of the first --calibration_steps steps; the wall-clock budget also stops
+     training early (cleanly, with a checkpoint) if the machine gets slower later.
+  5. export: an ordinary HF folder in --output_dir (config.json, model.safetensors,
+     tokenizer.model, tokenizer_config.json, generation_config.json, data_split.json,
+     training_summary.json) and its held-out perplexity, computed from the exported files.
+
+Usage:
+  python scripts/train_tiny.py                      # the bundled model (about 45 min on 2 cores)
+  python scripts/train_tiny.py --max_minutes 1 --max_train_files 100 --vocab_size 1024 \
+      --work_dir /tmp/tiny-work --output_dir /tmp/tiny-code   # smoke run
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import shutil
+import sys
+import time
+
+from absl import app, flags, logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import stdlib_corpus  # noqa: E402  (scripts/ sibling)
+from jaxinfer.config import ModelConfig  # noqa: E402
+from jaxinfer.models import checkpoint  # noqa: E402
+from jaxinfer.models.transformer import AttentionMetadata, Transformer, init_params  # noqa: E402
+
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", "jaxinfer/assets/tiny-code", "Exported HF model folder.")
+_WORK_DIR = flags.DEFINE_string("work_dir", "runs/tiny-code",
+                                "Tokenizer, token cache, checkpoints and loss log; resumed if present.")
+_MAX_MINUTES = flags.DEFINE_float("max_minutes", 40.0, "Wall-clock budget of the training loop (all sessions).")
+_MAX_STEPS = flags.DEFINE_integer("max_steps", 0, "Training steps; 0 = fit to --max_minutes from measured speed.")
+_CALIBRATION_STEPS = flags.DEFINE_integer("calibration_steps", 12,
+                                          "Steps timed (after compilation) to fit the step count.")
+_MAX_TRAIN_FILES = flags.DEFINE_integer("max_train_files", 0, "Use only the first N training files (0 = all).")
+_VOCAB_SIZE = flags.DEFINE_integer("vocab_size", 4096, "Sentencepiece vocabulary size.")
+_HIDDEN_SIZE = flags.DEFINE_integer("hidden_size", 256, "Model width D.")
+_INTERMEDIATE_SIZE = flags.DEFINE_integer("intermediate_size", 768, "SwiGLU width F.")
+_NUM_LAYERS = flags.DEFINE_integer("num_layers", 6, "Decoder layers.")
+_NUM_HEADS = flags.DEFINE_integer("num_heads", 4, "Query heads (head_dim = hidden_size / num_heads).")
+_NUM_KV_HEADS = flags.DEFINE_integer("num_kv_heads", 2, "KV heads (GQA when < num_heads).")
+_TIE_EMBEDDINGS = flags.DEFINE_bool("tie_embeddings", True, "Share the embedding and the LM head.")
+_MAX_POSITIONS = flags.DEFINE_integer("max_position_embeddings", 1024, "Positions the exported config allows.")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "Training window length (tokens).")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Windows per step.")
+_LEARNING_RATE = flags.DEFINE_float("learning_rate", 2e-3, "Peak learning rate.")
+_MIN_LR_RATIO = flags.DEFINE_float("min_lr_ratio", 0.1, "Final learning rate / peak.")
+_WARMUP_STEPS = flags.DEFINE_integer("warmup_steps", 40, "Linear warmup steps.")
+_WEIGHT_DECAY = flags.DEFINE_float("weight_decay", 0.1, "AdamW decoupled weight decay (matrices only).")
+_GRAD_CLIP = flags.DEFINE_float("grad_clip", 1.0, "Global gradient norm clip.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of jax.random.key for the init and the data order.")
+_CHECKPOINT_MINUTES = flags.DEFINE_float("checkpoint_minutes", 5.0, "Minutes between orbax checkpoints.")
+_SAVE_DTYPE = flags.DEFINE_enum("save_dtype", "auto", ["auto", "float32", "bfloat16"],
+                                "Exported weight dtype; auto = float32 unless that exceeds --max_export_mb.")
+_MAX_EXPORT_MB = flags.DEFINE_float("max_export_mb", 25.0, "Size limit of model.safetensors for auto.")
+_EVAL_MAX_TOKENS = flags.DEFINE_integer("eval_max_tokens", 100_000, "Held-out tokens scored after export.")
+_EVAL_BATCH_SIZE = flags.DEFINE_integer("eval_batch_size", 8, "Windows per held-out scoring call.")
+
+BOS_ID, EOS_ID, UNK_ID = 1, 2, 0
+TOKENIZER_FILE = "tokenizer.model"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything that must not change when a run resumes (saved as run_config.json)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    tie_embeddings: bool
+    max_position_embeddings: int
+    seq_len: int  # tokens per training window
+    batch_size: int  # windows per step
+    learning_rate: float  # peak
+    min_lr_ratio: float
+    warmup_steps: int
+    weight_decay: float
+    grad_clip: float
+    seed: int
+    max_train_files: int  # 0 = all
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be a multiple of num_heads ({self.num_heads})")
+        if self.seq_len > self.max_position_embeddings:
+            raise ValueError(f"seq_len ({self.seq_len}) exceeds max_position_embeddings "
+                             f"({self.max_position_embeddings})")
+        for name in ("vocab_size", "seq_len", "batch_size", "warmup_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(family="llama", vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+                           intermediate_size=self.intermediate_size, num_layers=self.num_layers,
+                           num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+                           head_dim=self.hidden_size // self.num_heads,
+                           max_position_embeddings=self.max_position_embeddings,
+                           tie_word_embeddings=self.tie_embeddings, bos_token_id=BOS_ID, eos_token_ids=(EOS_ID,))
+
+
+def config_from_flags() -> TrainConfig:
+    return TrainConfig(vocab_size=_VOCAB_SIZE.value, hidden_size=_HIDDEN_SIZE.value,
+                       intermediate_size=_INTERMEDIATE_SIZE.value, num_layers=_NUM_LAYERS.value,
+                       num_heads=_NUM_HEADS.value, num_kv_heads=_NUM_KV_HEADS.value,
+                       tie_embeddings=_TIE_EMBEDDINGS.value, max_position_embeddings=_MAX_POSITIONS.value,
+                       seq_len=_SEQ_LEN.value, batch_size=_BATCH_SIZE.value, learning_rate=_LEARNING_RATE.value,
+                       min_lr_ratio=_MIN_LR_RATIO.value, warmup_steps=_WARMUP_STEPS.value,
+                       weight_decay=_WEIGHT_DECAY.value, grad_clip=_GRAD_CLIP.value, seed=_SEED.value,
+                       max_train_files=_MAX_TRAIN_FILES.value)
+
+
+def hf_config_dict(cfg: ModelConfig, dtype: str) -> dict:
+    """config.json of LlamaForCausalLM for `cfg` (read back by jaxinfer's registry too)."""
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim, "hidden_act": "silu", "max_position_embeddings": cfg.max_position_embeddings,
+        "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False, "pretraining_tp": 1,
+        "tie_word_embeddings": cfg.tie_word_embeddings, "initializer_range": 0.02, "use_cache": True,
+        "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_ids[0], "dtype": dtype,
+    }
+
+
+# ---------------------------------------------------------------------------- data
+
+def train_tokenizer(texts: list[str], vocab_size: int) -> bytes:
+    """A sentencepiece BPE model (serialized) that round-trips Python source exactly.
+
+    NOTE: identity normalization, no dummy prefix and no whitespace collapsing keep
+    every space; whitespace-only pieces let a run of indentation be one token. The
+    trainer reads lines, so "\\n" is a user-defined symbol (always its own token) and
+    anything unseen (tabs, "\\r", rare characters) falls back to byte tokens.
+    """
+    import sentencepiece as spm
+    lines = [line for text in texts for line in text.split("\n") if line.strip()]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model, model_type="bpe", vocab_size=vocab_size,
+        byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        add_dummy_prefix=False, split_by_whitespace=True, allow_whitespace_only_pieces=True,
+        split_digits=False, user_defined_symbols=["\n"], character_coverage=0.9999,
+        max_sentencepiece_length=16, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=-1,
+        input_sentence_size=0, num_threads=os.cpu_count() or 1, minloglevel=2)
+    return model.getvalue()
+
+
+def prepare_data(cfg: TrainConfig, work_dir: str) -> tuple[stdlib_corpus.DataSplit, np.ndarray, dict]:
+    """Split, tokenizer and training token stream (cached in work_dir)."""
+    split_path = os.path.join(work_dir, stdlib_corpus.SPLIT_FILE)
+    tok_path = os.path.join(work_dir, TOKENIZER_FILE)
+    stream_path = os.path.join(work_dir, "train_tokens.npy")
+    stats_path = os.path.join(work_dir, "data_stats.json")
+    if os.path.exists(split_path) and os.path.exists(stream_path) and os.path.exists(stats_path):
+        logging.info("data: reusing %s", work_dir)
+        with open(stats_path) as f:
+            stats = json.load(f)
+        return stdlib_corpus.load_split(work_dir), np.load(stream_path), stats
+
+    start = time.time()
+    full = stdlib_corpus.compute_split()
+    train_files = full.train[:cfg.max_train_files] if cfg.max_train_files else full.train
+    split = dataclasses.replace(full, train=train_files)
+    read = lambda rel: stdlib_corpus.read_text(os.path.join(split.root, rel))  # noqa: E731
+    train_texts = [read(f) for f in split.train]
+    heldout_texts = [read(f) for f in split.heldout]
+    logging.info("split: %d train files (%.1f MB), %d held out (%.2f MB)", len(train_texts),
+                 sum(map(len, train_texts)) / 1e6, len(heldout_texts), sum(map(len, heldout_texts)) / 1e6)
+
+    with open(tok_path, "wb") as f:
+        f.write(train_tokenizer(train_texts, cfg.vocab_size))
+    tokenizer = stdlib_corpus.Tokenizer(work_dir)
+    logging.info("tokenizer: trained in %.1fs", time.time() - start)
+
+    train_ids = tokenizer.encode(train_texts)
+    heldout_ids = tokenizer.encode(heldout_texts)
+    bad = [name for name, text, ids in zip(split.train + split.heldout, train_texts + heldout_texts,
+                                           train_ids + heldout_ids) if tokenizer.decode(ids) != text]
+    if bad:
+        raise RuntimeError(f"tokenizer does not round-trip {len(bad)} file(s), e.g. {bad[:3]}")
+    stream = np.concatenate([np.asarray(tokenizer.document(ids), np.uint16) for ids in train_ids])
+    num_chars = sum(map(len, train_texts))
+    stats = {"train_files": len(train_texts), "heldout_files": len(heldout_texts), "train_chars": num_chars,
+             "train_tokens": int(stream.size), "chars_per_token": num_chars / max(1, stream.size - 2 * len(train_ids)),
+             "round_trip_files_checked": len(train_texts) + len(heldout_texts), "round_trip_failures": 0}
+    logging.info("tokenize: %d training tokens (%.2f chars/token); round trip exact on all %d files; %.1fs",
+                 stream.size, stats["chars_per_token"], stats["round_trip_files_checked"], time.time() - start)
+    np.save(stream_path, stream)
+    with open(stats_path, "w") as f:
+        json.dump(stats, f, indent=2)
+    # Written last: its presence marks the data phase complete.
+    stdlib_corpus.save_split(split_path, split)
+    return split, stream, stats
+
+
+def sample_batch(stream: np.ndarray, data_key: jax.Array, step: int, batch: int, length: int) -> np.ndarray:
+    """[batch, length + 1] random windows of the stream; a function of (seed, step) only."""
+    starts = np.asarray(jax.random.randint(jax.random.fold_in(data_key, step), (batch,), 0,
+                                           stream.size - length - 1))
+    return np.stack([stream[s:s + length + 1] for s in starts]).astype(np.int32)
+
+
+# ---------------------------------------------------------------------------- training
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    # NOTE: adamw runs at learning rate 1 and the step scales its update by the
+    # scheduled rate, so the schedule's length can be fitted after the run has started
+    # (see --max_steps 0). AdamW's update is linear in the rate, so this is plain AdamW.
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
+                       optax.adamw(learning_rate=1.0, b1=0.9, b2=0.95, eps=1e-8,
+                                   weight_decay=cfg.weight_decay, mask=decay_mask))
+
+
+def lr_schedule(cfg: TrainConfig, total_steps: int) -> optax.Schedule:
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
+        decay_steps=max(total_steps, cfg.warmup_steps + 1), end_value=cfg.learning_rate * cfg.min_lr_ratio)
+
+
+def make_train_step(model: Transformer, tx: optax.GradientTransformation, batch: int, length: int):
+    positions = jnp.tile(jnp.arange(length, dtype=jnp.int32), batch)  # [B * L]
+    metadata = AttentionMetadata.dense(batch, length)
+
+    def loss_fn(params, windows):
+        inputs = windows[:, :-1].reshape(-1)  # [B * L]
+        targets = windows[:, 1:].reshape(-1)  # [B * L]
+        logits, _ = model.apply({"params": params}, inputs, positions, None, metadata)  # [B * L, V]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+    # NOTE: no buffer donation: an async orbax save may still be reading the previous state.
+    @jax.jit
+    def train_step(state, windows, lr):
+        loss, grads = jax.value_and_grad(loss_fn)(state["params"], windows)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        updates = jax.tree.map(lambda u: lr * u, updates)
+        params = optax.apply_updates(state["params"], updates)
+        return {"params": params, "opt_state": opt_state}, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+
+    return train_step
+
+
+def _trim_log(path: str, max_step: int) -> None:
+    """Drops log rows after the restored checkpoint (they are about to be redone)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        rows = [line for line in f if line.strip() and json.loads(line)["step"] <= max_step]
+    with open(path, "w") as f:
+        f.writelines(rows)
+
+
+def train(cfg: TrainConfig, stream: np.ndarray, work_dir: str) -> tuple[dict, dict]:
+    """Runs (or resumes) the training loop. Returns (params, meta)."""
+    model_cfg = cfg.model_config()
+    model = Transformer(model_cfg)
+    tx = make_optimizer(cfg)
+    root_key = jax.random.key(cfg.seed)
+    init_key, data_key = jax.random.fold_in(root_key, 0), jax.random.fold_in(root_key, 1)
+
+    def fresh_state():
+        params = init_params(model_cfg, init_key)
+        return {"params": params, "opt_state": tx.init(params)}
+
+    manager = ocp.CheckpointManager(os.path.abspath(os.path.join(work_dir, "checkpoints")),
+                                    options=ocp.CheckpointManagerOptions(max_to_keep=2))
+    log_path = os.path.join(work_dir, "train_log.jsonl")
+    meta = {"step": 0, "total_steps": _MAX_STEPS.value or None, "tokens": 0, "elapsed_s": 0.0}
+    latest = manager.latest_step()
+    if latest is not None:
+        abstract = jax.eval_shape(fresh_state)
+        restored = manager.restore(latest, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        state, meta = restored["state"], dict(restored["meta"])
+        if _MAX_STEPS.value:
+            meta["total_steps"] = _MAX_STEPS.value
+        _trim_log(log_path, meta["step"])
+        logging.info("resumed from step %d (%d tokens, %.1f min of training so far)", meta["step"],
+                     meta["tokens"], meta["elapsed_s"] / 60)
+    else:
+        state = fresh_state()
+        _trim_log(log_path, 0)  # rows of a run killed before its first checkpoint
+    num_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+    logging.info("model: %s, %.2fM parameters", model_cfg, num_params / 1e6)
+
+    train_step = make_train_step(model, tx, cfg.batch_size, cfg.seq_len)
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    budget_s = _MAX_MINUTES.value * 60
+    session_start, elapsed_before = time.time(), meta["elapsed_s"]
+    elapsed = lambda: elapsed_before + time.time() - session_start  # noqa: E731
+    last_save = time.time()
+    # --max_steps 0: the step count is fitted to the budget, first after
+    # --calibration_steps, then at every checkpoint; fit_since = (time, step) of the last fit.
+    auto_steps = not _MAX_STEPS.value
+    fit_since = None
+    step = start_step = meta["step"]
+    schedule = lr_schedule(cfg, meta["total_steps"] or cfg.warmup_steps + 1)
+
+    def save(step):
+        meta.update(step=step, elapsed_s=elapsed())
+        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                   meta=ocp.args.JsonSave(dict(meta))), force=True)
+
+    bar = tqdm(total=meta["total_steps"], initial=step, desc="train", unit="step", mininterval=5,
+               smoothing=0.1, file=sys.stderr)
+    recent = []  # (time, tokens) of the last steps, for the tokens/s shown
+    loss_ema = None
+    stopped_by_budget = False
+    with open(log_path, "a") as log:
+        while meta["total_steps"] is None or step < meta["total_steps"]:
+            if elapsed() >= budget_s:
+                # NOTE: only when the machine got slower than the last fit predicted.
+                stopped_by_budget = True
+                break
+            lr = float(schedule(step))
+            windows = sample_batch(stream, data_key, step, cfg.batch_size, cfg.seq_len)
+            state, metrics = train_step(state, jnp.asarray(windows), jnp.float32(lr))
+            loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+            if not np.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss} at step {step}")
+            step += 1
+            meta["tokens"] += tokens_per_step
+            now = time.time()
+            recent = (recent + [(now, meta["tokens"])])[-20:]
+            tok_s = (recent[-1][1] - recent[0][1]) / max(1e-9, recent[-1][0] - recent[0][0]) if len(recent) > 1 else 0.0
+            loss_ema = loss if loss_ema is None else 0.95 * loss_ema + 0.05 * loss
+            log.write(json.dumps({"step": step, "tokens": meta["tokens"], "loss": round(loss, 5), "lr": lr,
+                                  "grad_norm": round(grad_norm, 4), "elapsed_s": round(elapsed(), 2),
+                                  "tokens_per_s": round(tok_s, 1)}) + "\n")
+            log.flush()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_ema:.3f}", tok_s=f"{tok_s:.0f}", lr=f"{lr:.2e}", refresh=False)
+
+            if auto_steps and fit_since is None and step == start_step + 2:  # compiled by now
+                fit_since = (now, step)
+            elif auto_steps and fit_since and (
+                    (meta["total_steps"] is None and step == fit_since[1] + _CALIBRATION_STEPS.value)
+                    or now - last_save >= _CHECKPOINT_MINUTES.value * 60):
+                # Fit (then every checkpoint, re-fit) the step count to the time left,
+                # from the speed since the last fit: another process may share the CPU.
+                seconds_per_step = (now - fit_since[0]) / (step - fit_since[1])
+                remaining = budget_s - elapsed()
+                meta["total_steps"] = max(step + int(0.97 * remaining / seconds_per_step), cfg.warmup_steps + 1,
+                                          step + 1)
+                meta["seconds_per_step"] = seconds_per_step
+                schedule = lr_schedule(cfg, meta["total_steps"])
+                bar.total = meta["total_steps"]
+                fit_since = (now, step)
+                logging.info("fit: %.2f s/step (%.0f tokens/s) -> %d steps in the %.1f min budget", seconds_per_step,
+                             tokens_per_step / seconds_per_step, meta["total_steps"], budget_s / 60)
+            if now - last_save >= _CHECKPOINT_MINUTES.value * 60:
+                save(step)
+                last_save = now
+    bar.close()
+    meta["stopped_by_budget"] = stopped_by_budget
+    if stopped_by_budget:
+        logging.warning("wall-clock budget of %.1f min reached at step %d of %s; stopping", budget_s / 60, step,
+                        meta["total_steps"])
+    if meta["total_steps"] is None:  # the budget ran out before calibration finished
+        meta["total_steps"] = step
+    if manager.latest_step() != step:
+        save(step)
+    meta.update(step=step, elapsed_s=elapsed())
+    manager.wait_until_finished()
+    manager.close()
+    return state["params"], meta
+
+
+# ---------------------------------------------------------------------------- export
+
+def export(cfg: TrainConfig, params: dict, work_dir: str, output_dir: str) -> str:
+    """Writes the HF folder; returns the weight dtype used."""
+    model_cfg = cfg.model_config()
+    num_params = sum(x.size for x in jax.tree.leaves(params))
+    save_dtype = _SAVE_DTYPE.value
+    if save_dtype == "auto":
+        save_dtype = "float32" if num_params * 4 <= _MAX_EXPORT_MB.value * 1e6 else "bfloat16"
+    params = jax.tree.map(lambda x: x.astype(checkpoint.resolve_dtype(save_dtype)), params)
+    os.makedirs(output_dir, exist_ok=True)
+    checkpoint.save_hf_folder(output_dir, params, model_cfg, hf_config_dict(model_cfg, save_dtype))
+    shutil.copyfile(os.path.join(work_dir, TOKENIZER_FILE), os.path.join(output_dir, TOKENIZER_FILE))
+    shutil.copyfile(os.path.join(work_dir, stdlib_corpus.SPLIT_FILE),
+                    os.path.join(output_dir, stdlib_corpus.SPLIT_FILE))
+    special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    tokenizer_config = {
+        "tokenizer_class": "LlamaTokenizer", **special, "pad_token": None,
+        "add_bos_token": True, "add_eos_token": False, "add_prefix_space": False, "legacy": False,
+        "clean_up_tokenization_spaces": False, "model_max_length": cfg.max_position_embeddings,
+        "sp_model_kwargs": {},
+    }
+    files = {"tokenizer_config.json": tokenizer_config, "special_tokens_map.json": special,
+             "generation_config.json": {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID,
+                                        "max_length": cfg.max_position_embeddings}}
+    for name, content in files.items():
+        with open(os.path.join(output_dir, name), "w") as f:
+            json.dump(content, f, indent=2)
+    return save_dtype
+
+
+def heldout_eval(output_dir: str, context: int, max_tokens: int, batch_size: int) -> dict:
+    """Held-out perplexity of the exported folder (as scripts/eval_perplexity.py computes it)."""
+    model_cfg, params, _ = checkpoint.load_model(output_dir, "float32")
+    docs = stdlib_corpus.heldout_token_ids(output_dir, max_tokens=max_tokens)
+    windows = stdlib_corpus.make_windows(docs, context)
+    return stdlib_corpus.perplexity(stdlib_corpus.jaxinfer_nll_fn(model_cfg, params), windows, batch_size)
+
+
+class _DropOrbaxInfo:
+    """absl log filter: orbax logs a dozen INFO lines per checkpoint; keep its warnings."""
+
+    def filter(self, record) -> bool:
+        return record.levelno >= 30 or "orbax" not in record.pathname
+
+
+def main(argv):
+    del argv
+    logging.get_absl_handler().addFilter(_DropOrbaxInfo())
+    run_start = time.time()
+    cfg = config_from_flags()
+    work_dir, output_dir = _WORK_DIR.value, _OUTPUT_DIR.value
+    os.makedirs(work_dir, exist_ok=True)
+    run_config_path = os.path.join(work_dir, "run_config.json")
+    if os.path.exists(run_config_path):
+        with open(run_config_path) as f:
+            saved = json.load(f)
+        if saved != dataclasses.asdict(cfg):
+            diff = {k: (saved.get(k), v) for k, v in dataclasses.asdict(cfg).items() if saved.get(k) != v}
+            raise app.UsageError(f"{work_dir} holds a run with other settings {diff} (saved, now); "
+                                 f"pass a new --work_dir or the same settings")
+    else:
+        with open(run_config_path, "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=2)
+
+    split, stream, data_stats = prepare_data(cfg, work_dir)
+    data_s = time.time() - run_start
+    params, meta = train(cfg, stream, work_dir)
+    train_s = time.time() - run_start - data_s
+
+    save_dtype = export(cfg, params, work_dir, output_dir)
+    heldout = heldout_eval(output_dir, cfg.seq_len, _EVAL_MAX_TOKENS.value, _EVAL_BATCH_SIZE.value)
+    logging.info("held-out: perplexity %.3f (mean NLL %.4f) over %d tokens", heldout["perplexity"],
+                 heldout["mean_nll"], heldout["tokens"])
+
+    with open(os.path.join(work_dir, "train_log.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    last = rows[-50:]
+    model_cfg = cfg.model_config()
+    num_params = sum(x.size for x in jax.tree.leaves(params))
+    summary = {
+        "model": {"family": "llama", "hidden_size": model_cfg.hidden_size,
+                  "intermediate_size": model_cfg.intermediate_size, "num_layers": model_cfg.num_layers,
+                  "num_heads": model_cfg.num_heads, "num_kv_heads": model_cfg.num_kv_heads,
+                  "head_dim": model_cfg.head_dim, "vocab_size": model_cfg.vocab_size,
+                  "tie_word_embeddings": model_cfg.tie_word_embeddings,
+                  "max_position_embeddings": model_cfg.max_position_embeddings},
+        "num_params": int(num_params), "weights_dtype": save_dtype,
+        "safetensors_bytes": os.path.getsize(os.path.join(output_dir, "model.safetensors")),
+        "training": {**{k: v for k, v in dataclasses.asdict(cfg).items()
+                        if k not in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                                     "num_kv_heads", "tie_embeddings", "max_position_embeddings")},
+                     "optimizer": "optax.adamw(b1=0.9, b2=0.95) + clip_by_global_norm, warmup + cosine decay",
+                     "steps": meta["step"], "planned_steps": meta["total_steps"], "tokens_seen": meta["tokens"],
+                     "epochs": meta["tokens"] / data_stats["train_tokens"],
+                     "stopped_by_wall_clock_budget": meta["stopped_by_budget"],
+                     "max_minutes": _MAX_MINUTES.value},
+        "data": data_stats,
+        "final_train_loss": last[-1]["loss"] if last else None,
+        "final_train_loss_mean_last_50_steps": float(np.mean([r["loss"] for r in last])) if last else None,
+        "heldout": {**heldout, "context": cfg.seq_len, "max_tokens": _EVAL_MAX_TOKENS.value},
+        "wall_time_s": {"data": round(data_s, 1), "train_loop_all_sessions": round(meta["elapsed_s"], 1),
+                        "train_this_session": round(train_s, 1), "total_this_session": round(time.time() - run_start, 1)},
+        "train_tokens_per_s": meta["tokens"] / max(1e-9, meta["elapsed_s"]),
+        "device": f"{jax.devices()[0].device_kind} x{jax.device_count()} ({os.cpu_count()} CPU cores)",
+        "versions": {"python": sys.version.split()[0], "jax": jax.__version__},
+    }
+    with open(os.path.join(output_dir, "training_summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    logging.info("done in %.1f min: %s", (time.time() - run_start) / 60, json.dumps(summary["heldout"]))
+
+
+if __name__ == "__main__":
+    app.run(main)
