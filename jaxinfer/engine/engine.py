@@ -108,22 +108,7 @@ class Engine:
         if step_input is None:
             return []
         step_output = self.runner.execute(step_input)
-        self.scheduler.update(chosen)
-        touched = []
-        for (request, num_tokens), token, logprob, prompt_lps in zip(
-                chosen, step_output.sampled_token_ids, step_output.logprobs, step_output.prompt_logprobs):
-            if prompt_lps is not None:
-                first_target = request.num_computed - num_tokens + 1
-                for j, lp in enumerate(prompt_lps):
-                    target = first_target + j
-                    if target < len(request.prompt_ids) and target == len(request.prompt_logprobs) + 1:
-                        request.prompt_logprobs.append(lp)
-            if token is None:
-                continue
-            request.append_token(token, logprob)
-            touched.append(request)
-            if request.is_finished:
-                self.scheduler.finish(request)
+        touched = self.scheduler.update(chosen, step_output)
         self.num_steps += 1
         self.num_batched_tokens += sum(n for _, n in chosen)
         self.num_scheduled_seqs += len(chosen)

@@ -23,7 +23,7 @@ from typing import Optional
 
 from jaxinfer.engine.block_manager import BlockManager
 from jaxinfer.engine.request import Request, Status
-from jaxinfer.types import ScheduledSequence, StepInput
+from jaxinfer.types import ScheduledSequence, StepInput, StepOutput
 
 
 class Scheduler:
@@ -159,10 +159,21 @@ class Scheduler:
             next_token_id=ids[end] if end < len(request.prompt_ids) else None,
         )
 
-    def update(self, chosen: list) -> None:
-        """Marks the scheduled tokens as computed and caches the pages they filled."""
+    def update(self, chosen: list, step_output: StepOutput) -> list:
+        """Applies the runner's StepOutput to the requests of `chosen`.
+
+        Marks the scheduled tokens as computed, caches the pages they filled, records
+        prompt logprobs, appends sampled tokens (output processing decides whether a
+        request is done) and frees the pages of finished requests.
+
+        Returns:
+          the requests that received a token, in batch order.
+        """
         bm = self.block_manager
-        for request, num_tokens in chosen:
+        touched = []
+        for (request, num_tokens), token, logprob, prompt_lps in zip(
+                chosen, step_output.sampled_token_ids, step_output.logprobs, step_output.prompt_logprobs):
+            first_target = request.num_computed + 1
             request.num_computed += num_tokens
             num_full = request.num_computed // bm.page_size
             if num_full > request.num_registered_pages:
@@ -170,6 +181,18 @@ class Scheduler:
                 for i in range(request.num_registered_pages, num_full):
                     bm.register(request.page_ids[i], hashes[i])
                 request.num_registered_pages = num_full
+            for j, lp in enumerate(prompt_lps or ()):
+                # After a preemption a prompt is recomputed: keep the first value only.
+                target = first_target + j
+                if target < len(request.prompt_ids) and target == len(request.prompt_logprobs) + 1:
+                    request.prompt_logprobs.append(lp)
+            if token is None:
+                continue
+            request.append_token(token, logprob)
+            touched.append(request)
+            if request.is_finished:
+                self.finish(request)
+        return touched
 
     def finish(self, request: Request) -> None:
         """Releases a finished (or aborted) request's pages."""

@@ -10,6 +10,7 @@ from jaxinfer.config import SamplingParams
 from jaxinfer.engine.block_manager import BlockManager
 from jaxinfer.engine.request import Request
 from jaxinfer.engine.scheduler import Scheduler
+from jaxinfer.types import StepOutput
 
 
 def _request(rid, prompt_len, max_tokens=4):
@@ -18,16 +19,15 @@ def _request(rid, prompt_len, max_tokens=4):
 
 
 def _run_step(scheduler, next_token=7):
-    """Schedules one step and plays the runner: every sampled sequence gets next_token."""
+    """Schedules one step and plays the runner with a hand-built StepOutput: every
+    sequence that samples gets `next_token`."""
     step, chosen = scheduler.schedule()
     if step is None:
         return None, []
-    scheduler.update(chosen)
-    for (request, _), seq in zip(chosen, step.sequences):
-        if seq.sample:
-            request.append_token(next_token, None)
-            if request.is_finished:
-                scheduler.finish(request)
+    out = StepOutput(sampled_token_ids=tuple(next_token if s.sample else None for s in step.sequences),
+                     logprobs=tuple(None for _ in step.sequences),
+                     prompt_logprobs=tuple(None for _ in step.sequences))
+    scheduler.update(chosen, out)
     return step, chosen
 
 
