@@ -204,3 +204,25 @@ def test_metrics_and_engine_config_validation(session):
         InferenceSession.from_pretrained("/nonexistent", dtype="float16")
     with pytest.raises(FileNotFoundError, match="nonexistent"):
         InferenceSession.from_pretrained("/nonexistent")
+
+
+def test_stop_string_split_across_tokens(session):
+    from jaxinfer.engine.detokenizer import IncrementalDetokenizer
+    prompt = "for i in range(10):"
+    params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    (ref,) = session.generate([prompt], params)
+    # Find a token boundary inside the text and take the 2 characters around it.
+    detok = IncrementalDetokenizer(session.tokenizer, ref.prompt_token_ids)
+    boundaries, text = [], ""
+    for t in ref.token_ids:
+        text += detok.add(t)
+        boundaries.append(len(text))
+    cut = next(b for b in boundaries[2:] if 0 < b < len(ref.text) and ref.text[b - 1:b + 1].strip())
+    stop = ref.text[cut - 1:cut + 1]
+    (out,) = session.generate([prompt], SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True,
+                                                       stop=[stop]))
+    assert out.finish_reason == "stop"
+    assert out.text == ref.text[:ref.text.index(stop)]
+    pieces = list(session.stream(prompt, SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True,
+                                                        stop=[stop])))
+    assert "".join(pieces) == out.text
