@@ -5,7 +5,7 @@ model forward over the flat ragged batch + KV write into pages + attention + sam
 -> StepOutput -> engine.
 
 Shapes. XLA compiles once per input shape, so every step is padded to buckets: tokens
-per step and sequences per step to powers of two (minimum 16 and 4), pages per
+per step and sequences per step to powers of two, pages per
 sequence to a power of two, and the query block (the longest query run, capped at
 QUERY_BLOCK) to a power of two; the number of attention rows follows from those. A
 long mixed workload therefore compiles a bounded number of programs; `num_compiles` counts them and `compile_seconds`
@@ -31,8 +31,8 @@ from jaxinfer.models.transformer import AttentionMetadata, Transformer
 from jaxinfer.runtime import sampler
 from jaxinfer.types import StepInput, StepOutput
 
-MIN_TOKEN_BUCKET = 16
-MIN_SEQ_BUCKET = 4
+MIN_TOKEN_BUCKET = 1
+MIN_SEQ_BUCKET = 1
 QUERY_BLOCK = 32  # queries per attention row (see execute)
 
 
