@@ -36,7 +36,9 @@ def _install(extras: str = "") -> None:
 
 def demo(args: list) -> int:
     _install()
-    cmd = [os.path.join(BIN, "jaxinfer"), "generate", "--prompt", DEMO_PROMPT, "--max_tokens", "80"]
+    # Seeded sampling: the bundled 6M-parameter model loops under greedy decoding.
+    cmd = [os.path.join(BIN, "jaxinfer"), "generate", "--prompt", DEMO_PROMPT, "--max_tokens", "96",
+           "--temperature", "0.7", "--top_p", "0.95", "--seed", "0"]
     _run(*cmd, *args)
     return 0
 
