@@ -127,6 +127,10 @@ class Engine:
             prompt_logprobs=list(request.prompt_logprobs) if request.params.prompt_logprobs else None,
             time_to_first_token=ttft, time_per_output_token=tpot)
 
+    def reset_prefix_cache(self) -> None:
+        """Forgets every cached prefix page (the next requests recompute everything)."""
+        self.block_manager.reset_prefix_cache()
+
     def abort(self, request: Request) -> None:
         """Stops a request wherever it is and frees its pages."""
         if not request.is_finished:

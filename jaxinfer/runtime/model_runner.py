@@ -6,8 +6,9 @@ model forward over the flat ragged batch + KV write into pages + attention + sam
 
 Shapes. XLA compiles once per input shape, so every step is padded to buckets: tokens
 per step and sequences per step to powers of two, pages per
-sequence to a power of two, and the query block (the longest query run, capped at
-QUERY_BLOCK) to a power of two; the number of attention rows follows from those. A
+sequence to a power of two (multiples of 8 past 16), the query block (the longest query run, capped at
+QUERY_BLOCK) to a power of two, and the attention rows (decode rows and query blocks
+of longer runs) to powers of two. A
 long mixed workload therefore compiles a bounded number of programs; `num_compiles` counts them and `compile_seconds`
 sums the time of the steps that compiled. The KV pages are donated to each step, so
 XLA updates them in place.
@@ -42,6 +43,15 @@ def bucket(n: int, minimum: int = 1) -> int:
     return 1 << (n - 1).bit_length()
 
 
+def page_bucket(n: int) -> int:
+    """Pages per sequence: powers of two up to 16, then multiples of 8.
+
+    The XLA reference gathers every padded page of every sequence, so the bucket is
+    finer where contexts are long: at most 8 pages of padding past 16 pages.
+    """
+    return bucket(n) if n <= 16 else -(-n // 8) * 8
+
+
 class ModelRunner:
     """Runs steps of a model over a paged KV cache it owns.
 
@@ -67,7 +77,7 @@ class ModelRunner:
         self.kv_caches = tuple((jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
                                for _ in range(config.num_layers))
         self._step = jax.jit(functools.partial(_step_fn, self.model),
-                             static_argnames=("max_q_len", "all_greedy", "all_logits"),
+                             static_argnames=("max_q_len", "num_decode_rows", "all_greedy", "all_logits"),
                              donate_argnames=("kv_caches",))
         self._signatures: set = set()
         self.compile_seconds = 0.0  # time of the steps that compiled (warm-up)
@@ -116,26 +126,30 @@ class ModelRunner:
         starts = np.array([s.start_position for s in seqs], dtype=np.int32)
         num_tokens = bucket(int(lens.sum()), MIN_TOKEN_BUCKET)
         num_seqs = bucket(len(seqs), MIN_SEQ_BUCKET)
-        max_pages = bucket(max(len(s.page_ids) for s in seqs))
-        # Attention sees each sequence as blocks of at most QUERY_BLOCK queries (one
-        # "attention row" per block, sharing the sequence's page table), so a mixed
-        # batch of decodes and a long prefill chunk pads at most QUERY_BLOCK - 1
-        # queries per row instead of padding every decode to the chunk's length.
+        max_pages = page_bucket(max(len(s.page_ids) for s in seqs))
+        # Attention sees each sequence as rows of at most QUERY_BLOCK queries sharing its
+        # page table, so a long prefill chunk pads at most QUERY_BLOCK - 1 queries per row.
+        # Decodes (one token) are laid out first and, in a mixed step, get rows of their
+        # own (num_decode_rows) instead of being padded to the chunk's query block.
         max_q_len = min(bucket(int(lens.max())), QUERY_BLOCK)
-        blocks_per_seq = -(-lens // max_q_len)
-        # sum(ceil(n_i / Q)) <= seqs + tokens / Q: a row count fixed by the other buckets.
-        num_rows = num_seqs + (num_tokens // max_q_len if max_q_len > 1 else 0)
+        is_decode = lens == 1
+        num_real_decodes = int(is_decode.sum())
+        is_mixed = max_q_len > 1 and num_real_decodes > 0
+        num_decode_rows = bucket(num_real_decodes) if is_mixed else 0
         all_greedy = all(s.temperature <= 0 or s.top_k == 1 for s in seqs)
         all_logits = any(s.want_prompt_logprobs for s in seqs)
 
+        order = np.argsort(~is_decode, kind="stable")  # decodes first, otherwise as scheduled
+        ends = np.empty(len(seqs), np.int64)
+        ends[order] = np.cumsum(lens[order])  # end offset of each sequence in the flat batch
+        offsets = ends - lens
         tokens = np.zeros(num_tokens, np.int32)
         positions = np.zeros(num_tokens, np.int32)
         slots = np.full(num_tokens, self.num_pages * self.page_size, np.int32)  # dropped
         targets = np.zeros(num_tokens, np.int32)  # successor of each token (prompt logprobs)
         tables = np.zeros((len(seqs), max_pages), np.int32)
-        ends = np.cumsum(lens)
         for i, s in enumerate(seqs):
-            lo, hi = ends[i] - lens[i], ends[i]
+            lo, hi = offsets[i], ends[i]
             pages = np.asarray(s.page_ids, dtype=np.int32)
             pos = starts[i] + np.arange(lens[i], dtype=np.int32)
             tokens[lo:hi] = s.token_ids
@@ -146,17 +160,32 @@ class ModelRunner:
             slots[lo:hi] = pages[pos // self.page_size] * self.page_size + pos % self.page_size
             tables[i, :pages.size] = pages
 
-        # Attention rows: block b of sequence i covers its queries [b * Q, min((b + 1) * Q, n)).
-        row_seq = np.repeat(np.arange(len(seqs)), blocks_per_seq)
-        row_block = np.arange(row_seq.size) - np.repeat(np.cumsum(blocks_per_seq) - blocks_per_seq, blocks_per_seq)
+        # Attention rows, in flat-batch order. Row r covers queries [q_lo, q_hi) of
+        # sequence row_seq[r]; padding rows own no tokens and have kv_len 0.
+        if is_mixed:
+            seq_order = order[num_real_decodes:]
+            row_seq = np.repeat(seq_order, -(-lens[seq_order] // max_q_len))
+        else:
+            row_seq = np.repeat(order, -(-lens[order] // max_q_len))
+        # The reference computes padding rows too, so their count is a tight power of two.
+        num_rows = num_decode_rows + bucket(row_seq.size, MIN_SEQ_BUCKET)
+        first_row = np.concatenate([[True], row_seq[1:] != row_seq[:-1]])
+        row_block = np.arange(row_seq.size) - np.maximum.accumulate(np.where(first_row, np.arange(row_seq.size), 0))
         row_q_end = np.minimum((row_block + 1) * max_q_len, lens[row_seq])
-        cu_q_lens = np.full(num_rows + 1, ends[-1], np.int32)
-        cu_q_lens[0] = 0
-        cu_q_lens[1:row_seq.size + 1] = (ends - lens)[row_seq] + row_q_end
+        cu_q_lens = np.full(num_rows + 1, ends.max(), np.int32)
         kv_lens = np.zeros(num_rows, np.int32)
-        kv_lens[:row_seq.size] = starts[row_seq] + row_q_end
         page_tables = np.zeros((num_rows, max_pages), np.int32)
-        page_tables[:row_seq.size] = tables[row_seq]
+        cu_q_lens[0] = 0
+        if is_mixed:
+            dec = order[:num_real_decodes]
+            cu_q_lens[1:num_real_decodes + 1] = ends[dec]
+            cu_q_lens[num_real_decodes + 1:num_decode_rows + 1] = num_real_decodes  # padding rows
+            kv_lens[:num_real_decodes] = starts[dec] + 1
+            page_tables[:num_real_decodes] = tables[dec]
+        base = num_decode_rows
+        cu_q_lens[base + 1:base + row_seq.size + 1] = offsets[row_seq] + row_q_end
+        kv_lens[base:base + row_seq.size] = starts[row_seq] + row_q_end
+        page_tables[base:base + row_seq.size] = tables[row_seq]
 
         logits_indices = np.zeros(num_seqs, np.int32)
         logits_indices[:len(seqs)] = ends - 1
@@ -172,14 +201,14 @@ class ModelRunner:
         sample_pos = np.zeros(num_seqs, np.int32)
         sample_pos[:len(seqs)] = starts + lens
 
-        signature = (num_tokens, num_seqs, max_pages, max_q_len, all_greedy, all_logits)
+        signature = (num_tokens, num_seqs, num_decode_rows, num_rows, max_pages, max_q_len, all_greedy, all_logits)
         is_new = signature not in self._signatures
         start = time.perf_counter()
         host_seconds = start - prep_start
         sampled, logprobs, prompt_lp, self.kv_caches = self._step(
             self.params, self.kv_caches, tokens, positions, slots, cu_q_lens, kv_lens, page_tables,
             logits_indices, targets, temperature, top_k, top_p, min_p, seed_hi, seed_lo, sample_pos,
-            max_q_len=max_q_len, all_greedy=all_greedy, all_logits=all_logits)
+            max_q_len=max_q_len, num_decode_rows=num_decode_rows, all_greedy=all_greedy, all_logits=all_logits)
         sampled, logprobs, prompt_lp = jax.device_get((sampled, logprobs, prompt_lp))
         self.last_device_seconds = time.perf_counter() - start
         if is_new:
@@ -188,15 +217,14 @@ class ModelRunner:
         post_start = time.perf_counter()
 
         out_tokens, out_lps, out_prompt = [], [], []
-        offset = 0
         for i, s in enumerate(seqs):
+            offset = offsets[i]
             n = lens[i]
             out_tokens.append(int(sampled[i]) if s.sample else None)
             out_lps.append(float(logprobs[i]) if s.sample and s.want_logprobs else None)
             num_known = n if s.next_token_id is not None else n - 1
             out_prompt.append(tuple(float(x) for x in prompt_lp[offset:offset + num_known])
                               if s.want_prompt_logprobs else None)
-            offset += n
         self.last_host_seconds = host_seconds + time.perf_counter() - post_start
         return StepOutput(sampled_token_ids=tuple(out_tokens), logprobs=tuple(out_lps),
                           prompt_logprobs=tuple(out_prompt))
@@ -204,9 +232,9 @@ class ModelRunner:
 
 def _step_fn(model, params, kv_caches, tokens, positions, slots, cu_q_lens, kv_lens, page_tables,
              logits_indices, targets, temperature, top_k, top_p, min_p, seed_hi, seed_lo, sample_pos, *,
-             max_q_len, all_greedy, all_logits):
+             max_q_len, num_decode_rows, all_greedy, all_logits):
     metadata = AttentionMetadata(slot_mapping=slots, cu_q_lens=cu_q_lens, kv_lens=kv_lens,
-                                 page_tables=page_tables, max_q_len=max_q_len)
+                                 page_tables=page_tables, max_q_len=max_q_len, num_decode_rows=num_decode_rows)
     variables = {"params": params}
     if all_logits:
         all_rows, kv_caches = model.apply(variables, tokens, positions, kv_caches, metadata)  # [T, V]

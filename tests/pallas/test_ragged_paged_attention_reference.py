@@ -89,3 +89,21 @@ def test_bad_shapes_and_impl_are_named():
         rpa.ragged_paged_attention(q, pages, pages, *meta, max_q_len=2, sm_scale=1.0, impl="cuda")
     with pytest.raises(ValueError, match="metadata"):
         rpa.ragged_paged_attention(q, pages, pages, jnp.array([0, 2, 2]), *meta[1:], max_q_len=2, sm_scale=1.0)
+
+
+def test_decode_rows_split_equals_the_padded_layout():
+    rng = np.random.RandomState(3)
+    heads, kv_heads, dim, page_size = 4, 2, 8, 4
+    # Rows: 3 decodes (one of them a padding row of length 0), then two prefill rows.
+    q_lens, kv_lens = [1, 1, 0, 5, 3], [6, 9, 0, 5, 11]
+    tables = rng.permutation(20)[:15].reshape(5, 3)
+    k_pages = jnp.asarray(rng.randn(20, page_size, kv_heads, dim).astype(np.float32))
+    v_pages = jnp.asarray(rng.randn(20, page_size, kv_heads, dim).astype(np.float32))
+    q = jnp.asarray(rng.randn(sum(q_lens), heads, dim).astype(np.float32))
+    cu = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32)
+    args = (q, k_pages, v_pages, cu, jnp.asarray(kv_lens, jnp.int32), jnp.asarray(tables, jnp.int32))
+    padded = rpa.ragged_paged_attention(*args, max_q_len=8, sm_scale=0.3)
+    split = rpa.ragged_paged_attention(*args, max_q_len=8, sm_scale=0.3, num_decode_rows=3)
+    np.testing.assert_allclose(np.asarray(split), np.asarray(padded), atol=1e-6)
+    with pytest.raises(ValueError, match="num_decode_rows"):
+        rpa.ragged_paged_attention(*args, max_q_len=8, sm_scale=0.3, num_decode_rows=6)

@@ -41,12 +41,15 @@ def ragged_paged_attention(q, k_pages, v_pages, cu_q_lens, kv_lens, page_tables,
                            max_q_len: int, sm_scale: float,
                            sliding_window: Optional[int] = None,
                            soft_cap: Optional[float] = None,
+                           num_decode_rows: int = 0,
                            impl: Optional[str] = None):
     """See `reference.ragged_paged_attention` for the arguments; `impl` in IMPLS."""
     _check(q, k_pages, v_pages, cu_q_lens, kv_lens, page_tables)
+    if not 0 <= num_decode_rows <= page_tables.shape[0]:
+        raise ValueError(f"num_decode_rows: {num_decode_rows} outside [0, {page_tables.shape[0]}]")
     impl = impl or "xla"
     if impl not in IMPLS:
         raise ValueError(f"impl: {impl!r} is not available; choose one of {IMPLS}")
     return reference.ragged_paged_attention(
         q, k_pages, v_pages, cu_q_lens, kv_lens, page_tables, max_q_len=max_q_len,
-        sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
+        sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, num_decode_rows=num_decode_rows)

@@ -45,13 +45,15 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                            cu_q_lens: jax.Array, kv_lens: jax.Array, page_tables: jax.Array,
                            *, max_q_len: int, sm_scale: float,
                            sliding_window: Optional[int] = None,
-                           soft_cap: Optional[float] = None) -> jax.Array:
+                           soft_cap: Optional[float] = None,
+                           num_decode_rows: int = 0) -> jax.Array:
     """Causal attention of a flat ragged batch over paged K/V.
 
     Args:
       q: [T, N, H] queries.
       k_pages, v_pages: [P, L, K, H].
-      cu_q_lens: [S + 1] int32 cumulative query counts (non-decreasing, cu_q_lens[0] = 0).
+      cu_q_lens: [S + 1] int32 token offsets: sequence s owns tokens cu_q_lens[s]:cu_q_lens[s + 1]
+        (non-decreasing).
       kv_lens: [S] int32 tokens in each sequence's pages, new ones included. A
         sequence with kv_len 0 (bucket padding) produces nothing.
       page_tables: [S, pages per sequence] int32 page ids.
@@ -59,9 +61,28 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
       sm_scale: softmax scale (usually head_dim ** -0.5).
       sliding_window: keys with q_pos - k_pos >= window are hidden; None = full causal.
       soft_cap: if set, scores become soft_cap * tanh(scores / soft_cap).
+      num_decode_rows: static; the first num_decode_rows sequences have at most one
+        query each. They are computed in a one-query layout instead of being padded
+        to max_q_len next to prefill chunks (a 32x saving for decodes in mixed steps).
     Returns:
       [T, N, H] attention output in q's dtype.
     """
+    num_seqs = page_tables.shape[0]
+    if 0 < num_decode_rows < num_seqs and max_q_len > 1:
+        kwargs = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
+        # The two groups own disjoint tokens and write zeros elsewhere: their sum is the result.
+        d = num_decode_rows
+        decodes = _attention(q, k_pages, v_pages, cu_q_lens[:d + 1], kv_lens[:d], page_tables[:d],
+                             max_q_len=1, **kwargs)
+        rest = _attention(q, k_pages, v_pages, cu_q_lens[d:], kv_lens[d:], page_tables[d:],
+                          max_q_len=max_q_len, **kwargs)
+        return decodes + rest
+    return _attention(q, k_pages, v_pages, cu_q_lens, kv_lens, page_tables, max_q_len=max_q_len,
+                      sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
+
+
+def _attention(q, k_pages, v_pages, cu_q_lens, kv_lens, page_tables, *, max_q_len, sm_scale,
+               sliding_window, soft_cap):
     num_tokens, num_heads, head_dim = q.shape
     _, page_size, num_kv_heads, _ = k_pages.shape
     num_seqs, pages_per_seq = page_tables.shape
