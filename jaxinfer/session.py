@@ -3,6 +3,7 @@
     session = InferenceSession.from_pretrained(path, dtype="float32")
     outs = session.generate(prompts, SamplingParams(max_tokens=32, temperature=0.0))
     for piece in session.stream(prompt, params): ...
+    session = InferenceSession.from_pretrained(path, quantization="int4")  # int4 weights (RTN)
 
 Path: **session** -> engine (scheduler, runner, output processing). The session turns
 text into token ids with the model's tokenizer, validates every prompt before any of
@@ -14,6 +15,7 @@ from __future__ import annotations
 import os
 from typing import Iterator, Optional, Sequence, Union
 
+from jaxinfer import quant
 from jaxinfer.assets import resolve_model_path
 from jaxinfer.config import EngineConfig, ModelConfig, SamplingParams
 from jaxinfer.engine.engine import Engine
@@ -56,14 +58,45 @@ class InferenceSession:
         self.engine = Engine(model_config, runner, engine, tokenizer=tokenizer, eos_token_ids=eos)
 
     @classmethod
-    def from_pretrained(cls, path: str, dtype="float32", engine: Optional[EngineConfig] = None) -> "InferenceSession":
-        """Loads an HF folder (safetensors), a folder converted to orbax, or a bundled name."""
+    def from_pretrained(cls, path: str, dtype="float32", engine: Optional[EngineConfig] = None,
+                        quantization: Optional[str] = None,
+                        quantization_config: Optional[quant.QuantConfig] = None) -> "InferenceSession":
+        """Loads an HF folder (safetensors), a folder converted to orbax, or a bundled name.
+
+        Args:
+          path: model folder or bundled model name. A folder saved quantized (jaxinfer
+            int4 or HF GPTQ `quantization_config`) loads as int4 without `quantization`.
+          dtype: "float32" or "bfloat16": activations and the parameters left float.
+          engine: EngineConfig (None = defaults).
+          quantization: None (weights as stored), "int4" (round to nearest) or
+            "int4-gptq" (GPTQ calibrated on the built-in Python stdlib text, see
+            jaxinfer.quant.calibration; needs the folder's tokenizer). Every linear layer
+            but the LM head becomes group-wise int4.
+          quantization_config: QuantConfig overriding the defaults (group size 128,
+            symmetric, ...), e.g. QuantConfig(group_size=32) for small models whose
+            layer widths 128 does not divide.
+        Raises:
+          ValueError: an invalid argument (named), e.g. an unknown `quantization`, or a
+            group size that does not divide a layer's input features.
+        """
         checkpoint.resolve_dtype(dtype)
+        if quantization is not None and quantization not in quant.QUANTIZATIONS:
+            raise ValueError(f"quantization: {quantization!r} is not supported; choose None or one of "
+                             f"{quant.QUANTIZATIONS}")
+        if quantization_config is not None and quantization is None:
+            raise ValueError("quantization_config: given without `quantization`; pass quantization='int4' or "
+                             "'int4-gptq'")
         path = resolve_model_path(str(path))
         if not os.path.isdir(path):
             raise FileNotFoundError(f"path: {path!r} is neither a model folder nor a bundled model name")
-        model_config, params, _ = checkpoint.load_model(path, dtype)
         tokenizer = load_tokenizer(path)
+        if quantization is None:
+            model_config, params, _ = checkpoint.load_model(path, dtype)
+        else:
+            # Quantize from float32 weights; the leaves left float are cast to dtype after.
+            model_config, params, _ = checkpoint.load_model(path, "float32")
+            params = quant.quantize_pretrained(model_config, params, quantization, quantization_config,
+                                               model_dir=path, tokenizer=tokenizer, dtype=dtype)
         eos = _generation_eos(path) or model_config.eos_token_ids
         return cls(model_config, params, tokenizer=tokenizer, dtype=dtype, engine=engine, eos_token_ids=eos)
 
@@ -168,6 +201,10 @@ class InferenceSession:
             yield delta
         self.last_output: RequestOutput = self.engine.output(request)
         self.engine.release(request)
+
+    def reset_prefix_cache(self) -> None:
+        """Drops every cached prefix page, e.g. between a warm-up and a timed run."""
+        self.engine.reset_prefix_cache()
 
     def metrics(self) -> dict:
         """Engine counters: steps, preemptions, compiles, pages, weight bytes."""

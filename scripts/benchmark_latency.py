@@ -1,12 +1,14 @@
 """Batch-1 latency: prefill time and decode ms/token, against the rooflines and HF.
 
     python scripts/benchmark_latency.py [--preset 125m] [--prompt_len 128] [--output_len 128]
+    python scripts/benchmark_latency.py --quantization int4 --skip_hf --json_out runs/bench/latency_int4.json
 
 Decode of one sequence reads every weight once per token, so its floor is
 weight bytes / memory bandwidth; the bandwidth is measured in the same run with a large
 float32 GEMV. The compute roofline (2 x parameters FLOPs per token over the float32 GEMM
 rate, also measured here) is printed too. HF transformers runs the same greedy
-generation on the same weights for the ratio.
+generation on the same weights for the ratio. With --quantization the linear layers are
+int4 (round to nearest) and the memory roofline uses the int4 weight bytes.
 """
 from __future__ import annotations
 
@@ -29,15 +31,22 @@ _OUTPUT_LEN = flags.DEFINE_integer("output_len", 128, "Generated tokens.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions (median reported).")
 _SKIP_HF = flags.DEFINE_bool("skip_hf", False, "Do not run the HF baseline.")
 _JSON = flags.DEFINE_string("json_out", "runs/bench/latency.json", "JSON report path.")
+_QUANTIZATION = flags.DEFINE_enum("quantization", None, ["int4", "int4-gptq"], "Quantize jaxinfer's linear layers.")
+_QUANT_GROUP_SIZE = flags.DEFINE_integer("quant_group_size", 128, "Input rows per int4 scale.")
 
 
-def _jaxinfer(path, prompt, output_len, repeats):
+def _jaxinfer(path, prompt, output_len, repeats, quantization=None, quant_group_size=128):
     import numpy as np
 
     from jaxinfer import EngineConfig, InferenceSession, SamplingParams
+    from jaxinfer.models.transformer import param_shapes
+    from jaxinfer.quant import QuantConfig
     start = time.perf_counter()
-    session = InferenceSession.from_pretrained(path, dtype="float32",
-                                               engine=EngineConfig(max_num_batched_tokens=max(512, len(prompt))))
+    quant_config = QuantConfig(group_size=quant_group_size) if quantization else None
+    # No prefix caching: every repetition reuses the prompt and must prefill it in full.
+    engine = EngineConfig(max_num_batched_tokens=max(512, len(prompt)), enable_prefix_caching=False)
+    session = InferenceSession.from_pretrained(path, dtype="float32", engine=engine,
+                                               quantization=quantization, quantization_config=quant_config)
     load_seconds = time.perf_counter() - start
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
     start = time.perf_counter()
@@ -52,7 +61,9 @@ def _jaxinfer(path, prompt, output_len, repeats):
     return {"load_seconds": load_seconds, "warmup_seconds": warmup_seconds, "prefill_seconds": float(np.median(ttfts)),
             "decode_ms_per_token": 1000 * float(np.median(tpots)), "num_compiles": m["num_compiles"],
             "host_ms_per_step": m["host_ms_per_step"], "weight_bytes": m["weight_bytes"],
-            "num_params": bench_common.num_params(session.engine.runner.params)}
+            # logical parameters (an int4 tree packs two per byte): from the float shapes
+            "num_params": bench_common.num_params(param_shapes(session.model_config)),
+            "quantization": quantization, "quant_group_size": quant_group_size if quantization else None}
 
 
 def _hf(path, prompt, output_len, repeats):
@@ -86,7 +97,7 @@ def main(argv):
 
     bandwidth = bench_common.measure_memory_bandwidth()
     gemm = bench_common.measure_gemm_flops()
-    ours = _jaxinfer(path, prompt, _OUTPUT_LEN.value, _REPEATS.value)
+    ours = _jaxinfer(path, prompt, _OUTPUT_LEN.value, _REPEATS.value, _QUANTIZATION.value, _QUANT_GROUP_SIZE.value)
     weight_ms = 1000 * ours["weight_bytes"] / bandwidth
     compute_ms = 1000 * 2 * ours["num_params"] / gemm
     report = {
@@ -105,7 +116,9 @@ def main(argv):
         report["decode_speedup_vs_hf"] = hf["decode_ms_per_token"] / ours["decode_ms_per_token"]
         report["prefill_speedup_vs_hf"] = hf["prefill_seconds"] / ours["prefill_seconds"]
 
-    print(f"\nmodel {path}: {ours['num_params'] / 1e6:.1f}M params, {ours['weight_bytes'] / 1e6:.0f} MB of weights")
+    weights_kind = f"{_QUANTIZATION.value} (group {_QUANT_GROUP_SIZE.value})" if _QUANTIZATION.value else "float32"
+    print(f"\nmodel {path}: {ours['num_params'] / 1e6:.1f}M params, {ours['weight_bytes'] / 1e6:.0f} MB of "
+          f"{weights_kind} weights")
     print(f"measured memory bandwidth {bandwidth / 1e9:.1f} GB/s, float32 GEMM {gemm / 1e9:.1f} GFLOP/s")
     print(f"{'':24s}{'decode ms/tok':>14s}{'% mem roofline':>16s}{'prefill s':>11s}")
     print(f"{'roofline (memory)':24s}{weight_ms:14.2f}{100.0:16.1f}{report['prefill_compute_roofline_seconds']:11.3f}")

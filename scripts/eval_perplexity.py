@@ -9,9 +9,15 @@ over every predicted token). The computation lives in scripts/stdlib_corpus.py
 (`heldout_token_ids`, `make_windows`, `perplexity`), so tests can score the same
 windows with HF transformers.
 
+With --quantization the linear layers are quantized to int4 first (jaxinfer.quant:
+round to nearest, or GPTQ calibrated on the built-in calibration text, which takes
+only files of the folder's data_split.json "train" list); the quantized parameters
+run through the same Transformer (its Linear layers call the int4 op).
+
 Usage:
   python scripts/eval_perplexity.py --model tiny-code
   python scripts/eval_perplexity.py --model /path/to/hf_folder --dtype bfloat16 --max_tokens 20000
+  python scripts/eval_perplexity.py --model tiny-code --quantization int4-gptq --quant_group_size 64
 """
 from __future__ import annotations
 
@@ -36,6 +42,11 @@ _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 0, "Score at most this many tok
 _CONTEXT = flags.DEFINE_integer("context", 256, "Window length: tokens predicted per window.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Windows per forward pass.")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Write the results here as JSON.")
+_QUANTIZATION = flags.DEFINE_enum("quantization", None, ["int4", "int4-gptq"],
+                                  "Quantize the linear layers to int4 (round to nearest or GPTQ) before scoring.")
+_QUANT_GROUP_SIZE = flags.DEFINE_integer("quant_group_size", 128, "Input rows per int4 scale.")
+_QUANT_SYMMETRIC = flags.DEFINE_bool("quant_symmetric", True, "Symmetric int4 (zero point 8); else min/max.")
+_QUANT_ACT_ORDER = flags.DEFINE_bool("quant_act_order", False, "GPTQ: quantize rows by decreasing Hessian diagonal.")
 
 
 def resolve_model_dir(name: str) -> str:
@@ -51,12 +62,28 @@ def resolve_model_dir(name: str) -> str:
                             f"jaxinfer/assets/ (train it with scripts/train_tiny.py)")
 
 
+def quantize_params(model_dir: str, config, params, quantization: str, quant_config, dtype: str):
+    """int4 parameters of a float model (GPTQ calibrates on the built-in text); returns (params, seconds)."""
+    from jaxinfer import quant
+
+    start = time.perf_counter()
+    params = quant.quantize_pretrained(config, params, quantization, quant_config, model_dir=model_dir, dtype=dtype)
+    return params, time.perf_counter() - start
+
+
 def evaluate(model_dir: str, dtype: str = "float32", max_files: int = 0, max_tokens: int = 0,
-             context: int = 256, batch_size: int = 8) -> dict:
-    """Held-out perplexity of `model_dir` scored by jaxinfer; the figures of the report."""
+             context: int = 256, batch_size: int = 8, quantization=None, quant_config=None) -> dict:
+    """Held-out perplexity of `model_dir` scored by jaxinfer; the figures of the report.
+
+    `quantization` ("int4" / "int4-gptq") with a jaxinfer.quant.QuantConfig scores the
+    int4 model instead.
+    """
     from jaxinfer.models.checkpoint import load_model
 
-    config, params, _ = load_model(model_dir, dtype)
+    config, params, _ = load_model(model_dir, "float32" if quantization else dtype)
+    quant_seconds = 0.0
+    if quantization:
+        params, quant_seconds = quantize_params(model_dir, config, params, quantization, quant_config, dtype)
     if context > config.max_position_embeddings:
         raise ValueError(f"context: {context} exceeds the model's max_position_embeddings "
                          f"({config.max_position_embeddings})")
@@ -67,8 +94,16 @@ def evaluate(model_dir: str, dtype: str = "float32", max_files: int = 0, max_tok
     start = time.perf_counter()
     result = perplexity(nll_fn, windows, batch_size)
     seconds = time.perf_counter() - start
-    return {"model": os.path.abspath(model_dir), "dtype": dtype, "files": len(docs), "context": context,
-            "batch_size": batch_size, **result, "bits_per_token": result["mean_nll"] / 0.6931471805599453,
+    import jax
+    weight_bytes = int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params)))
+    quant_info = None
+    if quantization:
+        quant_info = {"method": quantization, "group_size": quant_config.group_size,
+                      "symmetric": quant_config.symmetric, "act_order": quant_config.act_order,
+                      "seconds": quant_seconds}
+    return {"model": os.path.abspath(model_dir), "dtype": dtype, "quantization": quant_info, "files": len(docs),
+            "context": context, "batch_size": batch_size, **result,
+            "bits_per_token": result["mean_nll"] / 0.6931471805599453, "weight_bytes": weight_bytes,
             "seconds": seconds, "tokens_per_s": result["tokens"] / seconds}
 
 
@@ -76,11 +111,22 @@ def main(argv):
     del argv
     import jax
 
+    quant_config = None
+    if _QUANTIZATION.value:
+        from jaxinfer.quant import QuantConfig
+        quant_config = QuantConfig(group_size=_QUANT_GROUP_SIZE.value, symmetric=_QUANT_SYMMETRIC.value,
+                                   act_order=_QUANT_ACT_ORDER.value)
     result = evaluate(resolve_model_dir(_MODEL.value), _DTYPE.value, _MAX_FILES.value, _MAX_TOKENS.value,
-                      _CONTEXT.value, _BATCH_SIZE.value)
+                      _CONTEXT.value, _BATCH_SIZE.value, _QUANTIZATION.value, quant_config)
     result["device"] = f"{jax.devices()[0].device_kind} x{jax.device_count()}"
     result["versions"] = {"python": sys.version.split()[0], "jax": jax.__version__}
-    rows = [("model", result["model"]), ("dtype", result["dtype"]), ("held-out files", result["files"]),
+    quant_info = result["quantization"]
+    quant_row = "none (float weights)" if quant_info is None else (
+        f"{quant_info['method']}, group {quant_info['group_size']}, "
+        f"{'symmetric' if quant_info['symmetric'] else 'asymmetric'}"
+        f"{', act order' if quant_info['act_order'] else ''} ({quant_info['seconds']:.1f} s)")
+    rows = [("model", result["model"]), ("dtype", result["dtype"]), ("quantization", quant_row),
+            ("weight bytes", f"{result['weight_bytes']:,}"), ("held-out files", result["files"]),
             ("tokens scored", result["tokens"]), ("windows x context", f"{result['windows']} x {result['context']}"),
             ("mean NLL (nats/token)", f"{result['mean_nll']:.4f}"), ("bits/token", f"{result['bits_per_token']:.4f}"),
             ("perplexity", f"{result['perplexity']:.3f}"),

@@ -3,13 +3,18 @@
 The safetensors reader is our own (the format is an 8-byte header length, a JSON
 header and raw little-endian bytes), so bfloat16 tensors load through numpy's memmap
 without torch. Pickle `.bin` / `.pt` weights are refused: unpickling runs code.
+
+Int4 folders carry a `quantization_config` in config.json: either jaxinfer's own
+layout (safetensors or orbax) or HF GPTQ tensors, see jaxinfer.models.quant_format.
+Loading one gives the quantized parameter tree; saving a quantized tree writes the
+config entry that describes it.
 """
 from __future__ import annotations
 
 import json
 import os
 import struct
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +22,9 @@ import ml_dtypes
 import numpy as np
 
 from jaxinfer.config import ModelConfig
-from jaxinfer.models import registry
+from jaxinfer.models import quant_format, registry
+from jaxinfer.models.layers import Int4Format
+from jaxinfer.models.quant_format import CheckpointQuantization
 from jaxinfer.models.transformer import param_shapes
 
 _ST_DTYPES = {
@@ -144,24 +151,80 @@ def _set(tree, path, value):
     tree[path[-1]] = value
 
 
-def params_from_hf_tensors(tensors: Mapping[str, np.ndarray], config: ModelConfig, dtype) -> dict:
+def _int4_tensor_names(names, quantization: Optional[CheckpointQuantization]):
+    """(HF weight name -> tensor prefix of each int4 layer, required names, optional names)."""
+    quantized = {}
+    if quantization is not None:
+        quantized = {name: name[:-len(".weight")] for name, (path, transpose) in names.items()
+                     if transpose and (path[0] != "lm_head" or quantization.quantize_lm_head)}
+    required = {n for n in names if n not in quantized}
+    optional = set()
+    for prefix in quantized.values():
+        if quantization.checkpoint_format == quant_format.NATIVE:
+            fmt = quantization.fmt
+            keys = ["packed", "scales"] + ([] if fmt.symmetric else ["zeros"]) + (["perm"] if fmt.act_order else [])
+            required |= {f"{prefix}.{quant_format.NATIVE_SUFFIXES[k]}" for k in keys}
+        else:
+            required |= {f"{prefix}.{k}" for k in ("qweight", "qzeros", "scales")}
+            optional.add(f"{prefix}.g_idx")
+    return quantized, required, optional
+
+
+def _int4_layer(tensors, prefix: str, quantization: CheckpointQuantization, expected: Mapping) -> dict:
+    """The int4 parameters of one layer (see quant_format), shapes checked against `expected`."""
+    if quantization.checkpoint_format != quant_format.NATIVE:
+        num_in, num_out = expected["kernel"].shape
+        layer = {k: np.asarray(tensors[f"{prefix}.{k}"]) for k in quant_format.GPTQ_SUFFIXES
+                 if f"{prefix}.{k}" in tensors}
+        return quant_format.gptq_to_int4(prefix, layer, num_in, num_out, quantization.group_size,
+                                         quantization.checkpoint_format)
+    layer = {}
+    for key, suffix in quant_format.NATIVE_SUFFIXES.items():
+        if key in expected:
+            arr = np.asarray(tensors[f"{prefix}.{suffix}"])
+            want = expected[key]
+            if tuple(arr.shape) != tuple(want.shape) or arr.dtype != want.dtype:
+                raise ValueError(f"tensor {prefix}.{suffix}: {arr.dtype} {tuple(arr.shape)} does not match the "
+                                 f"config's {want.dtype} {tuple(want.shape)}")
+            layer[key] = arr
+    return layer
+
+
+def params_from_hf_tensors(tensors: Mapping[str, np.ndarray], config: ModelConfig, dtype,
+                           quantization: Optional[CheckpointQuantization] = None) -> dict:
     """Maps HF tensors onto the parameter tree, checking names and shapes.
 
+    Args:
+      tensors: HF tensor name -> array.
+      config: the model shape.
+      dtype: dtype of the float parameters (int4 codes, scales and zeros keep theirs).
+      quantization: the folder's parsed `quantization_config`, or None for float weights.
     Raises:
       ValueError: a tensor is missing, unexpected, or has the wrong shape (named).
     """
     dtype = resolve_dtype(dtype)
     names = _hf_names(config)
     shapes = param_shapes(config)
-    unexpected = [n for n in tensors if n not in names and not n.endswith(_IGNORED_SUFFIXES)
+    quantized, required, optional = _int4_tensor_names(names, quantization)
+    unexpected = [n for n in tensors if n not in required and n not in optional and not n.endswith(_IGNORED_SUFFIXES)
                   and not (n == "lm_head.weight" and config.tie_word_embeddings)]
     if unexpected:
         raise ValueError(f"unexpected tensor(s) in checkpoint: {', '.join(sorted(unexpected)[:10])}")
-    missing = [n for n in names if n not in tensors]
+    missing = sorted(n for n in required if n not in tensors)
     if missing:
         raise ValueError(f"missing tensor(s) in checkpoint: {', '.join(missing[:10])}")
+    native_shapes = None
+    if quantization is not None and quantization.fmt is not None:
+        native_shapes = param_shapes(config, dtype, quantization.fmt)
     params: dict = {}
+    int4_layers = {}
     for name, (path, transpose) in names.items():
+        if name in quantized:
+            expected = _get(native_shapes if native_shapes is not None else shapes, path[:-1])
+            layer = _int4_layer(tensors, quantized[name], quantization, expected)
+            int4_layers[quantized[name]] = layer
+            _set(params, path[:-1], layer)
+            continue
         arr = tensors[name]
         expected = tuple(_get(shapes, path).shape)
         got = tuple(arr.shape[::-1]) if transpose else tuple(arr.shape)
@@ -173,16 +236,46 @@ def params_from_hf_tensors(tensors: Mapping[str, np.ndarray], config: ModelConfi
         if transpose:
             value = value.T
         _set(params, path, jnp.asarray(value, dtype=dtype))
+    if quantization is not None and quantization.checkpoint_format != quant_format.NATIVE:
+        quant_format.finalize_gptq_layers(int4_layers)
+    for layer in int4_layers.values():
+        for key in [k for k in layer if k != "bias"]:
+            layer[key] = jnp.asarray(layer[key])
     return params
 
 
-def hf_tensors_from_params(params: Mapping[str, Any], config: ModelConfig) -> dict[str, np.ndarray]:
-    """The inverse mapping: parameters -> HF-named numpy tensors ([out, in] linears)."""
+def hf_tensors_from_params(params: Mapping[str, Any], config: ModelConfig,
+                           checkpoint_format: str = quant_format.NATIVE) -> dict[str, np.ndarray]:
+    """The inverse mapping: parameters -> HF-named numpy tensors ([out, in] linears).
+
+    Int4 layers are written in `checkpoint_format` ("jaxinfer", "gptq" or "gptq_v2").
+    """
+    if checkpoint_format not in quant_format.CHECKPOINT_FORMATS:
+        raise ValueError(f"checkpoint_format: {checkpoint_format!r} is not one of {quant_format.CHECKPOINT_FORMATS}")
     tensors = {}
     for name, (path, transpose) in _hf_names(config).items():
+        if transpose and "packed" in _get(params, path[:-1]):
+            layer = _get(params, path[:-1])
+            prefix = name[:-len(".weight")]
+            host = {k: np.asarray(jax.device_get(v)) for k, v in layer.items() if k != "bias"}
+            if checkpoint_format == quant_format.NATIVE:
+                tensors.update({f"{prefix}.{quant_format.NATIVE_SUFFIXES[k]}": v for k, v in host.items()})
+            else:
+                converted = quant_format.int4_to_gptq(prefix, host, checkpoint_format)
+                tensors.update({f"{prefix}.{k}": v for k, v in converted.items()})
+            continue
         value = np.asarray(jax.device_get(_get(params, path)))
         tensors[name] = np.ascontiguousarray(value.T if transpose else value)
     return tensors
+
+
+def hf_config_for_params(hf_config: Mapping[str, Any], params, checkpoint_format: str = quant_format.NATIVE) -> dict:
+    """`hf_config` with a `quantization_config` that describes `params` (none if float)."""
+    out = {k: v for k, v in hf_config.items() if k != "quantization_config"}
+    fmt = quant_format.int4_format_of(params)
+    if fmt is not None:
+        out["quantization_config"] = quant_format.quantization_config(fmt, checkpoint_format)
+    return out
 
 
 # ---------------------------------------------------------------------------- folders
@@ -195,33 +288,54 @@ def read_hf_config(path: str) -> dict:
         return json.load(f)
 
 
-def load_params(path: str, config: ModelConfig, dtype="float32") -> dict:
-    """Loads the parameters of an HF folder or of a folder converted to orbax."""
+def checkpoint_quantization(hf_config: Mapping[str, Any]) -> Optional[CheckpointQuantization]:
+    """The parsed `quantization_config` of a config.json, or None for a float checkpoint."""
+    qc = hf_config.get("quantization_config")
+    return None if qc is None else quant_format.parse_quantization_config(qc)
+
+
+def load_params(path: str, config: ModelConfig, dtype="float32",
+                quantization: Optional[CheckpointQuantization] = None) -> dict:
+    """Loads the parameters of an HF folder or of a folder converted to orbax.
+
+    `quantization` (from `checkpoint_quantization`) says how int4 layers are stored.
+    """
     if os.path.isdir(os.path.join(path, ORBAX_DIR)):
-        return load_orbax_params(os.path.join(path, ORBAX_DIR), config, dtype)
+        if quantization is not None and quantization.fmt is None:
+            raise ValueError(f"{path}: orbax params with a GPTQ quantization_config; orbax folders store "
+                             f"jaxinfer's own int4 layout")
+        return load_orbax_params(os.path.join(path, ORBAX_DIR), config, dtype,
+                                 quantization.fmt if quantization is not None else None)
     tensors = {}
     for file in _weight_files(path):
         for name, arr in read_safetensors(file).items():
             if name in tensors:
                 raise ValueError(f"tensor {name} appears in more than one shard")
             tensors[name] = arr
-    return params_from_hf_tensors(tensors, config, dtype)
+    return params_from_hf_tensors(tensors, config, dtype, quantization)
 
 
 def load_model(path: str, dtype="float32") -> tuple[ModelConfig, dict, dict]:
-    """Returns (ModelConfig, params, the raw HF config dict) of a model folder."""
+    """Returns (ModelConfig, params, the raw HF config dict) of a model folder.
+
+    A quantized folder (int4 `quantization_config`) gives the int4 parameter tree.
+    """
     hf_config = read_hf_config(path)
     config = registry.model_config_from_hf(hf_config)
-    return config, load_params(path, config, dtype), hf_config
+    return config, load_params(path, config, dtype, checkpoint_quantization(hf_config)), hf_config
 
 
 def save_hf_folder(path: str, params: Mapping[str, Any], config: ModelConfig, hf_config: Mapping[str, Any],
-                   max_shard_bytes: int | None = None) -> None:
-    """Writes config.json and model.safetensors (or shards + index) that HF can load."""
+                   max_shard_bytes: int | None = None, checkpoint_format: str = quant_format.NATIVE) -> None:
+    """Writes config.json and model.safetensors (or shards + index) that HF can load.
+
+    Int4 parameters are written in `checkpoint_format` ("jaxinfer", or "gptq" / "gptq_v2"
+    for HF GPTQ), with the matching `quantization_config` in config.json.
+    """
     os.makedirs(path, exist_ok=True)
+    tensors = hf_tensors_from_params(params, config, checkpoint_format)
     with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(dict(hf_config), f, indent=2)
-    tensors = hf_tensors_from_params(params, config)
+        json.dump(hf_config_for_params(hf_config, params, checkpoint_format), f, indent=2)
     meta = {"format": "pt"}
     if max_shard_bytes is None:
         write_safetensors(os.path.join(path, "model.safetensors"), tensors, meta)
@@ -254,10 +368,19 @@ def save_orbax_params(path: str, params: Mapping[str, Any]) -> None:
         ckptr.save(path, params, force=True)
 
 
-def load_orbax_params(path: str, config: ModelConfig, dtype="float32") -> dict:
+def save_orbax_folder(path: str, params: Mapping[str, Any], hf_config: Mapping[str, Any]) -> None:
+    """Writes config.json (with a `quantization_config` for int4 params) and orbax_params/."""
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(hf_config_for_params(hf_config, params), f, indent=2)
+    save_orbax_params(os.path.join(path, ORBAX_DIR), params)
+
+
+def load_orbax_params(path: str, config: ModelConfig, dtype="float32", quant: Optional[Int4Format] = None) -> dict:
+    """Restores orbax params; float leaves in `dtype`, int4 layers (`quant`) in their own dtypes."""
     import orbax.checkpoint as ocp
     dtype = resolve_dtype(dtype)
-    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), param_shapes(config))
+    target = param_shapes(config, dtype, quant)
     with ocp.StandardCheckpointer() as ckptr:
         metadata = ckptr.metadata(os.path.abspath(path))
         stored = getattr(metadata, "item_metadata", metadata)
@@ -270,4 +393,4 @@ def load_orbax_params(path: str, config: ModelConfig, dtype="float32") -> dict:
         except (TypeError, AttributeError):
             pass
         restored = ckptr.restore(os.path.abspath(path), target)
-    return jax.tree.map(lambda a: jnp.asarray(a, dtype), restored)
+    return jax.tree.map(lambda a, t: jnp.asarray(a, t.dtype), restored, target)

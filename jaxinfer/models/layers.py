@@ -3,10 +3,12 @@
 Dimension codes: T tokens, D model dim, F ffn dim, N query heads, K kv heads, H head
 dim, V vocab. Parameters live in `param_dtype`; matmuls accumulate in float32
 (`preferred_element_type`) and return `dtype` activations, like HF's bf16 kernels.
-Each weight carries logical axis names for jaxinfer.sharding.rules.
+Each weight carries logical axis names for jaxinfer.sharding.rules. A Linear may hold
+its weight as group-wise int4 instead (see Int4Format and jaxinfer.pallas.int4_matmul).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Optional, Sequence
 
@@ -15,14 +17,54 @@ import jax
 import jax.numpy as jnp
 
 from jaxinfer.config import ModelConfig, RopeScaling
+from jaxinfer.pallas.int4_matmul import int4_matmul
 
 
 def _init(std: float):
     return nn.initializers.normal(stddev=std)
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Int4Format:
+    """How quantized Linear layers store their weights (jaxinfer.quant writes this format).
+
+    A quantized Linear holds, instead of `kernel` [K, N] (K = in, N = out features):
+      packed: uint8 [K/2, N], two 4-bit codes per byte in the group-halves layout of
+        jaxinfer.pallas.int4_matmul (low nibbles: first half of each group's rows).
+      scales: float32 [K/g, N], one per group of g input rows and output column.
+      zeros: float32 [K/g, N] zero points in code units (asymmetric only; symmetric
+        weights use the fixed zero point 8): w = (q - zero) * scale.
+      perm: int32 [K] (act_order only): stored row i is input feature perm[i], so the
+        layer computes x[:, perm] @ W_stored (GPTQ's activation order, regrouped).
+    """
+
+    group_size: int = 128  # g: input rows per scale; must divide every quantized layer's K
+    symmetric: bool = True  # zero point fixed at 8 (no `zeros`); else per-group zero points
+    act_order: bool = False  # rows stored permuted, with a `perm` parameter
+    quantize_lm_head: bool = False  # also the (untied) LM head; embeddings always stay float
+
+    def __post_init__(self):
+        if not isinstance(self.group_size, int) or self.group_size < 2 or self.group_size % 2:
+            raise ValueError(f"group_size: must be an even int >= 2, got {self.group_size!r}")
+
+
+def _arange_init(key, shape, dtype):
+    del key
+    return jnp.arange(shape[0], dtype=dtype)
+
+
 class Linear(nn.Module):
-    """y = x @ kernel (+ bias); kernel [in, out] (HF stores [out, in]: transposed on load)."""
+    """y = x @ kernel (+ bias); kernel [in, out] (HF stores [out, in]: transposed on load).
+
+    The weight is either a float `kernel` or int4 (`packed`, `scales`, optional `zeros`
+    and `perm`, see Int4Format). NOTE: at apply time the parameters decide which: a
+    quantized parameter tree runs through the int4 op whatever `quant` says, so code that
+    builds a Transformer for float weights (the runner, scoring scripts) runs quantized
+    weights unchanged. `quant` only shapes the parameters that `init` creates.
+
+    Each call sows its input into the "intermediates" collection (a no-op unless the
+    caller makes that collection mutable): GPTQ calibration reads them.
+    """
 
     features: int
     use_bias: bool
@@ -30,17 +72,48 @@ class Linear(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     init_std: float = 0.02
+    quant: Optional[Int4Format] = None  # init: create int4 parameters in this format
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", nn.with_logical_partitioning(_init(self.init_std), tuple(self.axes)),
-                            (x.shape[-1], self.features), self.param_dtype)
-        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype), preferred_element_type=jnp.float32)
+        self.sow("intermediates", "inputs", x)
+        if self.quant is not None or self.has_variable("params", "packed"):
+            y = self._int4_matmul(x)
+        else:
+            kernel = self.param("kernel", nn.with_logical_partitioning(_init(self.init_std), tuple(self.axes)),
+                                (x.shape[-1], self.features), self.param_dtype)
+            y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype), preferred_element_type=jnp.float32)
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (self.axes[1],)),
                               (self.features,), self.param_dtype)
             y = y + bias.astype(jnp.float32)
         return y.astype(self.dtype)
+
+    def _int4_matmul(self, x: jax.Array) -> jax.Array:
+        num_in, axes = x.shape[-1], tuple(self.axes)
+        if self.has_variable("params", "packed"):  # apply: the stored parameters define the format
+            group_size = num_in // self.get_variable("params", "scales").shape[0]
+            symmetric = not self.has_variable("params", "zeros")
+            act_order = self.has_variable("params", "perm")
+        else:
+            group_size, symmetric, act_order = self.quant.group_size, self.quant.symmetric, self.quant.act_order
+            if num_in % group_size:
+                raise ValueError(f"group_size: {group_size} does not divide the {num_in} input features of "
+                                 f"layer {'/'.join(self.path)}")
+        group_shape = (num_in // group_size, self.features)
+        packed = self.param("packed", nn.with_logical_partitioning(nn.initializers.zeros, axes),
+                            (num_in // 2, self.features), jnp.uint8)
+        scales = self.param("scales", nn.with_logical_partitioning(nn.initializers.ones, axes), group_shape,
+                            jnp.float32)
+        zeros = None if symmetric else self.param(
+            "zeros", nn.with_logical_partitioning(nn.initializers.zeros, axes), group_shape, jnp.float32)
+        if act_order:
+            perm = self.param("perm", nn.with_logical_partitioning(_arange_init, (None,)), (num_in,), jnp.int32)
+            x = jnp.take(x, perm, axis=-1)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, num_in).astype(self.dtype)  # [T, K]
+        y = int4_matmul(x2, packed, scales, zeros, group_size=group_size, out_dtype=jnp.float32)  # [T, N]
+        return y.reshape(*lead, self.features)
 
 
 class RMSNorm(nn.Module):
@@ -109,12 +182,13 @@ class GatedMLP(nn.Module):
     dtype: jnp.dtype
     param_dtype: jnp.dtype
     init_std: float = 0.02
+    quant: Optional[Int4Format] = None  # init: int4 projections (see Linear)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
         dense = dict(use_bias=cfg.mlp_bias, dtype=self.dtype, param_dtype=self.param_dtype,
-                     init_std=self.init_std)
+                     init_std=self.init_std, quant=self.quant)
         gate = Linear(cfg.intermediate_size, axes=("embed", "mlp"), name="gate_proj", **dense)(x)
         up = Linear(cfg.intermediate_size, axes=("embed", "mlp"), name="up_proj", **dense)(x)
         hidden = activation(cfg.hidden_act, gate) * up  # [T, F]

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxinfer.config import ModelConfig
-from jaxinfer.models.layers import GatedMLP, Linear, RMSNorm, apply_rope, rope_inv_freq
+from jaxinfer.models.layers import GatedMLP, Int4Format, Linear, RMSNorm, apply_rope, rope_inv_freq
 from jaxinfer.pallas import ragged_paged_attention as rpa
 
 
@@ -33,6 +33,8 @@ class AttentionMetadata:
     kv_lens: jax.Array  # [S] int32 tokens in each sequence's pages after this step
     page_tables: jax.Array  # [S, pages per sequence] int32
     max_q_len: int = flax.struct.field(pytree_node=False)  # static bound on query tokens per sequence
+    # static: the first num_decode_rows sequences have at most one query (see the op)
+    num_decode_rows: int = flax.struct.field(pytree_node=False, default=0)
 
     @classmethod
     def dense(cls, batch: int, length: int) -> "AttentionMetadata":
@@ -52,11 +54,12 @@ class Attention(nn.Module):
     param_dtype: jnp.dtype
     attention_impl: Optional[str] = None
     init_std: float = 0.02
+    quant: Optional[Int4Format] = None  # init: int4 projections (see Linear)
 
     @nn.compact
     def __call__(self, x, positions, kv_cache, metadata: AttentionMetadata):
         cfg = self.config
-        dense = dict(dtype=self.dtype, param_dtype=self.param_dtype, init_std=self.init_std)
+        dense = dict(dtype=self.dtype, param_dtype=self.param_dtype, init_std=self.init_std, quant=self.quant)
         num_tokens = x.shape[0]
         q = Linear(cfg.num_heads * cfg.head_dim, use_bias=cfg.qkv_bias, axes=("embed", "heads"),
                    name="q_proj", **dense)(x)
@@ -83,7 +86,7 @@ class Attention(nn.Module):
 
         out = rpa.ragged_paged_attention(
             q, k_pages, v_pages, metadata.cu_q_lens, metadata.kv_lens, metadata.page_tables,
-            max_q_len=metadata.max_q_len, sm_scale=cfg.head_dim ** -0.5,
+            max_q_len=metadata.max_q_len, num_decode_rows=metadata.num_decode_rows, sm_scale=cfg.head_dim ** -0.5,
             sliding_window=cfg.sliding_window(self.layer), impl=self.attention_impl)
         out = out.reshape(num_tokens, cfg.num_heads * cfg.head_dim)  # [T, N * H]
         out = Linear(cfg.hidden_size, use_bias=cfg.o_bias, axes=("heads", "embed"), name="o_proj",
@@ -98,6 +101,7 @@ class DecoderLayer(nn.Module):
     param_dtype: jnp.dtype
     attention_impl: Optional[str] = None
     init_std: float = 0.02
+    quant: Optional[Int4Format] = None  # init: int4 projections (see Linear)
 
     @nn.compact
     def __call__(self, x, positions, kv_cache, metadata):
@@ -106,10 +110,11 @@ class DecoderLayer(nn.Module):
                     param_dtype=self.param_dtype)
         h = RMSNorm(name="input_layernorm", **norm)(x)
         h, new_cache = Attention(cfg, self.layer, self.dtype, self.param_dtype, self.attention_impl,
-                                 self.init_std, name="self_attn")(h, positions, kv_cache, metadata)
+                                 self.init_std, quant=self.quant, name="self_attn")(h, positions, kv_cache,
+                                                                                    metadata)
         x = x + h
         h = RMSNorm(name="post_attention_layernorm", **norm)(x)
-        x = x + GatedMLP(cfg, self.dtype, self.param_dtype, self.init_std, name="mlp")(h)
+        x = x + GatedMLP(cfg, self.dtype, self.param_dtype, self.init_std, quant=self.quant, name="mlp")(h)
         return x, new_cache
 
 
@@ -122,6 +127,8 @@ class Transformer(nn.Module):
       param_dtype: dtype the parameters are created in by `init`.
       attention_impl: forwarded to the attention op (None = its default for the backend).
       init_std: std of the normal init of linear/embedding weights (init only).
+      quant: create int4 linear parameters in this format (init only: at apply time
+        each Linear follows the parameters it is given, float or int4).
     """
 
     config: ModelConfig
@@ -129,6 +136,7 @@ class Transformer(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     attention_impl: Optional[str] = None
     init_std: float = 0.02
+    quant: Optional[Int4Format] = None
 
     @nn.compact
     def __call__(self, tokens: jax.Array, positions: jax.Array, kv_caches, metadata: AttentionMetadata,
@@ -150,16 +158,14 @@ class Transformer(nn.Module):
         embedding = self.param("embed_tokens", nn.with_logical_partitioning(
             nn.initializers.normal(stddev=self.init_std), ("vocab", "embed")),
             (cfg.vocab_size, cfg.hidden_size), self.param_dtype)
-        x = jnp.take(embedding, tokens, axis=0).astype(self.dtype)  # [T, D]
-        if cfg.scale_embeddings:
-            # Gemma rounds the normalizer to the activation dtype before multiplying.
-            x = x * jnp.asarray(cfg.hidden_size ** 0.5, dtype=self.dtype)
+        x = embed(cfg, embedding, tokens, self.dtype)  # [T, D]
 
         new_caches = []
         for i in range(cfg.num_layers):
             cache = None if kv_caches is None else kv_caches[i]
             x, cache = DecoderLayer(cfg, i, self.dtype, self.param_dtype, self.attention_impl,
-                                    self.init_std, name=f"layers_{i}")(x, positions, cache, metadata)
+                                    self.init_std, quant=self.quant, name=f"layers_{i}")(x, positions, cache,
+                                                                                        metadata)
             new_caches.append(cache)
 
         x = RMSNorm(cfg.rms_norm_eps, cfg.norm_weight_offset, self.dtype, self.param_dtype, name="norm")(x)
@@ -168,27 +174,43 @@ class Transformer(nn.Module):
         if cfg.tie_word_embeddings:
             logits = jnp.dot(x, embedding.astype(self.dtype).T, preferred_element_type=jnp.float32)
         else:
+            head_quant = self.quant if self.quant is not None and self.quant.quantize_lm_head else None
             logits = Linear(cfg.vocab_size, use_bias=False, axes=("embed", "vocab"), dtype=self.dtype,
-                            param_dtype=self.param_dtype, init_std=self.init_std, name="lm_head")(x)
+                            param_dtype=self.param_dtype, init_std=self.init_std, quant=head_quant,
+                            name="lm_head")(x)
         return logits.astype(jnp.float32), (None if kv_caches is None else tuple(new_caches))
 
 
-def init_params(config: ModelConfig, rng: jax.Array, dtype=jnp.float32, init_std: float = 0.02):
-    """Random parameters (a plain nested dict of arrays) for `config`."""
-    model = Transformer(config, dtype=dtype, param_dtype=dtype, init_std=init_std)
+def embed(config: ModelConfig, embedding: jax.Array, tokens: jax.Array, dtype) -> jax.Array:
+    """The residual stream's input: embedding rows [T, D] of tokens [T] in `dtype`."""
+    x = jnp.take(embedding, tokens, axis=0).astype(dtype)  # [T, D]
+    if config.scale_embeddings:
+        # Gemma rounds the normalizer to the activation dtype before multiplying.
+        x = x * jnp.asarray(config.hidden_size ** 0.5, dtype=dtype)
+    return x
+
+
+def init_params(config: ModelConfig, rng: jax.Array, dtype=jnp.float32, init_std: float = 0.02,
+                quant: Optional[Int4Format] = None):
+    """Random parameters (a plain nested dict of arrays) for `config`.
+
+    With `quant`, the linear layers get int4 parameters (zero codes, unit scales): the
+    shapes and dtypes a quantized checkpoint restores into.
+    """
+    model = Transformer(config, dtype=dtype, param_dtype=dtype, init_std=init_std, quant=quant)
     tokens = jnp.zeros((2,), jnp.int32)
     variables = model.init(rng, tokens, jnp.arange(2, dtype=jnp.int32), None, AttentionMetadata.dense(1, 2))
     return nn.meta.unbox(variables["params"])
 
 
-def param_shapes(config: ModelConfig, dtype=jnp.float32):
+def param_shapes(config: ModelConfig, dtype=jnp.float32, quant: Optional[Int4Format] = None):
     """Shapes/dtypes of the parameters (jax.ShapeDtypeStruct leaves); allocates nothing."""
-    return jax.eval_shape(lambda rng: init_params(config, rng, dtype), jax.random.key(0))
+    return jax.eval_shape(lambda rng: init_params(config, rng, dtype, quant=quant), jax.random.key(0))
 
 
-def logical_axes(config: ModelConfig):
+def logical_axes(config: ModelConfig, quant: Optional[Int4Format] = None):
     """The logical axis names of every parameter, as a tree matching the parameters."""
-    model = Transformer(config)
+    model = Transformer(config, quant=quant)
     variables = jax.eval_shape(lambda rng: model.init(
         rng, jnp.zeros((2,), jnp.int32), jnp.arange(2, dtype=jnp.int32), None, AttentionMetadata.dense(1, 2)),
         jax.random.key(0))
