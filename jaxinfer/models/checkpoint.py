@@ -139,13 +139,15 @@ def _hf_names(config: ModelConfig) -> dict[str, tuple[tuple[str, ...], bool]]:
     return names
 
 
-def _get(tree, path):
+def get_path(tree, path):
+    """tree[path[0]][path[1]]... of a nested dict of parameters."""
     for key in path:
         tree = tree[key]
     return tree
 
 
-def _set(tree, path, value):
+def set_path(tree, path, value):
+    """Sets tree[path[0]]...[path[-1]] = value, creating missing levels."""
     for key in path[:-1]:
         tree = tree.setdefault(key, {})
     tree[path[-1]] = value
@@ -220,13 +222,13 @@ def params_from_hf_tensors(tensors: Mapping[str, np.ndarray], config: ModelConfi
     int4_layers = {}
     for name, (path, transpose) in names.items():
         if name in quantized:
-            expected = _get(native_shapes if native_shapes is not None else shapes, path[:-1])
+            expected = get_path(native_shapes if native_shapes is not None else shapes, path[:-1])
             layer = _int4_layer(tensors, quantized[name], quantization, expected)
             int4_layers[quantized[name]] = layer
-            _set(params, path[:-1], layer)
+            set_path(params, path[:-1], layer)
             continue
         arr = tensors[name]
-        expected = tuple(_get(shapes, path).shape)
+        expected = tuple(get_path(shapes, path).shape)
         got = tuple(arr.shape[::-1]) if transpose else tuple(arr.shape)
         if got != expected:
             shown = tuple(arr.shape)
@@ -235,7 +237,7 @@ def params_from_hf_tensors(tensors: Mapping[str, np.ndarray], config: ModelConfi
         value = np.asarray(arr)
         if transpose:
             value = value.T
-        _set(params, path, jnp.asarray(value, dtype=dtype))
+        set_path(params, path, jnp.asarray(value, dtype=dtype))
     if quantization is not None and quantization.checkpoint_format != quant_format.NATIVE:
         quant_format.finalize_gptq_layers(int4_layers)
     for layer in int4_layers.values():
@@ -254,8 +256,8 @@ def hf_tensors_from_params(params: Mapping[str, Any], config: ModelConfig,
         raise ValueError(f"checkpoint_format: {checkpoint_format!r} is not one of {quant_format.CHECKPOINT_FORMATS}")
     tensors = {}
     for name, (path, transpose) in _hf_names(config).items():
-        if transpose and "packed" in _get(params, path[:-1]):
-            layer = _get(params, path[:-1])
+        if transpose and "packed" in get_path(params, path[:-1]):
+            layer = get_path(params, path[:-1])
             prefix = name[:-len(".weight")]
             host = {k: np.asarray(jax.device_get(v)) for k, v in layer.items() if k != "bias"}
             if checkpoint_format == quant_format.NATIVE:
@@ -264,7 +266,7 @@ def hf_tensors_from_params(params: Mapping[str, Any], config: ModelConfig,
                 converted = quant_format.int4_to_gptq(prefix, host, checkpoint_format)
                 tensors.update({f"{prefix}.{k}": v for k, v in converted.items()})
             continue
-        value = np.asarray(jax.device_get(_get(params, path)))
+        value = np.asarray(jax.device_get(get_path(params, path)))
         tensors[name] = np.ascontiguousarray(value.T if transpose else value)
     return tensors
 
@@ -376,6 +378,21 @@ def save_orbax_folder(path: str, params: Mapping[str, Any], hf_config: Mapping[s
     save_orbax_params(os.path.join(path, ORBAX_DIR), params)
 
 
+def _check_stored_shapes(path: str, stored, target) -> None:
+    """Names the first parameter that is missing, unexpected or misshapen in an orbax folder."""
+    def shapes(tree):
+        return {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+    have, want = shapes(stored), shapes(target)
+    for name in want:
+        if name not in have:
+            raise ValueError(f"{path}: orbax params lack {name} that the model config needs")
+        if have[name] != want[name]:
+            raise ValueError(f"{path}: orbax param {name} has shape {have[name]}, the config needs {want[name]}")
+    extra = sorted(set(have) - set(want))
+    if extra:
+        raise ValueError(f"{path}: unexpected orbax params: {', '.join(extra[:10])}")
+
+
 def load_orbax_params(path: str, config: ModelConfig, dtype="float32", quant: Optional[Int4Format] = None) -> dict:
     """Restores orbax params; float leaves in `dtype`, int4 layers (`quant`) in their own dtypes."""
     import orbax.checkpoint as ocp
@@ -384,13 +401,7 @@ def load_orbax_params(path: str, config: ModelConfig, dtype="float32", quant: Op
     with ocp.StandardCheckpointer() as ckptr:
         metadata = ckptr.metadata(os.path.abspath(path))
         stored = getattr(metadata, "item_metadata", metadata)
-        stored = getattr(stored, "tree", stored)
-        try:
-            stored_shapes = jax.tree.map(lambda m: tuple(m.shape), dict(stored))
-            want = jax.tree.map(lambda s: tuple(s.shape), target)
-            if stored_shapes != want:
-                raise ValueError(f"{path}: orbax params do not match the model config's shapes")
-        except (TypeError, AttributeError):
-            pass
+        stored = dict(getattr(stored, "tree", stored))
+        _check_stored_shapes(path, stored, target)
         restored = ckptr.restore(os.path.abspath(path), target)
     return jax.tree.map(lambda a, t: jnp.asarray(a, t.dtype), restored, target)

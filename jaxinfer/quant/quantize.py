@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer.config import ModelConfig
+from jaxinfer.models.checkpoint import get_path, set_path
 from jaxinfer.models.layers import RMSNorm
 from jaxinfer.models.transformer import AttentionMetadata, DecoderLayer, embed
 from jaxinfer.quant import calibration, gptq, rtn
@@ -63,18 +64,6 @@ def _walk_dicts(tree):
             yield from _walk_dicts(value)
 
 
-def _get(tree, path):
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
-def _set(tree, path, value):
-    for key in path[:-1]:
-        tree = tree[key]
-    tree[path[-1]] = value
-
-
 def _copy_tree(tree):
     return {k: _copy_tree(v) if isinstance(v, dict) else v for k, v in tree.items()}
 
@@ -109,7 +98,7 @@ def quantized_linear_paths(params, config: QuantConfig) -> list:
         raise ValueError("quantize_lm_head: this model ties its LM head to the embedding table, which stays in "
                          "the model dtype")
     for path in paths:
-        num_in = _get(params, path)["kernel"].shape[0]
+        num_in = get_path(params, path)["kernel"].shape[0]
         if num_in % config.group_size:
             raise ValueError(f"group_size: {config.group_size} does not divide the {num_in} input features of "
                              f"layer {'/'.join(path)}; pick a group size that divides every layer's in_features")
@@ -147,10 +136,10 @@ def quantize(model_config: ModelConfig, params, quantization: str, config: Optio
     else:
         out = _copy_tree(params)
         for path in paths:
-            layer = _get(params, path)
+            layer = get_path(params, path)
             codes, scales, zeros = rtn.quantize_rtn(np.asarray(layer["kernel"], np.float32), config.group_size,
                                                     config.symmetric)
-            _set(out, path, _with_bias(rtn.linear_params(codes, scales, zeros, config.group_size), layer))
+            set_path(out, path, _with_bias(rtn.linear_params(codes, scales, zeros, config.group_size), layer))
     return _cast(out, dtype)
 
 
@@ -261,7 +250,7 @@ def _quantize_gptq(model_config: ModelConfig, params, paths: list, config: Quant
                 grams = g if grams is None else jax.tree.map(jnp.add, grams, g)
             for proj in projs:
                 quantized, dequantized = _gptq_layer(layer_params, grams, num_tokens, module, proj, config)
-                _set(out, (name, module, proj), _with_bias(quantized, params[name][module][proj]))
+                set_path(out, (name, module, proj), _with_bias(quantized, params[name][module][proj]))
                 layer_params[module][proj]["kernel"] = jnp.asarray(dequantized)
         hidden = [run(layer_params, x)[0] for x in hidden]  # the next layer sees the quantized layer's output
     if (LM_HEAD,) in wanted:
@@ -272,7 +261,7 @@ def _quantize_gptq(model_config: ModelConfig, params, paths: list, config: Quant
         quantized, _ = _gptq_layer({LM_HEAD: {LM_HEAD: float_params[LM_HEAD]}}, grams, num_tokens, LM_HEAD,
                                    LM_HEAD, config)
         out[LM_HEAD] = quantized
-    missed = wanted - {p for p in paths if "packed" in _get(out, p)}
+    missed = wanted - {p for p in paths if "packed" in get_path(out, p)}
     if missed:
         raise ValueError(f"quantization: GPTQ does not know the execution order of layer(s) "
                          f"{sorted('/'.join(p) for p in missed)}")

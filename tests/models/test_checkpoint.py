@@ -115,3 +115,17 @@ def test_orbax_conversion_roundtrip(hf_model_dir, tmp_path):
     a = InferenceSession.from_pretrained(path).generate([[5, 6, 7]], params)[0].token_ids
     b = InferenceSession.from_pretrained(out).generate([[5, 6, 7]], params)[0].token_ids
     assert a == b
+
+
+def test_orbax_params_that_do_not_fit_the_config_are_named(hf_model_dir, tmp_path):
+    import convert_checkpoint
+    path, _ = hf_model_dir("llama")
+    out = convert_checkpoint.convert(path, str(tmp_path / "orbax"), "float32")
+    config_file = os.path.join(out, "config.json")
+    with open(config_file) as f:
+        hf = json.load(f)
+    hf["intermediate_size"] += 8
+    with open(config_file, "w") as f:
+        json.dump(hf, f)
+    with pytest.raises(ValueError, match=r"orbax param .*layers_0.*mlp.*down_proj.*kernel.* has shape \(96, 64\)"):
+        checkpoint.load_model(out)
