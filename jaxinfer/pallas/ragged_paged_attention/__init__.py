@@ -24,7 +24,7 @@ from jaxinfer.pallas.ragged_paged_attention import reference
 from jaxinfer.pallas.ragged_paged_attention.reference import (PAD_POSITION, merge_partials, pack_rows,
                                                               row_positions, unpack_rows)
 
-__all__ = ["IMPLS", "PAD_POSITION", "default_impl", "merge_partials", "pack_rows", "ragged_paged_attention",
+__all__ = ["IMPLS", "PAD_POSITION", "check_inputs", "default_impl", "merge_partials", "pack_rows", "ragged_paged_attention",
            "row_attention_impl", "row_positions", "unpack_rows", "write_kv"]
 
 IMPLS = ("xla", "pallas", "pallas_interpret", "pallas_tpu_interpret")
@@ -76,7 +76,7 @@ def row_attention_impl(impl: Optional[str], page_size: int, head_dim: int):
     return kernel_tpu.row_attention
 
 
-def _check(q, k_pages, v_pages, cu_q_lens, kv_lens, page_tables):
+def check_inputs(q, k_pages, v_pages, cu_q_lens, kv_lens, page_tables):
     if q.ndim != 3:
         raise ValueError(f"q: expected [tokens, heads, head_dim], got shape {q.shape}")
     if k_pages.ndim != 4 or k_pages.shape != v_pages.shape:
@@ -104,7 +104,7 @@ def ragged_paged_attention(q, k_pages, v_pages, cu_q_lens, kv_lens, page_tables,
                            return_lse: bool = False,
                            impl: Optional[str] = None):
     """See `reference.ragged_paged_attention` for the arguments; `impl` in IMPLS."""
-    _check(q, k_pages, v_pages, cu_q_lens, kv_lens, page_tables)
+    check_inputs(q, k_pages, v_pages, cu_q_lens, kv_lens, page_tables)
     if not 0 <= num_decode_rows <= page_tables.shape[0]:
         raise ValueError(f"num_decode_rows: {num_decode_rows} outside [0, {page_tables.shape[0]}]")
     if not isinstance(max_q_len, int) or max_q_len < 1:

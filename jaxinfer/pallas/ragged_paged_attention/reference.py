@@ -140,18 +140,22 @@ def row_positions(q_pos: jax.Array, group: int) -> jax.Array:
     return jnp.repeat(q_pos, group, axis=1)
 
 
+def rows_to_tokens(rows: jax.Array, block: int) -> jax.Array:
+    """[R, K, Q * G, ...] packed rows -> [R * Q, N, ...], one entry per packed query."""
+    num_rows, num_kv_heads, rows_per_head = rows.shape[:3]
+    group = rows_per_head // block
+    tail = rows.shape[3:]
+    per_token = rows.reshape(num_rows, num_kv_heads, block, group, *tail).swapaxes(1, 2)  # [R, Q, K, G, ...]
+    return per_token.reshape(num_rows * block, num_kv_heads * group, *tail)
+
+
 def unpack_rows(rows: jax.Array, q_index: jax.Array, num_tokens: int, fill: float = 0.0) -> jax.Array:
     """Inverse of pack_rows for rows that own disjoint tokens: [R, K, Q*G, ...] -> [T, N, ...].
 
     Tokens no row owns get `fill`; padding indices (outside [0, T)) are dropped.
     """
-    num_rows, num_kv_heads, rows_per_head = rows.shape[:3]
-    block = q_index.shape[1]
-    group = rows_per_head // block
-    tail = rows.shape[3:]
-    per_token = rows.reshape(num_rows, num_kv_heads, block, group, *tail).swapaxes(1, 2)  # [R, Q, K, G, ...]
-    per_token = per_token.reshape(num_rows * block, num_kv_heads * group, *tail)  # [R * Q, N, ...]
-    result = jnp.full((num_tokens, num_kv_heads * group, *tail), fill, rows.dtype)
+    per_token = rows_to_tokens(rows, q_index.shape[1])
+    result = jnp.full((num_tokens, *per_token.shape[1:]), fill, rows.dtype)
     return result.at[q_index.reshape(-1)].set(per_token, mode="drop")
 
 
