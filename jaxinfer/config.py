@@ -149,7 +149,10 @@ class SamplingParams:
         return self.temperature == 0 or self.top_k == 1
 
 
-ATTENTION_IMPLS = ("xla",)
+# Implementations of the attention ops (jaxinfer.pallas.ragged_paged_attention.IMPLS;
+# this layer does not import jax): XLA reference, the backend's Pallas kernel, the GPU
+# kernel interpreted on CPU, the TPU kernel interpreted on CPU.
+ATTENTION_IMPLS = ("xla", "pallas", "pallas_interpret", "pallas_tpu_interpret")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -164,11 +167,20 @@ class EngineConfig:
     max_model_len: Optional[int] = None  # prompt + output cap; None = the model's context
     attention_impl: Optional[str] = None  # one of ATTENTION_IMPLS; None = backend default
     enable_prefix_caching: bool = True  # share computed full pages across requests
+    # Hydragen: attention over prefix pages shared by running sequences is computed once
+    # for all their queries, then merged with each one's suffix attention
+    shared_prefix_attention: bool = True
+    shared_prefix_min_tokens: int = 64  # cost rule: smallest shared node, in tokens
+    shared_prefix_min_seqs: int = 2  # cost rule: fewest sequences sharing a node
 
     def __post_init__(self):
-        _require(isinstance(self.enable_prefix_caching, bool), "enable_prefix_caching",
-                 f"must be a bool, got {self.enable_prefix_caching!r}")
-        for name in ("page_size", "max_num_batched_tokens", "max_num_seqs", "max_kv_cache_bytes"):
+        for name in ("enable_prefix_caching", "shared_prefix_attention"):
+            _require(isinstance(getattr(self, name), bool), name, f"must be a bool, got {getattr(self, name)!r}")
+        _require(isinstance(self.shared_prefix_min_seqs, int) and not isinstance(self.shared_prefix_min_seqs, bool)
+                 and self.shared_prefix_min_seqs >= 2, "shared_prefix_min_seqs",
+                 f"must be an int >= 2, got {self.shared_prefix_min_seqs!r}")
+        for name in ("page_size", "max_num_batched_tokens", "max_num_seqs", "max_kv_cache_bytes",
+                     "shared_prefix_min_tokens"):
             value = getattr(self, name)
             _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name,
                      f"must be an int >= 1, got {value!r}")

@@ -46,6 +46,8 @@ class StepInput:
     """What the scheduler asks the runner to compute in one step."""
 
     sequences: tuple  # ScheduledSequence per scheduled sequence, in batch order
+    # SharedPrefix nodes for the shared-prefix attention path; () = plain attention
+    shared_prefixes: tuple = ()
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -57,3 +59,18 @@ class StepOutput:
     # per sequence, log p of each fed token's successor (token_ids[1:] then next_token_id
     # if given) as a tuple, or None where want_prompt_logprobs was False
     prompt_logprobs: tuple
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SharedPrefix:
+    """A run of KV pages that several scheduled sequences share (one node of a prefix tree).
+
+    The pages hold positions [start_page * L, (start_page + len(page_ids)) * L) of every
+    member, were computed before this step, and precede every member's first query. A
+    member's nodes tile its positions from 0 without gaps (a root, then a child, ...);
+    its own attention (the suffix) starts where its deepest node ends.
+    """
+
+    start_page: int  # index of the first page in the members' page lists
+    page_ids: tuple  # the shared physical pages, in order
+    members: tuple  # indices into StepInput.sequences of the sequences sharing them

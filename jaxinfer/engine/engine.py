@@ -20,7 +20,7 @@ from jaxinfer.config import EngineConfig, ModelConfig, SamplingParams
 from jaxinfer.engine.block_manager import BlockManager
 from jaxinfer.engine.detokenizer import IncrementalDetokenizer
 from jaxinfer.engine.request import Request, Status
-from jaxinfer.engine.scheduler import Scheduler
+from jaxinfer.engine.scheduler import Scheduler, SharedPrefixPolicy
 from jaxinfer.runtime.model_runner import ModelRunner
 from jaxinfer.types import RequestOutput
 
@@ -47,8 +47,12 @@ class Engine:
                                  model_config.max_position_embeddings)
         self.block_manager = BlockManager(runner.num_pages, runner.page_size,
                                           enable_prefix_caching=engine_config.enable_prefix_caching)
+        policy = None
+        if engine_config.shared_prefix_attention and engine_config.enable_prefix_caching:
+            policy = SharedPrefixPolicy(min_tokens=engine_config.shared_prefix_min_tokens,
+                                        min_seqs=engine_config.shared_prefix_min_seqs)
         self.scheduler = Scheduler(self.block_manager, max_num_batched_tokens=engine_config.max_num_batched_tokens,
-                                   max_num_seqs=engine_config.max_num_seqs)
+                                   max_num_seqs=engine_config.max_num_seqs, shared_prefix=policy)
         self.requests: dict = {}
         self._ids = itertools.count()
         self._arrivals = itertools.count()
@@ -164,6 +168,8 @@ class Engine:
             "prefix_cache_queries": bm.num_cache_queries,
             "prefix_cache_hits": bm.num_cache_hits,
             "prefix_cache_hit_rate": bm.num_cache_hits / max(bm.num_cache_queries, 1),
+            "shared_prefix_steps": self.runner.num_shared_prefix_steps,
+            "shared_prefix_tokens_saved": self.runner.num_shared_prefix_tokens_saved,
             "weight_bytes": self.runner.weight_bytes,
             "kv_cache_bytes": self.runner.kv_cache_bytes,
         }

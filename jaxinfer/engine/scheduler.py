@@ -14,23 +14,39 @@ one token is always left to compute, to produce the next-token logits). When a r
 decode needs a page and none is free, the running request of the lowest priority that
 was admitted most recently is preempted: its pages are freed (its computed full pages
 stay in the prefix cache) and it is recomputed later.
+
+Shared prefixes. With a `SharedPrefixPolicy`, each StepInput also lists the tree of
+prefix pages its sequences share (engine/shared_prefix.py), for the runner's
+shared-prefix (Hydragen) attention path.
 """
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import itertools
 from typing import Optional
 
 from jaxinfer.engine.block_manager import BlockManager
 from jaxinfer.engine.request import Request, Status
+from jaxinfer.engine.shared_prefix import find_shared_prefixes
 from jaxinfer.types import ScheduledSequence, StepInput, StepOutput
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SharedPrefixPolicy:
+    """The cost rule of the shared-prefix path (see engine/shared_prefix.py)."""
+
+    min_tokens: int  # smallest shared node worth the path, in tokens
+    min_seqs: int  # fewest sequences sharing a node
+
+
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, *, max_num_batched_tokens: int, max_num_seqs: int):
+    def __init__(self, block_manager: BlockManager, *, max_num_batched_tokens: int, max_num_seqs: int,
+                 shared_prefix: Optional[SharedPrefixPolicy] = None):
         self.block_manager = block_manager
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
+        self.shared_prefix = shared_prefix
         self.waiting: list = []  # sorted by (priority, arrival_index)
         self.running: list = []  # in admission order
         self.num_preemptions = 0
@@ -135,7 +151,13 @@ class Scheduler:
             take(request, min(request.num_tokens - request.num_computed, budget))
         if not chosen:
             return None, []
-        return StepInput(sequences=tuple(self._sequence(r, n) for r, n in chosen)), chosen
+        sequences = tuple(self._sequence(r, n) for r, n in chosen)
+        shared = ()
+        if self.shared_prefix is not None and len(sequences) >= self.shared_prefix.min_seqs:
+            shared = find_shared_prefixes(sequences, self.block_manager.page_size,
+                                          min_tokens=self.shared_prefix.min_tokens,
+                                          min_seqs=self.shared_prefix.min_seqs)
+        return StepInput(sequences=sequences, shared_prefixes=shared), chosen
 
     @staticmethod
     def _sequence(request: Request, num_tokens: int) -> ScheduledSequence:

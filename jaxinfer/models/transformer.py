@@ -21,7 +21,9 @@ import jax.numpy as jnp
 
 from jaxinfer.config import ModelConfig
 from jaxinfer.models.layers import GatedMLP, Int4Format, Linear, RMSNorm, apply_rope, rope_inv_freq
+from jaxinfer.pallas import prefix_attention
 from jaxinfer.pallas import ragged_paged_attention as rpa
+from jaxinfer.pallas.prefix_attention import PrefixRows
 
 
 @flax.struct.dataclass
@@ -35,6 +37,10 @@ class AttentionMetadata:
     max_q_len: int = flax.struct.field(pytree_node=False)  # static bound on query tokens per sequence
     # static: the first num_decode_rows sequences have at most one query (see the op)
     num_decode_rows: int = flax.struct.field(pytree_node=False, default=0)
+    # Shared-prefix (Hydragen) path, both None without it: [S] first own key position of
+    # each row (page_tables start there), and the prefix rows over the shared pages.
+    kv_starts: Optional[jax.Array] = None
+    prefix: Optional[PrefixRows] = None
 
     @classmethod
     def dense(cls, batch: int, length: int) -> "AttentionMetadata":
@@ -84,10 +90,16 @@ class Attention(nn.Module):
             k_pages, v_pages = rpa.write_kv(kv_cache[0], kv_cache[1], k, v, metadata.slot_mapping)
             new_cache = (k_pages, v_pages)
 
-        out = rpa.ragged_paged_attention(
-            q, k_pages, v_pages, metadata.cu_q_lens, metadata.kv_lens, metadata.page_tables,
-            max_q_len=metadata.max_q_len, num_decode_rows=metadata.num_decode_rows, sm_scale=cfg.head_dim ** -0.5,
-            sliding_window=cfg.sliding_window(self.layer), impl=self.attention_impl)
+        attention = dict(max_q_len=metadata.max_q_len, num_decode_rows=metadata.num_decode_rows,
+                         sm_scale=cfg.head_dim ** -0.5, sliding_window=cfg.sliding_window(self.layer),
+                         impl=self.attention_impl)
+        if metadata.prefix is None:
+            out = rpa.ragged_paged_attention(q, k_pages, v_pages, metadata.cu_q_lens, metadata.kv_lens,
+                                             metadata.page_tables, **attention)
+        else:
+            out = prefix_attention.shared_prefix_attention(
+                q, k_pages, v_pages, positions, metadata.cu_q_lens, metadata.kv_lens, metadata.page_tables,
+                metadata.kv_starts, metadata.prefix, **attention)
         out = out.reshape(num_tokens, cfg.num_heads * cfg.head_dim)  # [T, N * H]
         out = Linear(cfg.hidden_size, use_bias=cfg.o_bias, axes=("heads", "embed"), name="o_proj",
                      **dense)(out)
