@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-import transformers
 
 import hf_models
 from jaxinfer import EngineConfig, InferenceSession, SamplingParams
@@ -21,26 +19,6 @@ def _workload(seed, shared_prefix_len=0, num=NUM_REQUESTS):
         prompts.append(prefix + rng.randint(3, hf_models.VOCAB, size=rng.randint(1, 40)).tolist())
         params.append(SamplingParams(max_tokens=int(rng.randint(1, 12)), temperature=0.0, ignore_eos=True))
     return prompts, params
-
-
-@pytest.fixture(scope="module")
-def oracle(hf_model_dir):
-    """HF greedy generations (each request alone), memoized by (prompt, max_tokens)."""
-    path, hf = hf_model_dir("llama")
-    hf.generation_config.eos_token_id = None
-    cache = {}
-
-    def generate(prompt, max_tokens):
-        key = (tuple(prompt), max_tokens)
-        if key not in cache:
-            ids = torch.tensor([prompt])
-            gen = transformers.GenerationConfig(max_new_tokens=max_tokens, do_sample=False, eos_token_id=None,
-                                                pad_token_id=0)
-            with torch.no_grad():
-                out = hf.generate(ids, generation_config=gen, attention_mask=torch.ones_like(ids))
-            cache[key] = out[0, len(prompt):].tolist()
-        return cache[key]
-    return path, generate
 
 
 def _check(session, prompts, params, oracle_generate):
