@@ -20,7 +20,7 @@ import numpy as np
 # The 125M-parameter Llama-shaped model.
 MODEL_PRESETS = {
     "125m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
-                 intermediate_size=2048, vocab_size=32000, max_position_embeddings=2048),
+                 intermediate_size=2048, vocab_size=32000, max_position_embeddings=4096),
     "tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=256, vocab_size=1024, max_position_embeddings=1024),
 }

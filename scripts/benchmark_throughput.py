@@ -2,6 +2,14 @@
 
     python scripts/benchmark_throughput.py [--preset 125m] [--num_requests 64]
         [--min_input_len 64 --max_input_len 256] [--output_len 64] [--shared_prefix_len 0]
+        [--compare_shared_prefix_attention]
+
+The shared-prefix workload (Hydragen's setting):
+
+    python scripts/benchmark_throughput.py --shared_prefix_len 2048 --compare_shared_prefix_attention --skip_hf
+
+runs the engine twice in the same process, with the shared-prefix attention path off
+and on, and reports both and their ratio.
 
 The engine serves every request at once (continuous batching, chunked prefill, paged
 KV). The same workload then runs through HF transformers `generate` in static batches
@@ -37,6 +45,11 @@ _MAX_SEQS = flags.DEFINE_integer("max_num_seqs", 64, "Engine running-sequence li
 _PAGE_SIZE = flags.DEFINE_integer("page_size", 16, "KV page size.")
 _HF_BATCH = flags.DEFINE_integer("hf_batch_size", 16, "HF static batch size.")
 _SKIP_HF = flags.DEFINE_bool("skip_hf", False, "Do not run the HF baseline.")
+_SHARED_ATTENTION = flags.DEFINE_bool("shared_prefix_attention", True,
+                                      "Engine's shared-prefix (Hydragen) attention path, for the single run.")
+_COMPARE_SHARED = flags.DEFINE_bool("compare_shared_prefix_attention", False,
+                                    "Run the engine with the shared-prefix path off, then on; report the ratio.")
+_ATTENTION_IMPL = flags.DEFINE_string("attention_impl", None, "EngineConfig.attention_impl (None = backend default).")
 _SEED = flags.DEFINE_integer("seed", 0, "Workload seed.")
 _JSON = flags.DEFINE_string("json_out", "runs/bench/throughput.json", "JSON report path.")
 
@@ -71,6 +84,8 @@ def run_engine(path, prompts, output_len, engine_config):
             "num_steps": m["num_steps"] - before["num_steps"],
             "host_seconds": m["host_seconds"] - before["host_seconds"],
             "prefix_cache_hit_rate": m["prefix_cache_hit_rate"], "num_preemptions": m["num_preemptions"],
+            "shared_prefix_steps": m["shared_prefix_steps"] - before["shared_prefix_steps"],
+            "shared_prefix_tokens_saved": m["shared_prefix_tokens_saved"] - before["shared_prefix_tokens_saved"],
             "mean_ttft_s": sum(o.time_to_first_token for o in outs) / len(outs),
             "mean_tpot_ms": 1000 * sum(o.time_per_output_token for o in outs) / len(outs),
             "num_params": bench_common.num_params(session.engine.runner.params)}
@@ -116,19 +131,33 @@ def main(argv):
     args = (_NUM_REQUESTS.value, _MIN_INPUT.value, _MAX_INPUT.value, _SHARED_PREFIX.value, vocab)
     prompts = make_workload(_SEED.value, *args)
     gemm = bench_common.measure_gemm_flops()
-    engine_config = EngineConfig(page_size=_PAGE_SIZE.value, max_num_batched_tokens=_MAX_BATCHED_TOKENS.value,
-                                 max_num_seqs=_MAX_SEQS.value)
-    ours = run_engine(path, prompts, _OUTPUT_LEN.value, engine_config)
+    def engine_config(shared):
+        return EngineConfig(page_size=_PAGE_SIZE.value, max_num_batched_tokens=_MAX_BATCHED_TOKENS.value,
+                            max_num_seqs=_MAX_SEQS.value, shared_prefix_attention=shared,
+                            attention_impl=_ATTENTION_IMPL.value)
+
+    plain = None
+    if _COMPARE_SHARED.value:
+        plain = run_engine(path, prompts, _OUTPUT_LEN.value, engine_config(False))
+        ours = run_engine(path, prompts, _OUTPUT_LEN.value, engine_config(True))
+    else:
+        ours = run_engine(path, prompts, _OUTPUT_LEN.value, engine_config(_SHARED_ATTENTION.value))
     # Every token (prompt and output) costs 2 x params FLOPs in the weight matmuls.
     roofline_total_tokens_per_s = gemm / (2 * ours["num_params"])
     report = {"env": bench_common.environment(), "model": path,
               "workload": {"num_requests": _NUM_REQUESTS.value, "input_len": [_MIN_INPUT.value, _MAX_INPUT.value],
                            "output_len": _OUTPUT_LEN.value, "shared_prefix_len": _SHARED_PREFIX.value},
               "engine_config": {"page_size": _PAGE_SIZE.value, "max_num_batched_tokens": _MAX_BATCHED_TOKENS.value,
-                                "max_num_seqs": _MAX_SEQS.value},
+                                "max_num_seqs": _MAX_SEQS.value, "attention_impl": _ATTENTION_IMPL.value,
+                                "shared_prefix_attention": True if plain else _SHARED_ATTENTION.value},
               "gemm_gflop_s": gemm / 1e9, "compute_roofline_tokens_per_s": roofline_total_tokens_per_s,
               "jaxinfer": ours,
               "jaxinfer_pct_of_compute_roofline": 100 * ours["total_tokens_per_s"] / roofline_total_tokens_per_s}
+    if plain is not None:
+        report["jaxinfer_shared_prefix_off"] = plain
+        report["shared_prefix_off_pct_of_compute_roofline"] = \
+            100 * plain["total_tokens_per_s"] / roofline_total_tokens_per_s
+        report["shared_prefix_speedup"] = ours["output_tokens_per_s"] / plain["output_tokens_per_s"]
     if not _SKIP_HF.value:
         hf = run_hf(path, prompts, _OUTPUT_LEN.value, _HF_BATCH.value)
         report["hf"] = hf
@@ -138,9 +167,20 @@ def main(argv):
           f"(+{_SHARED_PREFIX.value} shared), output {_OUTPUT_LEN.value}; float32 GEMM {gemm / 1e9:.1f} GFLOP/s "
           f"-> compute roofline {roofline_total_tokens_per_s:.0f} tokens/s (prompt + output)")
     print(f"{'':18s}{'out tok/s':>10s}{'req/s':>8s}{'total tok/s':>12s}{'% roofline':>11s}{'seconds':>9s}")
-    print(f"{'jaxinfer':18s}{ours['output_tokens_per_s']:10.1f}{ours['requests_per_s']:8.2f}"
+    if plain is not None:
+        print(f"{'jaxinfer, prefix off':18s}{plain['output_tokens_per_s']:10.1f}{plain['requests_per_s']:8.2f}"
+              f"{plain['total_tokens_per_s']:12.1f}{report['shared_prefix_off_pct_of_compute_roofline']:11.1f}"
+              f"{plain['seconds']:9.1f}")
+    label = "jaxinfer, prefix on" if plain is not None else "jaxinfer"
+    print(f"{label:18s}{ours['output_tokens_per_s']:10.1f}{ours['requests_per_s']:8.2f}"
           f"{ours['total_tokens_per_s']:12.1f}{report['jaxinfer_pct_of_compute_roofline']:11.1f}"
           f"{ours['seconds']:9.1f}")
+    if plain is not None:
+        print(f"shared-prefix attention: {report['shared_prefix_speedup']:.2f}x output tokens/s "
+              f"({ours['shared_prefix_steps']} of {ours['num_steps']} steps used it, "
+              f"{ours['shared_prefix_tokens_saved']} prefix KV tokens not re-read per layer); compiles off/on "
+              f"{plain['num_compiles']}/{ours['num_compiles']}, warm-up {plain['warmup_seconds']:.1f}/"
+              f"{ours['warmup_seconds']:.1f} s")
     if "hf" in report:
         hf = report["hf"]
         print(f"{'HF static b=' + str(hf['batch_size']):18s}{hf['output_tokens_per_s']:10.1f}"
