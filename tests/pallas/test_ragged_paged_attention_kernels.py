@@ -155,3 +155,20 @@ def test_kernel_shape_errors_are_named():
         rpa.ragged_paged_attention(q, pages, pages, *meta, max_q_len=2, sm_scale=1.0, sliding_window=0)
     with pytest.raises(ValueError, match="max_q_len"):
         rpa.ragged_paged_attention(q, pages, pages, *meta, max_q_len=0, sm_scale=1.0)
+
+
+@pytest.mark.parametrize("window,soft_cap,dtype", [(None, None, jnp.bfloat16), (64, 30.0, jnp.float32)])
+def test_gpu_kernel_lowers_to_triton(window, soft_cap, dtype):
+    # No GPU here: lowering for CUDA still runs the whole Pallas -> Triton IR lowering,
+    # which rejects what Triton cannot express (shapes, ops), without compiling it.
+    import functools
+
+    import jax
+    shapes = [((3, 2, 8, 64), dtype), ((32, 16, 2, 64), dtype), ((32, 16, 2, 64), dtype), ((3, 8), jnp.int32),
+              ((3,), jnp.int32), ((3,), jnp.int32), ((3, 40), jnp.int32)]
+    args = [jax.ShapeDtypeStruct(shape, dt) for shape, dt in shapes]
+    fn = jax.jit(functools.partial(kernel_gpu.row_attention, sm_scale=0.125, sliding_window=window,
+                                   soft_cap=soft_cap))
+    exported = jax.export.export(fn, platforms=("cuda",), disabled_checks=[
+        jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
+    assert "paged_row_attention_gpu" in exported.mlir_module()

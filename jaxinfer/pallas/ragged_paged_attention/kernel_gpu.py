@@ -101,23 +101,6 @@ def _kernel(meta_ref, pos_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, 
     lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
 
 
-def row_bounds(q_pos, kv_starts, kv_ends, page_size: int, sliding_window: Optional[int]):
-    """[R, 2] first and end page (relative to each row's table) that any query can see."""
-    valid = q_pos >= 0  # [R, M]
-    max_pos = jnp.max(jnp.where(valid, q_pos, -1), axis=1)
-    end_key = jnp.minimum(kv_ends, max_pos + 1)
-    end_page = jnp.maximum(pl.cdiv(end_key - kv_starts, page_size), 0)
-    if sliding_window is None:
-        first_page = jnp.zeros_like(end_page)
-    else:
-        min_pos = jnp.min(jnp.where(valid, q_pos, jnp.iinfo(jnp.int32).max), axis=1)
-        first_key = jnp.maximum(kv_starts, min_pos - sliding_window + 1)
-        first_page = jnp.maximum(first_key - kv_starts, 0) // page_size
-    first_page = jnp.where(jnp.any(valid, axis=1), first_page, 0)
-    end_page = jnp.where(jnp.any(valid, axis=1), end_page, 0)
-    return jnp.stack([first_page, end_page], axis=1).astype(jnp.int32)
-
-
 def row_attention(q_rows, k_pages, v_pages, q_pos, kv_starts, kv_ends, page_tables, *, sm_scale: float,
                   sliding_window: Optional[int] = None, soft_cap: Optional[float] = None,
                   interpret: bool = False, block_keys: int = BLOCK_KEYS, split_keys: int = SPLIT_KEYS):
@@ -140,7 +123,7 @@ def row_attention(q_rows, k_pages, v_pages, q_pos, kv_starts, kv_ends, page_tabl
     num_splits = pl.cdiv(pages_per_row, pages_per_split)
     # A block may start at any page of the split and read ppb table entries past it.
     tables = jnp.pad(page_tables, ((0, 0), (0, num_splits * pages_per_split + pages_per_block - pages_per_row)))
-    bounds = row_bounds(q_pos, kv_starts, kv_ends, page_size, sliding_window)
+    bounds = reference.row_bounds(q_pos, kv_starts, kv_ends, page_size, sliding_window)
     meta = jnp.concatenate([kv_starts[:, None], kv_ends[:, None], bounds], axis=1).astype(jnp.int32)  # [R, 4]
 
     grid = (num_rows, num_kv_heads, padded_m // block_m, num_splits)

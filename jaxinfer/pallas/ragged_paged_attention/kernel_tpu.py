@@ -28,11 +28,12 @@ and loops over the kv heads statically inside the program, reading head k of the
 buffer as `buf[slot, :, :, k, :]` -> [ppb, L, H] -> [bk, H]. Each page is thus fetched
 once per program for all heads (a program per kv head would fetch every page K times,
 or need a strided per-head DMA out of a (K, H)-tiled HBM array, one descriptor per page
-and head). The price is a sublane gather in VMEM per head (Mosaic relayouts the
-[ppb, L, 1, H] load), and VMEM padding when K is below the sublane tile (8 for f32).
+and head). The price is a sublane gather in VMEM per head (Mosaic must relayout the
+[ppb, L, 1, H] load into dense [bk, H] tiles; not yet measured on a TPU), and VMEM
+padding when K is below the sublane tile (8 for f32, 16 for bf16).
 
 Work skipped: the page loop of a program starts at the first page its sliding window
-can see and stops after the last page its queries can see (`kernel_gpu.row_bounds`,
+can see and stops after the last page its queries can see (`reference.row_bounds`,
 per M tile), so decode rows read only their own pages, later M tiles of a prefill chunk
 more pages than earlier ones, and sliding-window layers only the window. Pages of the
 last block past the end are not fetched; their V rows are zeroed (the buffer may hold
@@ -42,8 +43,14 @@ Limitations of the compiled kernel (`check_shapes`): head_dim a multiple of 128 
 lane width: q, K, V and out tiles are [*, H]) and page_size a multiple of 8 (the f32
 sublane tile, so that [ppb, L, H] merges into [bk, H] without a relayout; bf16 caches
 merge best with multiples of 16). The whole flattened page table must fit in SMEM.
-There is no split-K: one program walks all its pages (the grid has R * T programs;
-split-K as in kernel_gpu.py would add a grid axis and a merge).
+VMEM per program, with [.., 1] arrays padded to 128 lanes: K/V buffers 2 * 2 * bk * K'
+* H (K' = K rounded up to the sublane tile) in the cache dtype, acc K * bm * H and m, l
+2 * K * bm * 128 in f32, plus the double-buffered q, out and lse blocks: about 5 MiB for
+K = 8, H = 128, bm = 128, bk = 128 in bf16, under the default scoped limit; much larger
+K * H may need a smaller max_block_m. There is no split-K: one program walks all its
+pages (the grid has R * T programs; split-K as in kernel_gpu.py would add a grid axis
+and a merge), and each program's first DMA is not overlapped with anything (prefetching
+across programs would need "arbitrary" grid semantics and cross-program state).
 
 Written for what the TPU interpreter supports (see shared/KERNELS.md): no reshape of a
 ref (loaded values are reshaped), no strided ref slicing, no masked store (scratch and
@@ -60,10 +67,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from jaxinfer.pallas.ragged_paged_attention import reference
-from jaxinfer.pallas.ragged_paged_attention.kernel_gpu import row_bounds
 
 BLOCK_KEYS = 128  # keys per compute block (ppb = BLOCK_KEYS // L pages, at least 1)
-MAX_BLOCK_M = 256  # query rows per program; larger rows are tiled
+MAX_BLOCK_M = 128  # query rows per program; larger rows are tiled (VMEM budget below)
 LANES = 128  # TPU lane width: head_dim must be a multiple
 SUBLANES = 8  # f32 sublane tile: page_size must be a multiple
 M_ALIGN = 16  # M is padded to whole bf16 sublane tiles (16 rows)
@@ -225,7 +231,7 @@ def row_attention(q_rows, k_pages, v_pages, q_pos, kv_starts, kv_ends, page_tabl
     # First and end page of each (row, M tile): a tile reads only what its queries see.
     kv_starts = kv_starts.astype(jnp.int32)
     kv_ends = kv_ends.astype(jnp.int32)
-    bounds = row_bounds(q_pos.reshape(num_rows * num_tiles, block_m), jnp.repeat(kv_starts, num_tiles),
+    bounds = reference.row_bounds(q_pos.reshape(num_rows * num_tiles, block_m), jnp.repeat(kv_starts, num_tiles),
                         jnp.repeat(kv_ends, num_tiles), page_size, sliding_window)  # [R * T, 2]
     end_pages = jnp.minimum(bounds[:, 1], pages_per_row)
     first_pages = jnp.minimum(bounds[:, 0], end_pages)

@@ -101,6 +101,26 @@ def row_attention(q_rows: jax.Array, k_pages: jax.Array, v_pages: jax.Array, q_p
     return out, lse
 
 
+def row_bounds(q_pos, kv_starts, kv_ends, page_size: int, sliding_window: Optional[int]):
+    """[R, 2] first and end page (relative to each row's table) that any query can see.
+
+    The kernels walk only these pages; the reference needs no bounds (it masks).
+    """
+    valid = q_pos >= 0  # [R, M]
+    max_pos = jnp.max(jnp.where(valid, q_pos, -1), axis=1)
+    end_key = jnp.minimum(kv_ends, max_pos + 1)
+    end_page = jnp.maximum(-(-(end_key - kv_starts) // page_size), 0)
+    if sliding_window is None:
+        first_page = jnp.zeros_like(end_page)
+    else:
+        min_pos = jnp.min(jnp.where(valid, q_pos, jnp.iinfo(jnp.int32).max), axis=1)
+        first_key = jnp.maximum(kv_starts, min_pos - sliding_window + 1)
+        first_page = jnp.maximum(first_key - kv_starts, 0) // page_size
+    first_page = jnp.where(jnp.any(valid, axis=1), first_page, 0)
+    end_page = jnp.where(jnp.any(valid, axis=1), end_page, 0)
+    return jnp.stack([first_page, end_page], axis=1).astype(jnp.int32)
+
+
 def merge_partials(out: jax.Array, lse: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
     """Exact merge of attention results over disjoint key sets, stacked along `axis`.
 
