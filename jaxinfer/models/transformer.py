@@ -80,7 +80,11 @@ class Attention(nn.Module):
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
 
+        impl = self.attention_impl
         if kv_cache is None:
+            # NOTE: a dense batch (scoring, training) is one "page" of the batch length per
+            # sequence, a shape the kernels' page tiling is not made for: use the reference.
+            impl = "xla"
             num_seqs = metadata.page_tables.shape[0]
             # [S, T / S, K, H]: each sequence of the dense batch is one page.
             k_pages = k.reshape(num_seqs, num_tokens // num_seqs, cfg.num_kv_heads, cfg.head_dim)
@@ -92,7 +96,7 @@ class Attention(nn.Module):
 
         attention = dict(max_q_len=metadata.max_q_len, num_decode_rows=metadata.num_decode_rows,
                          sm_scale=cfg.head_dim ** -0.5, sliding_window=cfg.sliding_window(self.layer),
-                         impl=self.attention_impl)
+                         impl=impl)
         if metadata.prefix is None:
             out = rpa.ragged_paged_attention(q, k_pages, v_pages, metadata.cu_q_lens, metadata.kv_lens,
                                              metadata.page_tables, **attention)

@@ -24,8 +24,8 @@ from jaxinfer.pallas.ragged_paged_attention import reference
 from jaxinfer.pallas.ragged_paged_attention.reference import (PAD_POSITION, merge_partials, pack_rows,
                                                               row_positions, unpack_rows)
 
-__all__ = ["IMPLS", "PAD_POSITION", "check_inputs", "default_impl", "merge_partials", "pack_rows", "ragged_paged_attention",
-           "row_attention_impl", "row_positions", "unpack_rows", "write_kv"]
+__all__ = ["IMPLS", "PAD_POSITION", "check_inputs", "default_impl", "merge_partials", "pack_rows",
+           "ragged_paged_attention", "row_attention_impl", "row_positions", "unpack_rows", "write_kv"]
 
 IMPLS = ("xla", "pallas", "pallas_interpret", "pallas_tpu_interpret")
 
@@ -56,12 +56,20 @@ def _check_kernel_shapes(impl: str, page_size: int, head_dim: int) -> None:
 
 
 def row_attention_impl(impl: Optional[str], page_size: int, head_dim: int):
-    """The `reference.row_attention`-compatible core for `impl` (None = backend default).
+    """The `reference.row_attention`-compatible core for `impl`.
+
+    None picks the backend's default: its Pallas kernel on GPU/TPU when the kernel can
+    take (page_size, head_dim), else the XLA reference.
 
     Raises:
       ValueError: unknown impl, no backend for 'pallas', or shapes the kernel cannot take.
     """
-    impl = impl or default_impl()
+    if impl is None:
+        impl = default_impl()
+        try:
+            _check_kernel_shapes(impl, page_size, head_dim)
+        except ValueError:
+            impl = "xla"  # the backend's kernel cannot take these shapes: the reference can
     if impl not in IMPLS:
         raise ValueError(f"impl: {impl!r} is not available; choose one of {IMPLS}")
     _check_kernel_shapes(impl, page_size, head_dim)
