@@ -43,7 +43,10 @@ from jaxinfer.types import StepInput, StepOutput
 MIN_TOKEN_BUCKET = 1
 MIN_SEQ_BUCKET = 1
 QUERY_BLOCK = 32  # queries per attention row (see execute)
-PREFIX_QUERY_BLOCK = 64  # queries (of any members) per shared-prefix row
+# Queries (of any members) per shared-prefix row. NOTE: large, so that a node's pages are
+# read once per step: the kernels tile a row's queries themselves (M tiles), and the XLA
+# reference gathers a row's pages once, which on CPU is the cost that matters.
+PREFIX_QUERY_BLOCK = 512
 
 
 def bucket(n: int, minimum: int = 1) -> int:

@@ -52,8 +52,8 @@ def _block_m(num_rows: int) -> int:
 def _kernel(meta_ref, pos_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, sm_scale: float,
             sliding_window: Optional[int], soft_cap: Optional[float], pages_per_block: int,
             pages_per_split: int):
-    # meta_ref:   [4]      this row's (kv_start, kv_end, first page, end page); pages
-    #                      relative to the row's table
+    # meta_ref:   [4]      (kv_start, kv_end) of this row, (first page, end page) this M
+    #                      tile's queries can see, relative to the row's table
     # pos_ref:    [bm]     positions of this tile's query rows
     # tables_ref: [Pt]     the row's page table, padded by ppb so a block never reads past it
     # q_ref:      [bm, H]  query rows of this (row, kv head, M tile)
@@ -123,10 +123,14 @@ def row_attention(q_rows, k_pages, v_pages, q_pos, kv_starts, kv_ends, page_tabl
     num_splits = pl.cdiv(pages_per_row, pages_per_split)
     # A block may start at any page of the split and read ppb table entries past it.
     tables = jnp.pad(page_tables, ((0, 0), (0, num_splits * pages_per_split + pages_per_block - pages_per_row)))
-    bounds = reference.row_bounds(q_pos, kv_starts, kv_ends, page_size, sliding_window)
-    meta = jnp.concatenate([kv_starts[:, None], kv_ends[:, None], bounds], axis=1).astype(jnp.int32)  # [R, 4]
+    # Page bounds per (row, M tile): a tile of padding queries reads nothing.
+    num_tiles = padded_m // block_m
+    bounds = reference.row_bounds(q_pos.reshape(num_rows * num_tiles, block_m), jnp.repeat(kv_starts, num_tiles),
+                                  jnp.repeat(kv_ends, num_tiles), page_size, sliding_window)
+    ranges = jnp.broadcast_to(jnp.stack([kv_starts, kv_ends], axis=1)[:, None], (num_rows, num_tiles, 2))
+    meta = jnp.concatenate([ranges, bounds.reshape(num_rows, num_tiles, 2)], axis=2).astype(jnp.int32)  # [R, T, 4]
 
-    grid = (num_rows, num_kv_heads, padded_m // block_m, num_splits)
+    grid = (num_rows, num_kv_heads, num_tiles, num_splits)
     kv_spec = pl.BlockSpec((k_pages.shape[0], page_size, None, head_dim), lambda r, k, t, s: (0, 0, k, 0))
     kernel = functools.partial(_kernel, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
                                pages_per_block=pages_per_block, pages_per_split=pages_per_split)
@@ -136,7 +140,7 @@ def row_attention(q_rows, k_pages, v_pages, q_pos, kv_starts, kv_ends, page_tabl
                    jax.ShapeDtypeStruct((num_rows, num_kv_heads, num_splits, padded_m), jnp.float32)),
         grid=grid,
         in_specs=[
-            pl.BlockSpec((None, 4), lambda r, k, t, s: (r, 0)),  # meta: [4]
+            pl.BlockSpec((None, None, 4), lambda r, k, t, s: (r, t, 0)),  # meta: [4]
             pl.BlockSpec((None, block_m), lambda r, k, t, s: (r, t)),  # q_pos: [bm]
             pl.BlockSpec((None, tables.shape[1]), lambda r, k, t, s: (r, 0)),  # page table: [Pt]
             pl.BlockSpec((None, None, block_m, head_dim), lambda r, k, t, s: (r, k, t, 0)),  # q: [bm, H]
