@@ -58,8 +58,10 @@ def test_int4_session_logits(llama):
     tokens = jnp.asarray(np.random.RandomState(0).randint(3, config.vocab_size, size=32), jnp.int32)
     want = _logits(config, float_params, tokens)
     got = _logits(config, int4_params, tokens)
-    # Exact path: the int4 op equals a float matmul with the dequantized weights.
-    np.testing.assert_allclose(got, _logits(config, _dequantized(int4_params), tokens), rtol=1e-5, atol=1e-5)
+    # Exact path: the int4 op equals a float matmul with the dequantized weights, up to
+    # float32 rounding of the two summation orders carried through 2 layers (seen: one
+    # logit of 5120 off by 1.5e-5 at 0.30 after the attention einsums were reordered).
+    np.testing.assert_allclose(got, _logits(config, _dequantized(int4_params), tokens), rtol=1e-5, atol=3e-5)
     # Against the float model: mean |dlogit| / mean |logit| < 0.6 (measured 0.49 on this
     # chaotic random model; the weights themselves move by 9% RMS at group 32), and less
     # than half the distance to a model made of the same weights with their rows
