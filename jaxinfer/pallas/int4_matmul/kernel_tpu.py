@@ -13,7 +13,7 @@ original row order), and adds one MXU dot x[bm, bk] @ w[bk, bn] into a float32 V
 accumulator; the last K step writes the output tile. The scales of the N tile stay
 resident ([G, bn] is small) and each step reads its groups' rows.
 
-Written for what the TPU interpreter supports (see shared/KERNELS.md): no reshape of a
+Written for what the TPU interpreter supports: no reshape of a
 ref (values are sliced after loading), no strided ref slicing, no masked store (tiles
 divide the padded arrays exactly). Integer work is done in int32 after loading the
 uint8 tile.

@@ -77,6 +77,11 @@ def _kernel(meta_ref, pos_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, 
         pages = tables_ref[pl.ds(first, pages_per_block)]  # [ppb]
         k = k_ref[pages].reshape(block_keys, head_dim)  # [bk, H]
         v = v_ref[pages].reshape(block_keys, head_dim)  # [bk, H]
+        # Keys past the row's end (the last page's unwritten tail, table entries past
+        # the end page) are masked below, but 0 * NaN = NaN in P @ V: zero their V rows.
+        v_pos = kv_start + first * page_size + jax.lax.broadcasted_iota(jnp.int32, (block_keys,), 0)  # [bk]
+        owned = (v_pos < kv_end) & (v_pos < kv_start + hi * page_size)
+        v = jnp.where(owned[:, None], v, jnp.zeros_like(v))
         s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * sm_scale  # [bm, bk]
         if soft_cap is not None:
             s = soft_cap * jnp.tanh(s / soft_cap)

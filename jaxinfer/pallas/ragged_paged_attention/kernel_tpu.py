@@ -52,7 +52,7 @@ pages (the grid has R * T programs; split-K as in kernel_gpu.py would add a grid
 and a merge), and each program's first DMA is not overlapped with anything (prefetching
 across programs would need "arbitrary" grid semantics and cross-program state).
 
-Written for what the TPU interpreter supports (see shared/KERNELS.md): no reshape of a
+Written for what the TPU interpreter supports: no reshape of a
 ref (loaded values are reshaped), no strided ref slicing, no masked store (scratch and
 output blocks are written whole).
 """
@@ -171,9 +171,12 @@ def _kernel(kv_starts_ref, kv_ends_ref, first_pages_ref, end_pages_ref, tables_r
         visible = (k_pos <= pos) & (k_pos < kv_end)  # [bm, bk]
         if sliding_window is not None:
             visible &= (pos - k_pos) < sliding_window
-        # Keys of pages that were not fetched: their V rows hold stale data or NaN.
-        num_fetched = (end - block_first) * page_size
-        fetched = jax.lax.broadcasted_iota(jnp.int32, (block_keys, 1), 0) < num_fetched  # [bk, 1]
+        # V rows that must not reach P @ V (0 * NaN = NaN): keys of pages that were not
+        # fetched (stale buffer contents) and keys at or past kv_end (the unwritten tail
+        # of the last page may hold NaN).
+        key_col = jax.lax.broadcasted_iota(jnp.int32, (block_keys, 1), 0)  # [bk, 1]
+        owned = (key_col < (end - block_first) * page_size) & (
+            kv_start + block_first * page_size + key_col < kv_end)  # [bk, 1]
 
         for head in range(num_kv_heads):
             q = q_ref[head]  # [bm, H]
@@ -192,7 +195,7 @@ def _kernel(kv_starts_ref, kv_ends_ref, first_pages_ref, end_pages_ref, tables_r
             p = jnp.exp(s - m_next)  # [bm, bk]; 0 where invisible
             l_ref[head] = correction * l_ref[head] + p.sum(axis=1, keepdims=True)
             m_ref[head] = m_next
-            v = jnp.where(fetched, v, jnp.zeros_like(v))
+            v = jnp.where(owned, v, jnp.zeros_like(v))
             pv = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)  # [bm, H]
             acc_ref[head] = correction * acc_ref[head] + pv
         return carry

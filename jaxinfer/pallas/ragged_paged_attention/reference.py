@@ -82,10 +82,15 @@ def row_attention(q_rows: jax.Array, k_pages: jax.Array, v_pages: jax.Array, q_p
     num_keys = pages_per_row * page_size
     ks = k_pages[page_tables].reshape(num_rows, num_keys, num_kv_heads, head_dim)  # [R, C, K, H]
     vs = v_pages[page_tables].reshape(num_rows, num_keys, num_kv_heads, head_dim)  # [R, C, K, H]
+    k_pos = kv_starts[:, None] + jnp.arange(num_keys, dtype=jnp.int32)[None, :]  # [R, C]
+    # NOTE: keys at or past kv_end (the unwritten tail of the last page, the pages that
+    # padding table entries point to) are masked out of the softmax, but their V rows
+    # may hold anything, NaN included, and 0 * NaN = NaN in P @ V: zero them.
+    owned = (k_pos < kv_ends[:, None])[:, :, None, None]  # [R, C, 1, 1]
+    vs = jnp.where(owned, vs, jnp.zeros((), vs.dtype))
     scores = jnp.einsum("rkmh,rckh->rkmc", q_rows.astype(jnp.float32), ks.astype(jnp.float32)) * sm_scale
     if soft_cap is not None:
         scores = soft_cap * jnp.tanh(scores / soft_cap)
-    k_pos = kv_starts[:, None] + jnp.arange(num_keys, dtype=jnp.int32)[None, :]  # [R, C]
     visible = (k_pos[:, None, :] <= q_pos[:, :, None]) & (k_pos < kv_ends[:, None])[:, None, :]  # [R, M, C]
     if sliding_window is not None:
         visible &= (q_pos[:, :, None] - k_pos[:, None, :]) < sliding_window
