@@ -1,7 +1,8 @@
 """Shared pieces of the benchmarks (no absl flags here, so several scripts can import it).
 
-- The benchmark model: a random Llama-shaped checkpoint built with HF transformers and
-  saved as an ordinary HF folder, so that jaxinfer and HF load the very same weights.
+- The benchmark model: a random Llama-shaped checkpoint initialised by jaxinfer itself
+  (no torch needed) and saved as an ordinary HF folder, so that jaxinfer and, for the
+  baseline, HF transformers load the very same weights.
 - Rooflines measured in the same run: memory bandwidth from a large float32 GEMV
   (weights-bound decode) and the float32 GEMM rate from a large square matmul.
 - Environment facts for the JSON report.
@@ -26,17 +27,35 @@ MODEL_PRESETS = {
 }
 
 
+def hf_llama_config(preset: str) -> dict:
+    """The config.json of a random Llama of the preset's shape, as HF transformers writes it."""
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **MODEL_PRESETS[preset],
+            "hidden_act": "silu", "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "attention_bias": False,
+            "mlp_bias": False, "initializer_range": 0.02, "bos_token_id": 1, "eos_token_id": 2,
+            "tie_word_embeddings": False, "torch_dtype": "float32"}
+
+
 def build_random_llama(preset: str, path: str, seed: int = 0) -> str:
-    """Creates (once) a random Llama HF folder of the preset's shape; returns the path."""
-    if os.path.exists(os.path.join(path, "config.json")):
+    """Creates (once) a random Llama HF folder of the preset's shape; returns the path.
+
+    The weights are jaxinfer's own initialisation (normal, std 0.02, from
+    `jax.random.key(seed)`), written as float32 safetensors that HF transformers loads.
+    """
+    config_path = os.path.join(path, "config.json")
+    if os.path.exists(config_path):
         return path
-    import torch
-    import transformers
-    config = transformers.LlamaConfig(**MODEL_PRESETS[preset], bos_token_id=1, eos_token_id=2,
-                                      tie_word_embeddings=False)
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(config)
-    model.save_pretrained(path)
+    from jaxinfer.models import checkpoint, registry, transformer
+    hf_config = hf_llama_config(preset)
+    config = registry.model_config_from_hf(hf_config)
+    params = transformer.init_params(config, jax.random.key(seed), dtype=jnp.float32, init_std=0.02)
+    tensors = checkpoint.hf_tensors_from_params(params, config)
+    del params  # the 125m preset is ~0.5 GB of float32: keep one copy while writing
+    os.makedirs(path, exist_ok=True)
+    checkpoint.write_safetensors(os.path.join(path, "model.safetensors"), tensors, {"format": "pt"})
+    del tensors
+    # NOTE: config.json is written last: its presence is what marks the folder complete.
+    with open(config_path, "w") as f:
+        json.dump(hf_config, f, indent=2)
     return path
 
 

@@ -9,7 +9,7 @@ ids) whose first `prefix` tokens (the fraction, rounded down to whole pages) are
 same pages for every sequence: one shared-prefix tree node, as prefix caching lays it
 out. Every sequence has `q_len` new query tokens at the end of its context (1 = decode,
 the case Hydragen is for; larger = a prefill chunk). The metadata is built as
-jaxinfer.runtime.model_runner builds it (page-table buckets, prefix rows of
+jaxinfer.runtime.input_batch builds it (page-table buckets, prefix rows of
 PREFIX_QUERY_BLOCK queries of any members against the shared pages).
 
 Rows per shape, each timed as one jitted call (median of --repeats after warm-up):
@@ -103,7 +103,7 @@ class _Case:
     def __init__(self, batch, context, prefix_fraction, prefix_len, q_len, page_size, perm, prefix_query_block):
         import numpy as np
 
-        from jaxinfer.runtime.model_runner import bucket, page_bucket
+        from jaxinfer.runtime.input_batch import bucket, page_bucket
         L = page_size
         ctx_pages = -(-context // L)
         prefix_pages = prefix_len // L
@@ -121,7 +121,7 @@ class _Case:
         self.page_tables[:, :ctx_pages] = pages
         self.peer_tables = pages.astype(np.int32)  # unpadded: the peer needs divisible page counts
         # Shared path: each sequence's own rows start at the prefix end; one prefix tree
-        # node whose members are all the sequences (model_runner._prefix_rows).
+        # node whose members are all the sequences (input_batch._prefix_rows).
         self.kv_starts = np.full(batch, prefix_len, np.int32)
         self.suffix_tables = np.zeros((batch, page_bucket(suffix_pages)), np.int32)
         self.suffix_tables[:, :suffix_pages] = own
@@ -301,7 +301,7 @@ def main(argv):
     import numpy as np
 
     from jaxinfer.pallas import ragged_paged_attention as rpa
-    from jaxinfer.runtime.model_runner import PREFIX_QUERY_BLOCK, QUERY_BLOCK
+    from jaxinfer.runtime.input_batch import PREFIX_QUERY_BLOCK, QUERY_BLOCK
 
     backend = jax.default_backend()
     on_cpu = backend not in ("gpu", "tpu")

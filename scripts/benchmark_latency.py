@@ -9,6 +9,10 @@ float32 GEMV. The compute roofline (2 x parameters FLOPs per token over the floa
 rate, also measured here) is printed too. HF transformers runs the same greedy
 generation on the same weights for the ratio. With --quantization the linear layers are
 int4 (round to nearest) and the memory roofline uses the int4 weight bytes.
+
+With --output_len 1 there is no decode step: the decode figures are reported as n/a
+(null in the JSON). torch and transformers are needed only for the HF baseline;
+--skip_hf runs without them.
 """
 from __future__ import annotations
 
@@ -26,13 +30,14 @@ import bench_common  # noqa: E402
 _PRESET = flags.DEFINE_enum("preset", "125m", list(bench_common.MODEL_PRESETS), "Benchmark model shape.")
 _MODEL = flags.DEFINE_string("model", None, "An HF folder to use instead of a random preset model.")
 _WORK_DIR = flags.DEFINE_string("work_dir", "runs/bench", "Where the random model is cached.")
-_PROMPT_LEN = flags.DEFINE_integer("prompt_len", 128, "Prompt tokens.")
-_OUTPUT_LEN = flags.DEFINE_integer("output_len", 128, "Generated tokens.")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions (median reported).")
+_PROMPT_LEN = flags.DEFINE_integer("prompt_len", 128, "Prompt tokens (at least 1).", lower_bound=1)
+_OUTPUT_LEN = flags.DEFINE_integer("output_len", 128, "Generated tokens (at least 1; 1 = prefill only).",
+                                   lower_bound=1)
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions (median reported).", lower_bound=1)
 _SKIP_HF = flags.DEFINE_bool("skip_hf", False, "Do not run the HF baseline.")
 _JSON = flags.DEFINE_string("json_out", "runs/bench/latency.json", "JSON report path.")
 _QUANTIZATION = flags.DEFINE_enum("quantization", None, ["int4", "int4-gptq"], "Quantize jaxinfer's linear layers.")
-_QUANT_GROUP_SIZE = flags.DEFINE_integer("quant_group_size", 128, "Input rows per int4 scale.")
+_QUANT_GROUP_SIZE = flags.DEFINE_integer("quant_group_size", 128, "Input rows per int4 scale.", lower_bound=1)
 
 
 def _jaxinfer(path, prompt, output_len, repeats, quantization=None, quant_group_size=128):
@@ -58,8 +63,10 @@ def _jaxinfer(path, prompt, output_len, repeats, quantization=None, quant_group_
         ttfts.append(out.time_to_first_token)
         tpots.append(out.time_per_output_token)
     m = session.metrics()
+    # One output token is all prefill: there is no decode step to time.
+    decode_ms = 1000 * float(np.median(tpots)) if output_len > 1 else None
     return {"load_seconds": load_seconds, "warmup_seconds": warmup_seconds, "prefill_seconds": float(np.median(ttfts)),
-            "decode_ms_per_token": 1000 * float(np.median(tpots)), "num_compiles": m["num_compiles"],
+            "decode_ms_per_token": decode_ms, "num_compiles": m["num_compiles"],
             "host_ms_per_step": m["host_ms_per_step"], "weight_bytes": m["weight_bytes"],
             # logical parameters (an int4 tree packs two per byte): from the float shapes
             "num_params": bench_common.num_params(param_shapes(session.model_config)),
@@ -83,8 +90,19 @@ def _hf(path, prompt, output_len, repeats):
 
     run(4)
     prefill = float(np.median([run(1) for _ in range(repeats)]))
+    if output_len == 1:
+        return {"prefill_seconds": prefill, "decode_ms_per_token": None}
     total = float(np.median([run(output_len) for _ in range(repeats)]))
     return {"prefill_seconds": prefill, "decode_ms_per_token": 1000 * (total - prefill) / (output_len - 1)}
+
+
+def _ratio(numerator, denominator):
+    """numerator / denominator, or None when either is missing (no decode step was run)."""
+    return None if numerator is None or denominator is None else numerator / denominator
+
+
+def _fmt(value, width, spec):
+    return f"{'n/a':>{width}s}" if value is None else f"{value:{width}{spec}}"
 
 
 def main(argv):
@@ -106,14 +124,14 @@ def main(argv):
         "jaxinfer": ours,
         "memory_roofline_ms_per_token": weight_ms,
         "compute_roofline_ms_per_token": compute_ms,
-        "jaxinfer_pct_of_memory_roofline": 100 * weight_ms / ours["decode_ms_per_token"],
+        "jaxinfer_pct_of_memory_roofline": _ratio(100 * weight_ms, ours["decode_ms_per_token"]),
         "prefill_compute_roofline_seconds": 2 * ours["num_params"] * _PROMPT_LEN.value / gemm,
     }
     if not _SKIP_HF.value:
         hf = _hf(path, prompt, _OUTPUT_LEN.value, _REPEATS.value)
         report["hf"] = hf
-        report["hf_pct_of_memory_roofline"] = 100 * weight_ms / hf["decode_ms_per_token"]
-        report["decode_speedup_vs_hf"] = hf["decode_ms_per_token"] / ours["decode_ms_per_token"]
+        report["hf_pct_of_memory_roofline"] = _ratio(100 * weight_ms, hf["decode_ms_per_token"])
+        report["decode_speedup_vs_hf"] = _ratio(hf["decode_ms_per_token"], ours["decode_ms_per_token"])
         report["prefill_speedup_vs_hf"] = hf["prefill_seconds"] / ours["prefill_seconds"]
 
     weights_kind = f"{_QUANTIZATION.value} (group {_QUANT_GROUP_SIZE.value})" if _QUANTIZATION.value else "float32"
@@ -123,14 +141,17 @@ def main(argv):
     print(f"{'':24s}{'decode ms/tok':>14s}{'% mem roofline':>16s}{'prefill s':>11s}")
     print(f"{'roofline (memory)':24s}{weight_ms:14.2f}{100.0:16.1f}{report['prefill_compute_roofline_seconds']:11.3f}")
     print(f"{'roofline (compute)':24s}{compute_ms:14.2f}")
-    print(f"{'jaxinfer':24s}{ours['decode_ms_per_token']:14.2f}{report['jaxinfer_pct_of_memory_roofline']:16.1f}"
-          f"{ours['prefill_seconds']:11.3f}")
+    print(f"{'jaxinfer':24s}{_fmt(ours['decode_ms_per_token'], 14, '.2f')}"
+          f"{_fmt(report['jaxinfer_pct_of_memory_roofline'], 16, '.1f')}{ours['prefill_seconds']:11.3f}")
     if "hf" in report:
         hf = report["hf"]
-        print(f"{'HF transformers':24s}{hf['decode_ms_per_token']:14.2f}{report['hf_pct_of_memory_roofline']:16.1f}"
-              f"{hf['prefill_seconds']:11.3f}")
-        print(f"decode speed-up vs HF: {report['decode_speedup_vs_hf']:.2f}x, "
+        print(f"{'HF transformers':24s}{_fmt(hf['decode_ms_per_token'], 14, '.2f')}"
+              f"{_fmt(report['hf_pct_of_memory_roofline'], 16, '.1f')}{hf['prefill_seconds']:11.3f}")
+        decode_speedup = report["decode_speedup_vs_hf"]
+        print(f"decode speed-up vs HF: {'n/a' if decode_speedup is None else f'{decode_speedup:.2f}x'}, "
               f"prefill: {report['prefill_speedup_vs_hf']:.2f}x")
+    if _OUTPUT_LEN.value == 1:
+        print("decode: n/a (--output_len 1 generates only the prefill's token; no decode step ran)")
     print(f"compiles: {ours['num_compiles']}, warm-up {ours['warmup_seconds']:.1f} s, "
           f"host {ours['host_ms_per_step']:.2f} ms/step")
     bench_common.write_json(_JSON.value, report)

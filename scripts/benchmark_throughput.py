@@ -37,15 +37,18 @@ import bench_common  # noqa: E402
 _PRESET = flags.DEFINE_enum("preset", "125m", list(bench_common.MODEL_PRESETS), "Benchmark model shape.")
 _MODEL = flags.DEFINE_string("model", None, "An HF folder to use instead of a random preset model.")
 _WORK_DIR = flags.DEFINE_string("work_dir", "runs/bench", "Where the random model is cached.")
-_NUM_REQUESTS = flags.DEFINE_integer("num_requests", 64, "Requests in the workload.")
-_MIN_INPUT = flags.DEFINE_integer("min_input_len", 64, "Shortest prompt (uniform distribution).")
-_MAX_INPUT = flags.DEFINE_integer("max_input_len", 256, "Longest prompt.")
-_OUTPUT_LEN = flags.DEFINE_integer("output_len", 64, "Generated tokens per request.")
-_SHARED_PREFIX = flags.DEFINE_integer("shared_prefix_len", 0, "Tokens of a prefix shared by every prompt.")
-_MAX_BATCHED_TOKENS = flags.DEFINE_integer("max_num_batched_tokens", 512, "Engine token budget per step.")
-_MAX_SEQS = flags.DEFINE_integer("max_num_seqs", 64, "Engine running-sequence limit.")
-_PAGE_SIZE = flags.DEFINE_integer("page_size", 16, "KV page size.")
-_HF_BATCH = flags.DEFINE_integer("hf_batch_size", 16, "HF static batch size.")
+_NUM_REQUESTS = flags.DEFINE_integer("num_requests", 64, "Requests in the workload (at least 1).", lower_bound=1)
+_MIN_INPUT = flags.DEFINE_integer("min_input_len", 64, "Shortest prompt (uniform distribution; at least 1).",
+                                  lower_bound=1)
+_MAX_INPUT = flags.DEFINE_integer("max_input_len", 256, "Longest prompt (at least --min_input_len).", lower_bound=1)
+_OUTPUT_LEN = flags.DEFINE_integer("output_len", 64, "Generated tokens per request (at least 1).", lower_bound=1)
+_SHARED_PREFIX = flags.DEFINE_integer("shared_prefix_len", 0, "Tokens of a prefix shared by every prompt.",
+                                      lower_bound=0)
+_MAX_BATCHED_TOKENS = flags.DEFINE_integer("max_num_batched_tokens", 512, "Engine token budget per step.",
+                                           lower_bound=1)
+_MAX_SEQS = flags.DEFINE_integer("max_num_seqs", 64, "Engine running-sequence limit.", lower_bound=1)
+_PAGE_SIZE = flags.DEFINE_integer("page_size", 16, "KV page size.", lower_bound=1)
+_HF_BATCH = flags.DEFINE_integer("hf_batch_size", 16, "HF static batch size.", lower_bound=1)
 _SKIP_HF = flags.DEFINE_bool("skip_hf", False, "Do not run the HF baseline.")
 _SHARED_ATTENTION = flags.DEFINE_bool("shared_prefix_attention", True,
                                       "Engine's shared-prefix (Hydragen) attention path, for the single run.")
@@ -54,6 +57,9 @@ _COMPARE_SHARED = flags.DEFINE_bool("compare_shared_prefix_attention", False,
 _ATTENTION_IMPL = flags.DEFINE_string("attention_impl", None, "EngineConfig.attention_impl (None = backend default).")
 _SEED = flags.DEFINE_integer("seed", 0, "Workload seed.")
 _JSON = flags.DEFINE_string("json_out", "runs/bench/throughput.json", "JSON report path.")
+flags.register_multi_flags_validator(
+    ["min_input_len", "max_input_len"], lambda f: f["max_input_len"] >= f["min_input_len"],
+    message="--max_input_len must be at least --min_input_len")
 
 
 def make_workload(seed, num, min_len, max_len, shared_prefix_len, vocab):
