@@ -1,10 +1,27 @@
-"""Plain result records handed back to users of the session (layer 1: no jax)."""
+"""Records that cross a boundary (layer 1: no jax, no numpy).
+
+Two families:
+- what users get back: `RequestOutput` (a finished request) and `StreamDelta` (what a
+  request produced in one engine step, for streaming clients);
+- the step protocol between the scheduler (host) and the ModelRunner (device):
+  `ScheduledStep` -> `StepInput` (made of `ScheduledSequence`s and `SharedPrefix`
+  nodes) -> runner -> `StepOutput` (one `SequenceOutput` per request id, plus
+  `StepStats`) -> `Scheduler.update(step, output)`, which matches outputs to requests
+  by request id, never by position.
+
+Glossary of the step: a *sequence* is one request's share of a step (a prefill chunk,
+a decode token, or a decode token plus draft tokens to verify); its *sample offsets*
+are the indices into its fed tokens after which a next token is sampled (none in the
+middle of a prompt, one at the end of a prompt or for a decode, k + 1 for k verified
+draft tokens).
+"""
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+import types
+from typing import Mapping, Optional
 
-FINISH_REASONS = ("length", "stop", "eos")
+FINISH_REASONS = ("length", "stop", "eos", "abort")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -15,28 +32,68 @@ class RequestOutput:
     prompt_token_ids: list  # the prompt as token ids (BOS included when the tokenizer adds it)
     token_ids: list  # generated ids only; an EOS / stop token that ended the request is included
     text: str  # generated text, stop string excluded ("" when the model has no tokenizer)
-    finish_reason: str  # one of FINISH_REASONS
+    finish_reason: str  # one of FINISH_REASONS ("abort": stopped by the caller or an error)
     logprobs: Optional[list] = None  # log p of each generated token, if asked for
+    # per generated token, the `logprobs=N` most likely tokens as {token id: log p}, if N >= 1
+    top_logprobs: Optional[list] = None
     prompt_logprobs: Optional[list] = None  # log p of prompt tokens 1.., if asked for
     time_to_first_token: float = 0.0  # seconds from submission to the first token
-    time_per_output_token: float = 0.0  # mean seconds between later tokens
+    time_per_output_token: float = 0.0  # mean seconds between later tokens (compiles included)
+    # seconds of XLA compilation in the steps between its first and last token (a
+    # decode rate without one-off compiles: (n - 1) / ((n - 1) * tpot - this))
+    decode_compile_seconds: float = 0.0
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_generated_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StreamDelta:
+    """What one request produced since its previous delta (one per engine step at most).
+
+    Text that could still turn into a stop string is held back until it cannot; the
+    concatenated `text` of all deltas of a request equals its RequestOutput.text.
+    """
+
+    request_id: str
+    text: str  # new text ("" when nothing could be released yet)
+    token_ids: tuple  # new generated ids
+    logprobs: Optional[tuple] = None  # log p of each new id, if asked for
+    top_logprobs: Optional[tuple] = None  # per new id a {token id: log p} dict, if logprobs=N >= 1
+    finish_reason: Optional[str] = None  # set on the request's last delta only
+    output: Optional[RequestOutput] = None  # the whole result (usage, timings), on the last delta only
+
+    @property
+    def is_finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+# ---------------------------------------------------------------------- the step protocol
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ScheduledSequence:
-    """One sequence's share of a step: a prefill chunk or a single decode token."""
+    """One sequence's share of a step: a prefill chunk or decode token(s)."""
 
     request_id: str  # engine id of the request
     token_ids: tuple  # ids fed to the model this step (>= 1)
     start_position: int  # position of token_ids[0] in the sequence; tokens before it are cached
     page_ids: tuple  # the sequence's pages in order, covering start_position + len(token_ids)
-    sample: bool  # sample a next token after the last fed token (end of prompt / decode)
+    # indices into token_ids after which a next token is sampled, increasing: () in the
+    # middle of a prompt, (len(token_ids) - 1,) at the end of a prompt or for a decode
+    sample_offsets: tuple
     temperature: float  # sampling knobs, as in SamplingParams
     top_k: int
     top_p: float
     min_p: float
     seed: int  # per-request seed; the key of the token at position p is fold_in(seed, p)
-    want_logprobs: bool = False  # return log p of the sampled token
+    want_logprobs: bool = False  # return log p of each sampled token
+    num_top_logprobs: int = 0  # also return the this many most likely tokens per sampled token
     want_prompt_logprobs: bool = False  # return log p of each fed token's successor
     next_token_id: Optional[int] = None  # the known successor of the last fed token (mid-prompt chunk)
 
@@ -51,14 +108,69 @@ class StepInput:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class StepOutput:
-    """What the runner computed: one entry per ScheduledSequence, in the same order."""
+class ScheduledStep:
+    """One scheduled step: the runner's input plus what the scheduler needs back.
 
-    sampled_token_ids: tuple  # int, or None where sample was False
-    logprobs: tuple  # float log p of the sampled token, or None
-    # per sequence, log p of each fed token's successor (token_ids[1:] then next_token_id
-    # if given) as a tuple, or None where want_prompt_logprobs was False
-    prompt_logprobs: tuple
+    `Scheduler.update(step, output)` takes this object back with the runner's output,
+    so a step can be in flight while the next one is scheduled.
+    """
+
+    step_id: int  # increasing per scheduler
+    step_input: StepInput  # handed to the runner as it is
+    # request id -> tokens scheduled (== len of its sequence's token_ids), read-only
+    num_scheduled_tokens: Mapping[str, int]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_scheduled_tokens.values())
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self.step_input.sequences)
+
+    @classmethod
+    def make(cls, step_id: int, step_input: StepInput) -> "ScheduledStep":
+        counts = {s.request_id: len(s.token_ids) for s in step_input.sequences}
+        if len(counts) != len(step_input.sequences):
+            raise ValueError("step_input.sequences: a request id appears twice in one step")
+        return cls(step_id=step_id, step_input=step_input, num_scheduled_tokens=types.MappingProxyType(counts))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SequenceOutput:
+    """What the runner computed for one scheduled sequence."""
+
+    request_id: str
+    token_ids: tuple  # one sampled id per sample offset, in order (() mid-prompt)
+    logprobs: Optional[tuple] = None  # log p of each sampled id (raw model distribution), if wanted
+    # per sampled id, ((token id, log p), ...) of the num_top_logprobs most likely tokens
+    top_logprobs: Optional[tuple] = None
+    # log p of each fed token's successor (token_ids[1:] then next_token_id if given),
+    # if want_prompt_logprobs
+    prompt_logprobs: Optional[tuple] = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StepStats:
+    """Figures of one executed step; the engine sums them into its metrics."""
+
+    device_seconds: float = 0.0  # the jitted call, results fetched (includes compilation)
+    host_seconds: float = 0.0  # the runner's host work: building the batch, unpacking outputs
+    is_compile: bool = False  # the step's shapes were new: this call compiled a program
+    num_tokens: int = 0  # real tokens run
+    num_padded_tokens: int = 0  # tokens after padding to the bucket
+    is_shared_prefix: bool = False  # the shared-prefix (Hydragen) attention path ran
+    # prefix KV tokens (per layer) not re-read thanks to sharing: for each node, its
+    # tokens x (rows the plain path would have read it in - prefix rows reading it)
+    shared_prefix_tokens_saved: int = 0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StepOutput:
+    """What the runner computed for one StepInput."""
+
+    outputs: Mapping[str, SequenceOutput]  # by request id, one per scheduled sequence
+    stats: StepStats = StepStats()
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -15,42 +15,14 @@ from __future__ import annotations
 from typing import Optional
 
 import flax.linen as nn
-import flax.struct
 import jax
 import jax.numpy as jnp
 
 from jaxinfer.config import ModelConfig
 from jaxinfer.models.layers import GatedMLP, Int4Format, Linear, RMSNorm, apply_rope, rope_inv_freq
-from jaxinfer.pallas import prefix_attention
-from jaxinfer.pallas import ragged_paged_attention as rpa
-from jaxinfer.pallas.prefix_attention import PrefixRows
+from jaxinfer.pallas.attention import AttentionMetadata, PrefixRows, attention
 
-
-@flax.struct.dataclass
-class AttentionMetadata:
-    """Where each token's K/V goes and which keys each sequence's queries see."""
-
-    slot_mapping: jax.Array  # [T] int32 flat KV slot per token (P * L = dropped padding)
-    cu_q_lens: jax.Array  # [S + 1] int32 cumulative query tokens per sequence
-    kv_lens: jax.Array  # [S] int32 tokens in each sequence's pages after this step
-    page_tables: jax.Array  # [S, pages per sequence] int32
-    max_q_len: int = flax.struct.field(pytree_node=False)  # static bound on query tokens per sequence
-    # static: the first num_decode_rows sequences have at most one query (see the op)
-    num_decode_rows: int = flax.struct.field(pytree_node=False, default=0)
-    # Shared-prefix (Hydragen) path, both None without it: [S] first own key position of
-    # each row (page_tables start there), and the prefix rows over the shared pages.
-    kv_starts: Optional[jax.Array] = None
-    prefix: Optional[PrefixRows] = None
-
-    @classmethod
-    def dense(cls, batch: int, length: int) -> "AttentionMetadata":
-        """Metadata of a dense [batch, length] causal batch run with kv_caches=None."""
-        lens = jnp.full((batch,), length, jnp.int32)
-        return cls(slot_mapping=jnp.full((batch * length,), -1, jnp.int32),
-                   cu_q_lens=jnp.arange(batch + 1, dtype=jnp.int32) * length,
-                   kv_lens=lens,
-                   page_tables=jnp.arange(batch, dtype=jnp.int32)[:, None],
-                   max_q_len=length)
+__all__ = ["AttentionMetadata", "PrefixRows", "Transformer", "embed", "init_params", "logical_axes", "param_shapes"]
 
 
 class Attention(nn.Module):
@@ -80,30 +52,8 @@ class Attention(nn.Module):
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
 
-        impl = self.attention_impl
-        if kv_cache is None:
-            # NOTE: a dense batch (scoring, training) is one "page" of the batch length per
-            # sequence, a shape the kernels' page tiling is not made for: use the reference.
-            impl = "xla"
-            num_seqs = metadata.page_tables.shape[0]
-            # [S, T / S, K, H]: each sequence of the dense batch is one page.
-            k_pages = k.reshape(num_seqs, num_tokens // num_seqs, cfg.num_kv_heads, cfg.head_dim)
-            v_pages = v.reshape(k_pages.shape)
-            new_cache = None
-        else:
-            k_pages, v_pages = rpa.write_kv(kv_cache[0], kv_cache[1], k, v, metadata.slot_mapping)
-            new_cache = (k_pages, v_pages)
-
-        attention = dict(max_q_len=metadata.max_q_len, num_decode_rows=metadata.num_decode_rows,
-                         sm_scale=cfg.head_dim ** -0.5, sliding_window=cfg.sliding_window(self.layer),
-                         impl=impl)
-        if metadata.prefix is None:
-            out = rpa.ragged_paged_attention(q, k_pages, v_pages, metadata.cu_q_lens, metadata.kv_lens,
-                                             metadata.page_tables, **attention)
-        else:
-            out = prefix_attention.shared_prefix_attention(
-                q, k_pages, v_pages, positions, metadata.cu_q_lens, metadata.kv_lens, metadata.page_tables,
-                metadata.kv_starts, metadata.prefix, **attention)
+        out, new_cache = attention(q, k, v, positions, kv_cache, metadata, sm_scale=cfg.head_dim ** -0.5,
+                                   sliding_window=cfg.sliding_window(self.layer), impl=self.attention_impl)
         out = out.reshape(num_tokens, cfg.num_heads * cfg.head_dim)  # [T, N * H]
         out = Linear(cfg.hidden_size, use_bias=cfg.o_bias, axes=("heads", "embed"), name="o_proj",
                      **dense)(out)

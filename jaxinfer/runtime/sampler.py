@@ -67,3 +67,19 @@ def sample(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: j
     sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
     tokens = jnp.where(is_greedy, greedy, sampled)
     return tokens, jnp.take_along_axis(log_probs, tokens[:, None], axis=-1)[:, 0]
+
+
+def top_logprobs(logits: jax.Array, num: int) -> tuple[jax.Array, jax.Array]:
+    """The `num` most likely tokens of each row and their log p (raw model distribution).
+
+    Args:
+      logits: [S, V] float32.
+      num: static; 0 returns empty [S, 0] arrays.
+    Returns:
+      (ids [S, num] int32, most likely first; log p [S, num] float32).
+    """
+    if num == 0:
+        return jnp.zeros((logits.shape[0], 0), jnp.int32), jnp.zeros((logits.shape[0], 0), jnp.float32)
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    values, ids = jax.lax.top_k(log_probs, num)
+    return ids.astype(jnp.int32), values

@@ -86,3 +86,13 @@ def test_keys_depend_only_on_seed_and_position():
     k1 = sampler.request_keys(jnp.array([1, 0], jnp.uint32), jnp.array([5, 9], jnp.uint32), jnp.array([3, 4]))
     k2 = sampler.request_keys(jnp.array([0, 1], jnp.uint32), jnp.array([9, 5], jnp.uint32), jnp.array([4, 3]))
     np.testing.assert_array_equal(jax.random.key_data(k1)[0], jax.random.key_data(k2)[1])
+
+
+def test_top_logprobs_most_likely_first_raw_distribution():
+    logits = jnp.asarray([[0.1, 3.0, -1.0, 2.0], [2.0, 0.0, 5.0, 1.0]])
+    ids, lps = sampler.top_logprobs(logits, 2)
+    assert ids.dtype == jnp.int32 and ids.tolist() == [[1, 3], [2, 0]]
+    expected = np.take_along_axis(np.asarray(jax.nn.log_softmax(logits)), np.asarray(ids), axis=-1)
+    np.testing.assert_allclose(lps, expected, rtol=1e-6)
+    ids, lps = sampler.top_logprobs(logits, 0)
+    assert ids.shape == (2, 0) and lps.shape == (2, 0)

@@ -1,6 +1,7 @@
 """Public op: shared-prefix attention (Hydragen) over a tree of shared prefix pages.
 
-Path: runner (groups sequences by shared prefix pages) -> model -> **shared_prefix_attention**
+Path: scheduler (engine/shared_prefix.py groups sequences by shared prefix pages) ->
+runtime/input_batch.py (lays out prefix rows) -> model -> **shared_prefix_attention**
 -> paged row kernel (prefix stage and suffix stage) -> merge -> model.
 
 The algorithm and the row layout are in reference.py. Both stages run on the paged

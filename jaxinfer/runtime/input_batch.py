@@ -1,0 +1,373 @@
+"""Host batch builder: a StepInput -> the padded arrays of one compiled step (numpy only).
+
+Path: engine -> StepInput -> **build_batch** -> StepBatch -> ModelRunner (device) ->
+arrays -> **unpack_outputs** -> StepOutput. No jax here: the runner owns the device.
+
+Glossary (used in this module, the runner, the model's AttentionMetadata and the
+attention ops):
+- *token*: one entry of the flat batch `[T]`: the fed tokens of every sequence,
+  concatenated (decodes first), then padding up to the token bucket.
+- *sequence*: one request's share of the step (ScheduledSequence).
+- *query*: one token of a sequence, attending to that sequence's keys up to its position.
+- *attention row*: up to `max_q_len` (<= QUERY_BLOCK) consecutive queries of ONE
+  sequence that share its page table; a sequence of n queries is ceil(n / max_q_len)
+  rows. In a mixed step (prefill chunks and decodes), each decode is a *decode row* of
+  one query laid out first (`num_decode_rows`), so decodes are not padded to the
+  chunk's query block. Padding rows own no query and have kv_len 0.
+- *prefix row* (shared-prefix path): up to PREFIX_QUERY_BLOCK queries of any members of
+  one SharedPrefix node, attending to that node's pages only; the members' own rows
+  then start at their deepest node's end (`kv_starts`).
+- *sample row*: one position whose next token is sampled (a ScheduledSequence's sample
+  offsets); logits are computed for these rows only (all tokens when prompt logprobs
+  are wanted).
+
+Shapes. XLA compiles once per input shape, so every dimension is padded to a bucket:
+tokens, attention rows and sample rows to powers of two; pages per row to a power of
+two up to 16, then multiples of 8; the query block to a power of two. `StepBatch.
+shape_key` identifies the compiled program.
+
+Safety. Every token id, page id and position is checked here, before it reaches the
+device: XLA clamps out-of-range gathers silently, which would read another request's
+KV or a wrong embedding. Shared-prefix nodes are checked against the members' own
+page lists. Errors are ValueErrors naming the request or `shared_prefixes`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping, NamedTuple, Optional
+
+import numpy as np
+
+from jaxinfer.types import SequenceOutput, StepInput
+
+QUERY_BLOCK = 32  # queries per attention row at most
+# Queries (of any members) per prefix row. NOTE: large, so that a node's pages are
+# read once per step: the kernels tile a row's queries themselves (M tiles), and the XLA
+# reference gathers a row's pages once, which on CPU is the cost that matters.
+PREFIX_QUERY_BLOCK = 512
+
+
+def bucket(n: int, minimum: int = 1) -> int:
+    """Smallest power of two >= max(n, minimum)."""
+    n = max(n, minimum)
+    return 1 << (n - 1).bit_length()
+
+
+def page_bucket(n: int) -> int:
+    """Pages per row: powers of two up to 16, then multiples of 8.
+
+    The XLA reference gathers every padded page of every row, so the bucket is finer
+    where contexts are long: at most 8 pages of padding past 16 pages.
+    """
+    return bucket(n) if n <= 16 else -(-n // 8) * 8
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BatchConfig:
+    """What the builder checks against and how it pads."""
+
+    page_size: int  # L
+    num_pages: int  # P; page ids must be in [0, P)
+    vocab_size: int  # token ids must be in [0, V)
+    max_positions: int  # positions must be < this (the model's context)
+    query_block: int = QUERY_BLOCK
+    prefix_query_block: int = PREFIX_QUERY_BLOCK
+
+
+class PrefixRowArrays(NamedTuple):
+    """Host arrays of the prefix rows (the runner turns them into the op's PrefixRows)."""
+
+    q_index: np.ndarray  # [Rp, Qp] int32 token of each query (T = padding)
+    kv_starts: np.ndarray  # [Rp] int32 first key position of the node
+    kv_ends: np.ndarray  # [Rp] int32 end of the node's key range (padding rows: 0)
+    page_tables: np.ndarray  # [Rp, Pp] int32 the node's pages
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DeviceBatch:
+    """Everything the compiled step reads: arrays (pytree leaves) and static fields.
+
+    The runner registers it as a pytree (ARRAY_FIELDS are leaves, STATIC_FIELDS part
+    of the compiled program's identity).
+    """
+
+    tokens: np.ndarray  # [T] int32 token ids (padding: 0)
+    positions: np.ndarray  # [T] int32 position of each token in its sequence
+    slot_mapping: np.ndarray  # [T] int32 flat KV slot page * L + offset (padding: P * L, dropped)
+    targets: np.ndarray  # [T] int32 successor of each token, for prompt logprobs
+    cu_q_lens: np.ndarray  # [R + 1] int32 cumulative queries per attention row
+    kv_lens: np.ndarray  # [R] int32 keys of each row's sequence visible to its last query
+    page_tables: np.ndarray  # [R, Pr] int32 each row's pages, from kv_starts on
+    kv_starts: Optional[np.ndarray]  # [R] int32 first own key of each row (shared-prefix path), else None
+    prefix: Optional[PrefixRowArrays]  # prefix rows (shared-prefix path), else None
+    logits_indices: np.ndarray  # [S] int32 token of each sample row
+    temperature: np.ndarray  # [S] float32 per sample row
+    top_k: np.ndarray  # [S] int32
+    top_p: np.ndarray  # [S] float32
+    min_p: np.ndarray  # [S] float32
+    seed_hi: np.ndarray  # [S] uint32 high half of the request's seed
+    seed_lo: np.ndarray  # [S] uint32 low half
+    sample_pos: np.ndarray  # [S] int32 position of the token being sampled (its key's fold-in)
+    max_q_len: int  # static: queries per attention row at most
+    num_decode_rows: int  # static: leading rows of at most one query
+    all_greedy: bool  # static: every sample row is greedy (skips the sort)
+    all_logits: bool  # static: logits of every token (prompt logprobs)
+    num_top_logprobs: int  # static: most likely alternatives returned per sample row (bucketed)
+
+    ARRAY_FIELDS = ("tokens", "positions", "slot_mapping", "targets", "cu_q_lens", "kv_lens", "page_tables",
+                    "kv_starts", "prefix", "logits_indices", "temperature", "top_k", "top_p", "min_p", "seed_hi",
+                    "seed_lo", "sample_pos")
+    STATIC_FIELDS = ("max_q_len", "num_decode_rows", "all_greedy", "all_logits", "num_top_logprobs")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StepBatch:
+    """A built step: the device part and the host layout to unpack its results."""
+
+    device: DeviceBatch
+    request_ids: tuple  # per sequence, in StepInput order
+    token_offsets: np.ndarray  # [num sequences] first flat token of each sequence
+    num_tokens: np.ndarray  # [num sequences] fed tokens of each sequence
+    sample_starts: np.ndarray  # [num sequences] first sample row of each sequence
+    num_samples: np.ndarray  # [num sequences] sample rows of each sequence
+    want_logprobs: tuple  # per sequence
+    num_top_logprobs: tuple  # per sequence (as asked, not bucketed)
+    num_prompt_logprobs: tuple  # per sequence: prompt logprobs to return, or None
+    num_real_tokens: int  # tokens before padding
+    shape_key: tuple  # identifies the compiled program
+    shared_prefix_tokens_saved: int  # see StepStats
+
+
+def _validate_sequence(seq, config: BatchConfig) -> None:
+    ids = np.asarray(seq.token_ids, dtype=np.int64)
+    if ids.size == 0:
+        raise ValueError(f"request {seq.request_id}: token_ids is empty")
+    if ids.min() < 0 or ids.max() >= config.vocab_size:
+        bad = int(ids[(ids < 0) | (ids >= config.vocab_size)][0])
+        raise ValueError(f"request {seq.request_id}: token id {bad} outside the vocabulary [0, {config.vocab_size})")
+    if seq.next_token_id is not None and not 0 <= seq.next_token_id < config.vocab_size:
+        raise ValueError(f"request {seq.request_id}: next_token_id {seq.next_token_id} outside the vocabulary "
+                         f"[0, {config.vocab_size})")
+    end = seq.start_position + ids.size
+    if seq.start_position < 0 or end > config.max_positions:
+        raise ValueError(f"request {seq.request_id}: positions [{seq.start_position}, {end}) outside the "
+                         f"model's context of {config.max_positions}")
+    pages = np.asarray(seq.page_ids, dtype=np.int64)
+    if pages.size * config.page_size < end:
+        raise ValueError(f"request {seq.request_id}: {pages.size} pages cannot hold {end} tokens")
+    if pages.size and (pages.min() < 0 or pages.max() >= config.num_pages):
+        raise ValueError(f"request {seq.request_id}: page id outside [0, {config.num_pages})")
+    offsets = tuple(seq.sample_offsets)
+    if any(not 0 <= o < ids.size for o in offsets) or list(offsets) != sorted(set(offsets)):
+        raise ValueError(f"request {seq.request_id}: sample_offsets {offsets} must be increasing indices into "
+                         f"its {ids.size} fed tokens")
+
+
+def _validate_shared(step: StepInput, page_size: int) -> np.ndarray:
+    """Checks the SharedPrefix nodes; returns each sequence's first own page."""
+    seqs = step.sequences
+    spans: list = [[] for _ in seqs]
+    for n, node in enumerate(step.shared_prefixes):
+        members = tuple(node.members)
+        end = node.start_page + len(node.page_ids)
+        if not node.page_ids or node.start_page < 0 or len(members) < 1 or len(set(members)) != len(members):
+            raise ValueError(f"shared_prefixes[{n}]: needs pages, a start page >= 0 and distinct members")
+        for i in members:
+            if not (isinstance(i, int) and 0 <= i < len(seqs)):
+                raise ValueError(f"shared_prefixes[{n}]: member {i!r} is not a sequence of this step")
+            seq = seqs[i]
+            if tuple(seq.page_ids[node.start_page:end]) != tuple(node.page_ids):
+                raise ValueError(f"shared_prefixes[{n}]: pages differ from request {seq.request_id}'s pages")
+            if end * page_size > seq.start_position:
+                raise ValueError(f"shared_prefixes[{n}]: reaches position {end * page_size}, past request "
+                                 f"{seq.request_id}'s first query at {seq.start_position}")
+            spans[i].append((node.start_page, end))
+    suffix_page = np.zeros(len(seqs), np.int64)
+    for i, own in enumerate(spans):
+        for start, end in sorted(own):
+            if start != suffix_page[i]:
+                raise ValueError(f"shared_prefixes: request {seqs[i].request_id}'s nodes leave a gap or overlap "
+                                 f"at page {min(start, suffix_page[i])}")
+            suffix_page[i] = end
+    return suffix_page
+
+
+def _prefix_rows(step: StepInput, config: BatchConfig, offsets, ends, lens, max_q_len: int, num_tokens: int):
+    """The prefix rows, their bucketed shape, and the prefix tokens not re-read."""
+    nodes = step.shared_prefixes
+    members_tokens = [np.concatenate([np.arange(offsets[i], ends[i]) for i in node.members]) for node in nodes]
+    block = min(config.prefix_query_block, bucket(max(t.size for t in members_tokens)))
+    rows_per_node = [-(-t.size // block) for t in members_tokens]
+    num_rows = bucket(sum(rows_per_node))
+    max_pages = page_bucket(max(len(node.page_ids) for node in nodes))
+    q_index = np.full((num_rows, block), num_tokens, np.int32)
+    kv_starts = np.zeros(num_rows, np.int32)
+    kv_ends = np.zeros(num_rows, np.int32)
+    tables = np.zeros((num_rows, max_pages), np.int32)
+    row, saved = 0, 0
+    for node, tokens, num_node_rows in zip(nodes, members_tokens, rows_per_node):
+        for r in range(num_node_rows):
+            chunk = tokens[r * block:(r + 1) * block]
+            q_index[row, :chunk.size] = chunk
+            kv_starts[row] = node.start_page * config.page_size
+            kv_ends[row] = (node.start_page + len(node.page_ids)) * config.page_size
+            tables[row, :len(node.page_ids)] = node.page_ids
+            row += 1
+        plain_reads = sum(-(-int(lens[i]) // max_q_len) for i in node.members)
+        saved += (plain_reads - num_node_rows) * len(node.page_ids) * config.page_size
+    return PrefixRowArrays(q_index, kv_starts, kv_ends, tables), (num_rows, block, max_pages), saved
+
+
+def build_batch(step: StepInput, config: BatchConfig) -> StepBatch:
+    """Validates a step and lays it out as padded arrays (see the module docstring).
+
+    Raises:
+      ValueError: naming the request (or `shared_prefixes`) whose ids, positions,
+        pages or sample offsets are out of range.
+    """
+    seqs = step.sequences
+    if not seqs:
+        raise ValueError("step: no sequences scheduled")
+    seen: set = set()
+    for seq in seqs:
+        _validate_sequence(seq, config)
+        if seq.request_id in seen:  # outputs are keyed by request id: one would be lost
+            raise ValueError(f"request {seq.request_id} appears twice in the step")
+        seen.add(seq.request_id)
+    page_size = config.page_size
+    lens = np.array([len(s.token_ids) for s in seqs], dtype=np.int32)
+    starts = np.array([s.start_position for s in seqs], dtype=np.int32)
+    num_tokens = bucket(int(lens.sum()))
+    # Each sequence's own rows read its pages from suffix_page on (0 without sharing).
+    suffix_page = _validate_shared(step, page_size) if step.shared_prefixes else np.zeros(len(seqs), np.int64)
+    max_pages = page_bucket(max(len(s.page_ids) - int(p) for s, p in zip(seqs, suffix_page)))
+    max_q_len = min(bucket(int(lens.max())), config.query_block)
+    is_decode = lens == 1
+    num_real_decodes = int(is_decode.sum())
+    is_mixed = max_q_len > 1 and num_real_decodes > 0
+    num_decode_rows = bucket(num_real_decodes) if is_mixed else 0
+
+    # [num sequences] flat layout: decodes first, otherwise in step order.
+    order = np.argsort(~is_decode, kind="stable")
+    ends = np.empty(len(seqs), np.int64)
+    ends[order] = np.cumsum(lens[order])
+    offsets = ends - lens
+    tokens = np.zeros(num_tokens, np.int32)
+    positions = np.zeros(num_tokens, np.int32)
+    slots = np.full(num_tokens, config.num_pages * page_size, np.int32)  # dropped
+    targets = np.zeros(num_tokens, np.int32)
+    tables = np.zeros((len(seqs), max_pages), np.int32)  # [num sequences, Pr]
+    for i, s in enumerate(seqs):
+        lo, hi = offsets[i], ends[i]
+        pages = np.asarray(s.page_ids, dtype=np.int32)
+        pos = starts[i] + np.arange(lens[i], dtype=np.int32)
+        tokens[lo:hi] = s.token_ids
+        targets[lo:hi - 1] = s.token_ids[1:]
+        if s.next_token_id is not None:
+            targets[hi - 1] = s.next_token_id
+        positions[lo:hi] = pos
+        slots[lo:hi] = pages[pos // page_size] * page_size + pos % page_size
+        tables[i, :pages.size - suffix_page[i]] = pages[suffix_page[i]:]
+
+    # Attention rows, in flat-batch order: row r covers queries [q_lo, q_hi) of
+    # sequence row_seq[r]; in a mixed step the decode rows come first.
+    row_order = order[num_real_decodes:] if is_mixed else order
+    row_seq = np.repeat(row_order, -(-lens[row_order] // max_q_len))
+    # The reference computes padding rows too, so their count is a tight power of two.
+    num_rows = num_decode_rows + bucket(row_seq.size)
+    first_row = np.concatenate([[True], row_seq[1:] != row_seq[:-1]])
+    row_block = np.arange(row_seq.size) - np.maximum.accumulate(np.where(first_row, np.arange(row_seq.size), 0))
+    row_q_end = np.minimum((row_block + 1) * max_q_len, lens[row_seq])
+    cu_q_lens = np.full(num_rows + 1, ends.max(), np.int32)
+    kv_lens = np.zeros(num_rows, np.int32)
+    kv_starts = np.zeros(num_rows, np.int32)
+    page_tables = np.zeros((num_rows, max_pages), np.int32)
+    cu_q_lens[0] = 0
+    if is_mixed:
+        dec = order[:num_real_decodes]
+        cu_q_lens[1:num_real_decodes + 1] = ends[dec]
+        cu_q_lens[num_real_decodes + 1:num_decode_rows + 1] = num_real_decodes  # padding rows
+        kv_lens[:num_real_decodes] = starts[dec] + 1
+        kv_starts[:num_real_decodes] = suffix_page[dec] * page_size
+        page_tables[:num_real_decodes] = tables[dec]
+    base = num_decode_rows
+    cu_q_lens[base + 1:base + row_seq.size + 1] = offsets[row_seq] + row_q_end
+    kv_lens[base:base + row_seq.size] = starts[row_seq] + row_q_end
+    page_tables[base:base + row_seq.size] = tables[row_seq]
+    kv_starts[base:base + row_seq.size] = suffix_page[row_seq] * page_size
+    prefix, prefix_shape, tokens_saved = None, None, 0
+    if step.shared_prefixes:
+        prefix, prefix_shape, tokens_saved = _prefix_rows(step, config, offsets, ends, lens, max_q_len, num_tokens)
+
+    # Sample rows, in step order.
+    num_samples = np.array([len(s.sample_offsets) for s in seqs], np.int64)
+    sample_starts = np.concatenate([[0], np.cumsum(num_samples)[:-1]]).astype(np.int64)
+    num_sample_rows = bucket(int(num_samples.sum()))
+    logits_indices = np.zeros(num_sample_rows, np.int32)
+    temperature = np.zeros(num_sample_rows, np.float32)
+    top_k = np.zeros(num_sample_rows, np.int32)
+    top_p = np.ones(num_sample_rows, np.float32)
+    min_p = np.zeros(num_sample_rows, np.float32)
+    seeds = np.zeros(num_sample_rows, np.uint64)
+    sample_pos = np.zeros(num_sample_rows, np.int32)
+    all_greedy = True
+    for i, s in enumerate(seqs):
+        rows = slice(sample_starts[i], sample_starts[i] + num_samples[i])
+        sample_offsets = np.asarray(s.sample_offsets, np.int64)
+        logits_indices[rows] = offsets[i] + sample_offsets
+        sample_pos[rows] = starts[i] + sample_offsets + 1
+        temperature[rows], top_k[rows], top_p[rows], min_p[rows] = s.temperature, s.top_k, s.top_p, s.min_p
+        seeds[rows] = s.seed
+        if num_samples[i]:
+            all_greedy &= s.temperature <= 0 or s.top_k == 1
+    all_logits = any(s.want_prompt_logprobs for s in seqs)
+    max_top = max(s.num_top_logprobs if num_samples[i] else 0 for i, s in enumerate(seqs))
+    num_top_logprobs = bucket(max_top) if max_top else 0
+
+    device = DeviceBatch(
+        tokens=tokens, positions=positions, slot_mapping=slots, targets=targets, cu_q_lens=cu_q_lens,
+        kv_lens=kv_lens, page_tables=page_tables, kv_starts=kv_starts if prefix is not None else None,
+        prefix=prefix, logits_indices=logits_indices, temperature=temperature, top_k=top_k, top_p=top_p,
+        min_p=min_p, seed_hi=(seeds >> np.uint64(32)).astype(np.uint32),
+        seed_lo=(seeds & np.uint64(0xFFFFFFFF)).astype(np.uint32), sample_pos=sample_pos, max_q_len=max_q_len,
+        num_decode_rows=num_decode_rows, all_greedy=bool(all_greedy), all_logits=all_logits,
+        num_top_logprobs=num_top_logprobs)
+    shape_key = (num_tokens, num_sample_rows, num_decode_rows, num_rows, max_pages, max_q_len, prefix_shape,
+                 device.all_greedy, all_logits, num_top_logprobs)
+    return StepBatch(
+        device=device, request_ids=tuple(s.request_id for s in seqs), token_offsets=offsets, num_tokens=lens,
+        sample_starts=sample_starts, num_samples=num_samples,
+        want_logprobs=tuple(s.want_logprobs for s in seqs),
+        num_top_logprobs=tuple(s.num_top_logprobs for s in seqs),
+        num_prompt_logprobs=tuple((n if s.next_token_id is not None else n - 1) if s.want_prompt_logprobs else None
+                                  for s, n in zip(seqs, lens.tolist())),
+        num_real_tokens=int(lens.sum()), shape_key=shape_key, shared_prefix_tokens_saved=tokens_saved)
+
+
+def unpack_outputs(batch: StepBatch, sampled: np.ndarray, logprobs: np.ndarray, top_ids: np.ndarray,
+                   top_logprobs: np.ndarray, prompt_logprobs: np.ndarray) -> Mapping[str, SequenceOutput]:
+    """The step's results per request id.
+
+    Args:
+      batch: the StepBatch that was run.
+      sampled: [S] int sampled id of each sample row.
+      logprobs: [S] float log p of each sampled id.
+      top_ids, top_logprobs: [S, n] the n most likely ids of each sample row and their
+        log p (n = the bucketed num_top_logprobs; n = 0 when none was asked).
+      prompt_logprobs: [T] float log p of each token's successor (empty unless all_logits).
+    """
+    outputs = {}
+    for i, request_id in enumerate(batch.request_ids):
+        rows = range(int(batch.sample_starts[i]), int(batch.sample_starts[i] + batch.num_samples[i]))
+        n_top = batch.num_top_logprobs[i]
+        num_prompt = batch.num_prompt_logprobs[i]
+        offset = int(batch.token_offsets[i])
+        outputs[request_id] = SequenceOutput(
+            request_id=request_id,
+            token_ids=tuple(int(sampled[r]) for r in rows),
+            logprobs=tuple(float(logprobs[r]) for r in rows) if batch.want_logprobs[i] else None,
+            top_logprobs=tuple(tuple((int(t), float(lp)) for t, lp in zip(top_ids[r, :n_top], top_logprobs[r, :n_top]))
+                               for r in rows) if n_top else None,
+            prompt_logprobs=(tuple(float(x) for x in prompt_logprobs[offset:offset + num_prompt])
+                             if num_prompt is not None else None))
+    return outputs
