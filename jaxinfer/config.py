@@ -1,6 +1,6 @@
 """Frozen configuration dataclasses: the model shape and the per-request sampling knobs.
 
-Layer 1 of the map (../shared/ARCHITECTURE.md): no jax, no numpy, nothing mutable.
+Layer 1 of the map (docs/architecture.md): no jax, no numpy, nothing mutable.
 Every dataclass validates itself in ``__post_init__`` and raises ValueError naming the
 field and its allowed range, so bad input is rejected on the host before any work.
 """
@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
+import operator
+import sys
+from collections.abc import Iterable, Mapping
 from typing import Optional, Sequence, Union
 
 # Families the model code implements. The checkpoint registry maps HF `model_type`
@@ -100,6 +104,37 @@ class ModelConfig:
         return self.num_heads // self.num_kv_heads
 
 
+MAX_TOP_LOGPROBS = 20  # most alternatives `logprobs=N` may ask for (OpenAI's top_logprobs limit)
+
+
+def _is_int(value) -> bool:
+    """An int or numpy integer, not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np_bool_types()))
+
+
+def _is_number(value) -> bool:
+    """A finite int / float (numpy scalars included), not a bool."""
+    return (isinstance(value, numbers.Real) and not isinstance(value, (bool, np_bool_types()))
+            and math.isfinite(value))
+
+
+def np_bool_types() -> tuple:
+    """numpy's bool scalar type when numpy is loaded (config imports no numpy itself)."""
+    np = sys.modules.get("numpy")
+    return (np.bool_,) if np is not None else ()
+
+
+def as_token_id(value, field: str) -> int:
+    """An int token id (numpy integers accepted); ValueError naming `field` otherwise."""
+    message = f"{field}: token ids must be ints, got {value!r} ({type(value).__name__})"
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise ValueError(message)
+    try:
+        return operator.index(value)
+    except TypeError:  # e.g. a numpy array of several ids (a nested list passed as a prompt)
+        raise ValueError(message) from None
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SamplingParams:
     """Per-request decoding parameters (the names follow vLLM's SamplingParams)."""
@@ -113,40 +148,68 @@ class SamplingParams:
     stop: Union[str, Sequence[str], None] = ()  # stop strings (not included in text)
     stop_token_ids: Sequence[int] = ()  # stop when one of these is generated
     ignore_eos: bool = False  # keep going past the EOS token
-    logprobs: bool = False  # return log p of each generated token
+    # log p of each generated token: False / None = off; True or 0 = the sampled token's;
+    # N in [1, MAX_TOP_LOGPROBS] = also the N most likely tokens at each step (vLLM's
+    # `logprobs`, OpenAI's `top_logprobs`)
+    logprobs: Union[bool, int, None] = False
     prompt_logprobs: bool = False  # return log p of each prompt token after the first
 
     def __post_init__(self):
-        _require(isinstance(self.max_tokens, int) and not isinstance(self.max_tokens, bool)
-                 and self.max_tokens >= 1, "max_tokens", f"must be an int >= 1, got {self.max_tokens!r}")
-        _require(isinstance(self.temperature, (int, float)) and not math.isnan(self.temperature)
-                 and math.isfinite(self.temperature) and self.temperature >= 0, "temperature",
+        for name, kind in (("max_tokens", int), ("top_k", int), ("seed", int), ("temperature", float),
+                           ("top_p", float), ("min_p", float)):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, bool) and (
+                    _is_int(value) if kind is int else _is_number(value)):
+                object.__setattr__(self, name, kind(value))  # numpy scalars -> python numbers
+        _require(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens",
+                 f"must be an int >= 1, got {self.max_tokens!r}")
+        _require(_is_number(self.temperature) and self.temperature >= 0, "temperature",
                  f"must be a finite number >= 0, got {self.temperature!r}")
-        _require(isinstance(self.top_k, int) and self.top_k >= -1, "top_k",
+        _require(_is_int(self.top_k) and self.top_k >= -1, "top_k",
                  f"must be an int >= 1, or 0 / -1 to disable, got {self.top_k!r}")
-        _require(isinstance(self.top_p, (int, float)) and not math.isnan(self.top_p)
-                 and 0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p!r}")
-        _require(isinstance(self.min_p, (int, float)) and not math.isnan(self.min_p)
-                 and 0 <= self.min_p <= 1, "min_p", f"must be in [0, 1], got {self.min_p!r}")
-        _require(self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**63),
+        _require(_is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p!r}")
+        _require(_is_number(self.min_p) and 0 <= self.min_p <= 1, "min_p", f"must be in [0, 1], got {self.min_p!r}")
+        _require(self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2**63),
                  "seed", f"must be None or an int in [0, 2**63), got {self.seed!r}")
+        for name in ("ignore_eos", "prompt_logprobs"):
+            _require(isinstance(getattr(self, name), bool), name, f"must be a bool, got {getattr(self, name)!r}")
+        _require(self.logprobs is None or isinstance(self.logprobs, bool)
+                 or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_TOP_LOGPROBS), "logprobs",
+                 f"must be a bool, None or an int in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs!r}")
         stop = self.stop
         if stop is None:
             stop = ()
         elif isinstance(stop, str):
             stop = (stop,)
+        elif isinstance(stop, (bytes, Mapping)) or not isinstance(stop, Iterable):
+            raise ValueError(f"stop: must be a string or a list of strings, got {stop!r} ({type(stop).__name__})")
         stop = tuple(stop)
         for s in stop:
             _require(isinstance(s, str) and s != "", "stop", f"entries must be non-empty strings, got {s!r}")
         object.__setattr__(self, "stop", stop)
-        ids = tuple(self.stop_token_ids or ())
+        ids = self.stop_token_ids
+        if ids is None:
+            ids = ()
+        elif isinstance(ids, (str, bytes, Mapping)) or not isinstance(ids, Iterable):
+            raise ValueError(f"stop_token_ids: must be a list of ints, got {ids!r} ({type(ids).__name__})")
+        ids = tuple(as_token_id(t, "stop_token_ids") for t in ids)
         for t in ids:
-            _require(isinstance(t, int) and t >= 0, "stop_token_ids", f"entries must be ints >= 0, got {t!r}")
+            _require(t >= 0, "stop_token_ids", f"entries must be ints >= 0, got {t!r}")
         object.__setattr__(self, "stop_token_ids", ids)
 
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
+
+    @property
+    def want_logprobs(self) -> bool:
+        """Whether the sampled tokens' log p are returned."""
+        return self.logprobs is not None and self.logprobs is not False
+
+    @property
+    def num_top_logprobs(self) -> int:
+        """How many most likely alternatives are returned per generated token."""
+        return self.logprobs if _is_int(self.logprobs) else 0
 
 
 # Implementations of the attention ops (jaxinfer.pallas.ragged_paged_attention.IMPLS;
@@ -184,9 +247,9 @@ class EngineConfig:
             value = getattr(self, name)
             _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name,
                      f"must be an int >= 1, got {value!r}")
-        _require(self.num_pages is None or (isinstance(self.num_pages, int) and self.num_pages >= 1),
+        _require(self.num_pages is None or (_is_int(self.num_pages) and self.num_pages >= 1),
                  "num_pages", f"must be None or an int >= 1, got {self.num_pages!r}")
-        _require(self.max_model_len is None or (isinstance(self.max_model_len, int) and self.max_model_len >= 1),
+        _require(self.max_model_len is None or (_is_int(self.max_model_len) and self.max_model_len >= 1),
                  "max_model_len", f"must be None or an int >= 1, got {self.max_model_len!r}")
         _require(self.attention_impl is None or self.attention_impl in ATTENTION_IMPLS, "attention_impl",
                  f"{self.attention_impl!r} not in {ATTENTION_IMPLS}")

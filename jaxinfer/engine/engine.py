@@ -1,28 +1,63 @@
 """Engine: the loop schedule -> execute -> update that serves many requests at once.
 
-Architecture. Single-threaded and synchronous: the caller (InferenceSession) adds
-requests and calls `step()` until `has_unfinished` is False; each step asks the
-Scheduler for a StepInput, hands it to the ModelRunner (the only code that touches
-the device), then applies the StepOutput: computed-token counts, sampled tokens,
-detokenization, stop conditions, and frees the pages of finished requests. The engine
-owns the Request objects, the Scheduler owns the waiting/running queues, the
-BlockManager owns page bookkeeping, the runner owns the device arrays. Only this file
-talks to the runtime.
+Architecture. The Engine is synchronous and not thread-safe: one thread owns it. In a
+session that is always the AsyncEngine's loop thread (engine/async_engine.py); code
+that builds an Engine itself (tests, scripts) owns it in its own thread. It owns the Request objects and
+the OutputProcessor; the Scheduler owns the waiting / running queues, the
+BlockManager the page bookkeeping, the ModelRunner the device arrays. Only this file
+talks to the runtime, and only through the step protocol of jaxinfer.types: each
+step the Scheduler makes a ScheduledStep, the runner turns its StepInput into a
+StepOutput (with the step's StepStats), `Scheduler.update(step, output)` applies it
+by request id, and the OutputProcessor turns new tokens into text and stream deltas.
+
+Requests enter through `add_requests` (validated as a batch by engine/validation.py
+before any is queued) and leave when their last StreamDelta has been returned by
+`step` or `abort`: the engine forgets them then.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import random
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 from jaxinfer.config import EngineConfig, ModelConfig, SamplingParams
 from jaxinfer.engine.block_manager import BlockManager
-from jaxinfer.engine.detokenizer import IncrementalDetokenizer
-from jaxinfer.engine.request import Request, Status
+from jaxinfer.engine.output_processor import OutputProcessor
+from jaxinfer.engine.request import Request
 from jaxinfer.engine.scheduler import Scheduler, SharedPrefixPolicy
+from jaxinfer.engine.validation import NewRequest, RequestLimits, resolve_max_model_len, validate_requests
 from jaxinfer.runtime.model_runner import ModelRunner
-from jaxinfer.types import RequestOutput
+from jaxinfer.types import StepStats, StreamDelta
+
+
+@dataclasses.dataclass
+class _Counters:
+    """Sums of the StepStats of every step, plus host time outside the runner."""
+
+    num_steps: int = 0
+    num_batched_tokens: int = 0
+    num_padded_tokens: int = 0
+    num_scheduled_seqs: int = 0
+    num_compiles: int = 0
+    compile_seconds: float = 0.0
+    device_seconds: float = 0.0
+    host_seconds: float = 0.0
+    shared_prefix_steps: int = 0
+    shared_prefix_tokens_saved: int = 0
+
+    def add(self, stats: StepStats, num_seqs: int, host_seconds: float) -> None:
+        self.num_steps += 1
+        self.num_batched_tokens += stats.num_tokens
+        self.num_padded_tokens += stats.num_padded_tokens
+        self.num_scheduled_seqs += num_seqs
+        self.num_compiles += int(stats.is_compile)
+        self.compile_seconds += stats.device_seconds if stats.is_compile else 0.0
+        self.device_seconds += stats.device_seconds
+        self.host_seconds += host_seconds
+        self.shared_prefix_steps += int(stats.is_shared_prefix)
+        self.shared_prefix_tokens_saved += stats.shared_prefix_tokens_saved
 
 
 class Engine:
@@ -43,8 +78,7 @@ class Engine:
         self.config = engine_config
         self.tokenizer = tokenizer
         self.eos_token_ids = tuple(eos_token_ids)
-        self.max_model_len = min(engine_config.max_model_len or model_config.max_position_embeddings,
-                                 model_config.max_position_embeddings)
+        self.max_model_len = resolve_max_model_len(model_config, engine_config)
         self.block_manager = BlockManager(runner.num_pages, runner.page_size,
                                           enable_prefix_caching=engine_config.enable_prefix_caching)
         policy = None
@@ -53,113 +87,124 @@ class Engine:
                                         min_seqs=engine_config.shared_prefix_min_seqs)
         self.scheduler = Scheduler(self.block_manager, max_num_batched_tokens=engine_config.max_num_batched_tokens,
                                    max_num_seqs=engine_config.max_num_seqs, shared_prefix=policy)
-        self.requests: dict = {}
+        self.output_processor = OutputProcessor(tokenizer)
+        self.limits = RequestLimits(vocab_size=model_config.vocab_size, max_model_len=self.max_model_len,
+                                    num_pages=runner.num_pages, page_size=runner.page_size)
+        self.requests: dict = {}  # request id -> Request, until its last delta is returned
         self._ids = itertools.count()
         self._arrivals = itertools.count()
-        self.num_scheduled_seqs = 0
         self._seed_rng = random.Random()
-        self.num_steps = 0
-        self.num_batched_tokens = 0
-        self.host_seconds = 0.0
+        self._counters = _Counters()
+        self._weight_bytes = runner.weight_bytes
+        self._kv_cache_bytes = runner.kv_cache_bytes
 
-    def add_request(self, prompt_ids: list, params: SamplingParams, request_id: Optional[str] = None,
-                    priority: int = 0, cache_salt: Optional[str] = None) -> Request:
-        """Validates and queues one request.
+    # ------------------------------------------------------------------ requests
+
+    def add_requests(self, requests: Sequence[NewRequest]) -> list:
+        """Validates every request, then queues them all; returns their ids.
 
         Raises:
-          ValueError: naming the field, for an empty prompt, ids outside the vocabulary,
-            or a prompt + max_tokens beyond the context or beyond the page pool.
+          ValueError: naming the field and the request's index; nothing is queued.
         """
-        vocab = self.model_config.vocab_size
-        if not prompt_ids:
-            raise ValueError("prompt: empty prompt (needs at least one token)")
-        for t in prompt_ids:
-            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
-                raise ValueError(f"prompt: token id {t!r} outside the vocabulary [0, {vocab})")
-        total = len(prompt_ids) + params.max_tokens
-        if total > self.max_model_len:
-            raise ValueError(f"max_tokens: prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) "
-                             f"= {total} exceeds the model's context of {self.max_model_len}")
-        if self.block_manager.pages_needed(total) > self.block_manager.num_pages:
-            raise ValueError(f"max_tokens: prompt + max_tokens = {total} tokens can never fit in the KV cache "
-                             f"({self.block_manager.num_pages} pages of {self.block_manager.page_size})")
-        if not isinstance(priority, int) or isinstance(priority, bool):
-            raise ValueError(f"priority: expected an int, got {priority!r}")
-        if cache_salt is not None and not isinstance(cache_salt, str):
-            raise ValueError(f"cache_salt: expected a string or None, got {type(cache_salt).__name__}")
-        for t in params.stop_token_ids:
-            if t >= vocab:
-                raise ValueError(f"stop_token_ids: {t} outside the vocabulary [0, {vocab})")
-        request_id = request_id if request_id is not None else str(next(self._ids))
-        if request_id in self.requests:
-            raise ValueError(f"request_id: {request_id!r} is already in use")
-        seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
-        detok = IncrementalDetokenizer(self.tokenizer, prompt_ids) if self.tokenizer is not None else None
-        request = Request(request_id, prompt_ids, params, seed, detok, self.eos_token_ids, priority=priority,
-                          cache_salt=cache_salt, arrival_index=next(self._arrivals))
-        self.requests[request_id] = request
-        self.scheduler.add(request)
-        return request
+        requests = validate_requests(list(requests), self.limits)
+        ids = []
+        for i, r in enumerate(requests):
+            if r.request_id is not None and r.request_id in self.requests:
+                raise ValueError(f"request_id[{i}]: {r.request_id!r} is already in use")
+        for r in requests:
+            request_id = r.request_id
+            while request_id is None or request_id in self.requests:
+                request_id = str(next(self._ids))
+            seed = r.params.seed if r.params.seed is not None else self._seed_rng.getrandbits(63)
+            request = Request(request_id, list(r.prompt_ids), r.params, seed, self.eos_token_ids,
+                              priority=r.priority, cache_salt=r.cache_salt, arrival_index=next(self._arrivals))
+            self.requests[request_id] = request
+            self.output_processor.add(request)
+            self.scheduler.add(request)
+            ids.append(request_id)
+        return ids
+
+    def add_request(self, prompt_ids, params: SamplingParams, request_id: Optional[str] = None,
+                    priority: int = 0, cache_salt: Optional[str] = None) -> str:
+        """Validates and queues one request; returns its id."""
+        (rid,) = self.add_requests([NewRequest(prompt_ids=prompt_ids, params=params, request_id=request_id,
+                                               priority=priority, cache_salt=cache_salt)])
+        return rid
 
     @property
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished
 
-    def step(self) -> list:
-        """Runs one step; returns the requests that received a token in it."""
-        start = time.perf_counter()
-        step_input, chosen = self.scheduler.schedule()
-        if step_input is None:
-            return []
-        step_output = self.runner.execute(step_input)
-        touched = self.scheduler.update(chosen, step_output)
-        self.num_steps += 1
-        self.num_batched_tokens += sum(n for _, n in chosen)
-        self.num_scheduled_seqs += len(chosen)
-        # Host time: everything but the runner's device call (its input packing counts).
-        self.host_seconds += time.perf_counter() - start - self.runner.last_device_seconds
-        return touched
+    def abort(self, request_id: str) -> Optional[StreamDelta]:
+        """Stops a request wherever it is and frees its pages.
 
-    def output(self, request: Request) -> RequestOutput:
-        ttft = (request.first_token_time or request.arrival_time) - request.arrival_time
-        n = len(request.output_ids)
-        tpot = ((request.last_token_time - request.first_token_time) / (n - 1)) if n > 1 else 0.0
-        return RequestOutput(
-            request_id=request.request_id, prompt_token_ids=list(request.prompt_ids),
-            token_ids=list(request.output_ids), text=request.text, finish_reason=request.finish_reason,
-            logprobs=list(request.logprobs) if request.params.logprobs else None,
-            prompt_logprobs=list(request.prompt_logprobs) if request.params.prompt_logprobs else None,
-            time_to_first_token=ttft, time_per_output_token=tpot)
+        Returns:
+          its last StreamDelta (finish_reason "abort" unless it had finished), or None
+          for an id the engine does not hold.
+        """
+        request = self.requests.get(request_id)
+        if request is None:
+            return None
+        self.scheduler.finish(request, "abort")
+        return self._last_delta(request)
+
+    def _last_delta(self, request: Request) -> StreamDelta:
+        delta = self.output_processor.delta(request)
+        self.output_processor.remove(request.request_id)
+        del self.requests[request.request_id]
+        return delta
+
+    # ------------------------------------------------------------------ steps
+
+    def step(self) -> list:
+        """Runs one step.
+
+        Returns:
+          a StreamDelta for each request that received tokens in the step; a request's
+          last delta (finish_reason set, with its RequestOutput) also forgets it.
+        """
+        start = time.perf_counter()
+        step = self.scheduler.schedule()
+        if step is None:
+            return []
+        step_output = self.runner.execute(step.step_input)
+        touched = self.scheduler.update(step, step_output)
+        stats = step_output.stats
+        deltas = []
+        for request, num_new in touched:
+            if stats.is_compile and len(request.output_ids) > num_new:  # a decode step of this request
+                request.decode_compile_seconds += stats.device_seconds
+            if self.output_processor.process(request, num_new) == "stop":
+                self.scheduler.finish(request)
+                request.finish_reason = "stop"
+            if request.is_finished:
+                deltas.append(self._last_delta(request))
+            else:
+                deltas.append(self.output_processor.delta(request))
+        # Host time: everything but the runner's device call (its batch building counts).
+        self._counters.add(stats, step.num_sequences, time.perf_counter() - start - stats.device_seconds)
+        return deltas
 
     def reset_prefix_cache(self) -> None:
         """Forgets every cached prefix page (the next requests recompute everything)."""
         self.block_manager.reset_prefix_cache()
 
-    def abort(self, request: Request) -> None:
-        """Stops a request wherever it is and frees its pages."""
-        if not request.is_finished:
-            self.scheduler.finish(request)
-            request.finish_reason = request.finish_reason or "abort"
-            request.status = Status.FINISHED
-        self.release(request)
-
-    def release(self, request: Request) -> None:
-        """Forgets a finished request."""
-        self.requests.pop(request.request_id, None)
-
     def metrics(self) -> dict:
         bm = self.block_manager
-        steps = max(self.num_steps, 1)
+        c = self._counters
+        steps = max(c.num_steps, 1)
         return {
-            "num_steps": self.num_steps,
-            "num_batched_tokens": self.num_batched_tokens,
-            "mean_batch_tokens": self.num_batched_tokens / steps,
-            "mean_batch_seqs": self.num_scheduled_seqs / steps,
+            "num_steps": c.num_steps,
+            "num_batched_tokens": c.num_batched_tokens,
+            "num_padded_tokens": c.num_padded_tokens,
+            "mean_batch_tokens": c.num_batched_tokens / steps,
+            "mean_batch_seqs": c.num_scheduled_seqs / steps,
             "num_preemptions": self.scheduler.num_preemptions,
-            "num_compiles": self.runner.num_compiles,
-            "compile_seconds": self.runner.compile_seconds,
-            "host_seconds": self.host_seconds,
-            "host_ms_per_step": 1000 * self.host_seconds / steps,
+            "num_compiles": c.num_compiles,
+            "compile_seconds": c.compile_seconds,
+            "device_seconds": c.device_seconds,
+            "host_seconds": c.host_seconds,
+            "host_ms_per_step": 1000 * c.host_seconds / steps,
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),
             "num_free_pages": bm.num_free_pages,
@@ -168,8 +213,9 @@ class Engine:
             "prefix_cache_queries": bm.num_cache_queries,
             "prefix_cache_hits": bm.num_cache_hits,
             "prefix_cache_hit_rate": bm.num_cache_hits / max(bm.num_cache_queries, 1),
-            "shared_prefix_steps": self.runner.num_shared_prefix_steps,
-            "shared_prefix_tokens_saved": self.runner.num_shared_prefix_tokens_saved,
-            "weight_bytes": self.runner.weight_bytes,
-            "kv_cache_bytes": self.runner.kv_cache_bytes,
+            "shared_prefix_steps": c.shared_prefix_steps,
+            "shared_prefix_tokens_saved": c.shared_prefix_tokens_saved,
+            "weight_bytes": self._weight_bytes,
+            "kv_cache_bytes": self._kv_cache_bytes,
+            "max_model_len": self.max_model_len,
         }

@@ -1,8 +1,10 @@
 """Request: the host-side state of one generation request (no jax).
 
-Owned by the engine; the scheduler reads and advances `num_computed` and `page_ids`,
-output processing appends tokens and text. A request's tokens are its prompt followed
-by its generated ids; `num_computed` of them have their K/V in the cache.
+Owned by the engine. The scheduler reads and advances `num_computed` and `page_ids`,
+appends sampled tokens (`append_token`) and applies the token-level stop rules (EOS,
+stop token ids, max_tokens); the output processor (engine/output_processor.py) turns
+the tokens into text and applies stop strings. A request's tokens are its prompt
+followed by its generated ids; `num_computed` of them have their K/V in the cache.
 """
 from __future__ import annotations
 
@@ -22,8 +24,8 @@ class Status(enum.Enum):
 
 class Request:
     def __init__(self, request_id: str, prompt_ids: list, params: SamplingParams, seed: int,
-                 detokenizer=None, eos_token_ids: tuple = (), priority: int = 0,
-                 cache_salt: Optional[str] = None, arrival_index: int = 0):
+                 eos_token_ids: tuple = (), priority: int = 0, cache_salt: Optional[str] = None,
+                 arrival_index: int = 0):
         self.request_id = request_id
         self.priority = priority  # lower runs first (vLLM's convention)
         self.cache_salt = cache_salt  # prefix-cache namespace (per tenant)
@@ -34,13 +36,11 @@ class Request:
         self.prompt_ids = list(prompt_ids)
         self.params = params
         self.seed = seed
-        self.detokenizer = detokenizer
         self.eos_token_ids = frozenset(eos_token_ids)
         self.output_ids: list = []
-        self.logprobs: list = []
+        self.logprobs: list = []  # per generated token, if params.want_logprobs
+        self.top_logprobs: list = []  # per generated token a {id: log p} dict, if params.num_top_logprobs
         self.prompt_logprobs: list = []
-        self.text = ""
-        self.num_emitted_chars = 0  # streamed so far
         self.num_computed = 0  # tokens with K/V in the cache
         self.page_ids: list = []
         self.status = Status.WAITING
@@ -48,7 +48,7 @@ class Request:
         self.arrival_time = time.perf_counter()
         self.first_token_time: Optional[float] = None
         self.last_token_time: Optional[float] = None
-        self._max_stop_len = max((len(s) for s in params.stop), default=0)
+        self.decode_compile_seconds = 0.0  # compiles in steps after its first token
 
     @property
     def all_ids(self) -> list:
@@ -71,47 +71,33 @@ class Request:
     def is_finished(self) -> bool:
         return self.status is Status.FINISHED
 
-    def append_token(self, token_id: int, logprob: Optional[float]) -> None:
-        """Adds a generated token, updates the text and decides whether to stop."""
+    def is_stop_token(self, token_id: int) -> bool:
+        """Whether the token ends the request without becoming text (EOS, stop token id)."""
+        return (token_id in self.eos_token_ids and not self.params.ignore_eos) or token_id in self.params.stop_token_ids
+
+    def append_token(self, token_id: int, logprob: Optional[float] = None, top: Optional[tuple] = None) -> None:
+        """Adds a generated token and applies the token-level stop rules.
+
+        Sets finish_reason ("eos", "stop" for a stop token id, "length") when the token
+        ends the request; the caller frees its pages.
+        """
         now = time.perf_counter()
         if self.first_token_time is None:
             self.first_token_time = now
         self.last_token_time = now
         self.output_ids.append(token_id)
-        if self.params.logprobs:
+        if self.params.want_logprobs:
             self.logprobs.append(logprob)
-        params = self.params
-        is_eos = token_id in self.eos_token_ids and not params.ignore_eos
-        is_stop_id = token_id in params.stop_token_ids
-        if self.detokenizer is not None and not (is_eos or is_stop_id):
-            delta = self.detokenizer.add(token_id)
-            if delta:
-                start = max(0, len(self.text) - self._max_stop_len + 1)
-                self.text += delta
-                hits = [at for at in (self.text.find(stop, start) for stop in params.stop) if at >= 0]
-                if hits:
-                    self.text = self.text[:min(hits)]
-                    self.finish("stop")
-                    return
-        if is_eos:
+        if self.params.num_top_logprobs:
+            self.top_logprobs.append(dict(top or ()))
+        if token_id in self.eos_token_ids and not self.params.ignore_eos:
             self.finish("eos")
-        elif is_stop_id:
+        elif token_id in self.params.stop_token_ids:
             self.finish("stop")
-        elif len(self.output_ids) >= params.max_tokens:
+        elif len(self.output_ids) >= self.params.max_tokens:
             self.finish("length")
 
     def finish(self, reason: str) -> None:
         if self.finish_reason is None:
-            if reason != "stop" and self.detokenizer is not None:
-                self.text += self.detokenizer.flush()
             self.finish_reason = reason
         self.status = Status.FINISHED
-
-    def take_stream_delta(self) -> str:
-        """Text not streamed yet; holds back what could still become a stop string."""
-        end = len(self.text)
-        if not self.is_finished and self._max_stop_len > 1:
-            end = max(self.num_emitted_chars, end - self._max_stop_len + 1)
-        delta = self.text[self.num_emitted_chars:end]
-        self.num_emitted_chars = end
-        return delta

@@ -15,6 +15,16 @@ decode needs a page and none is free, the running request of the lowest priority
 was admitted most recently is preempted: its pages are freed (its computed full pages
 stay in the prefix cache) and it is recomputed later.
 
+The step protocol. `schedule()` returns a frozen ScheduledStep (the runner's StepInput
+plus the tokens scheduled per request id); `update(step, output)` takes it back with
+the runner's StepOutput and matches the two by request id, so a request aborted in
+between is skipped and a sequence may carry several sampled positions or none. (The
+engine still runs schedule -> execute -> update in turn: `schedule()` works from
+`num_computed`, which only `update()` advances, so overlapping step N+1 with step N
+needs the scheduler to count tokens in flight first.) The
+token-level stop rules (EOS, stop token ids, max_tokens) are applied here; stop
+strings, which need text, are the output processor's.
+
 Shared prefixes. With a `SharedPrefixPolicy`, each StepInput also lists the tree of
 prefix pages its sequences share (engine/shared_prefix.py), for the runner's
 shared-prefix (Hydragen) attention path.
@@ -29,7 +39,7 @@ from typing import Optional
 from jaxinfer.engine.block_manager import BlockManager
 from jaxinfer.engine.request import Request, Status
 from jaxinfer.engine.shared_prefix import find_shared_prefixes
-from jaxinfer.types import ScheduledSequence, StepInput, StepOutput
+from jaxinfer.types import ScheduledSequence, ScheduledStep, StepInput, StepOutput
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -51,6 +61,7 @@ class Scheduler:
         self.running: list = []  # in admission order
         self.num_preemptions = 0
         self._admissions = itertools.count()
+        self._step_ids = itertools.count()
 
     @staticmethod
     def _order(request: Request):
@@ -116,11 +127,10 @@ class Scheduler:
 
     # ---------------------------------------------------------------- steps
 
-    def schedule(self) -> tuple[Optional[StepInput], list]:
-        """Returns the next StepInput (None if there is nothing to run) and the
-        (request, num_tokens) pairs it covers, in batch order."""
+    def schedule(self) -> Optional[ScheduledStep]:
+        """Returns the next step (None if there is nothing to run)."""
         budget = self.max_num_batched_tokens
-        chosen: list = []
+        chosen: list = []  # (request, num_tokens) in batch order
         chosen_set: set = set()
 
         def take(request: Request, num_tokens: int) -> None:
@@ -150,14 +160,14 @@ class Scheduler:
             self.running.append(request)
             take(request, min(request.num_tokens - request.num_computed, budget))
         if not chosen:
-            return None, []
+            return None
         sequences = tuple(self._sequence(r, n) for r, n in chosen)
         shared = ()
         if self.shared_prefix is not None and len(sequences) >= self.shared_prefix.min_seqs:
             shared = find_shared_prefixes(sequences, self.block_manager.page_size,
                                           min_tokens=self.shared_prefix.min_tokens,
                                           min_seqs=self.shared_prefix.min_seqs)
-        return StepInput(sequences=sequences, shared_prefixes=shared), chosen
+        return ScheduledStep.make(next(self._step_ids), StepInput(sequences=sequences, shared_prefixes=shared))
 
     @staticmethod
     def _sequence(request: Request, num_tokens: int) -> ScheduledSequence:
@@ -170,31 +180,40 @@ class Scheduler:
             token_ids=tuple(ids[start:end]),
             start_position=start,
             page_ids=tuple(request.page_ids),
-            sample=end == len(ids),
+            sample_offsets=(num_tokens - 1,) if end == len(ids) else (),
             temperature=float(params.temperature),
             top_k=int(params.top_k),
             top_p=float(params.top_p),
             min_p=float(params.min_p),
             seed=request.seed,
-            want_logprobs=params.logprobs,
+            want_logprobs=params.want_logprobs,
+            num_top_logprobs=params.num_top_logprobs,
             want_prompt_logprobs=params.prompt_logprobs and start < len(request.prompt_ids) - 1,
             next_token_id=ids[end] if end < len(request.prompt_ids) else None,
         )
 
-    def update(self, chosen: list, step_output: StepOutput) -> list:
-        """Applies the runner's StepOutput to the requests of `chosen`.
+    def update(self, step: ScheduledStep, step_output: StepOutput) -> list:
+        """Applies the runner's output for `step`, matching it to requests by id.
 
         Marks the scheduled tokens as computed, caches the pages they filled, records
-        prompt logprobs, appends sampled tokens (output processing decides whether a
-        request is done) and frees the pages of finished requests.
+        prompt logprobs, appends sampled tokens (stopping at the first one that ends
+        the request) and frees the pages of finished requests. A request that left
+        the scheduler since `step` was made (aborted) is skipped.
 
         Returns:
-          the requests that received a token, in batch order.
+          (request, number of tokens appended) for each request that received tokens,
+          in batch order.
         """
         bm = self.block_manager
+        running = {r.request_id: r for r in self.running}
         touched = []
-        for (request, num_tokens), token, logprob, prompt_lps in zip(
-                chosen, step_output.sampled_token_ids, step_output.logprobs, step_output.prompt_logprobs):
+        for request_id, num_tokens in step.num_scheduled_tokens.items():
+            request = running.get(request_id)
+            if request is None:
+                continue
+            out = step_output.outputs.get(request_id)
+            if out is None:
+                raise ValueError(f"step_output: no output for request {request_id!r} of step {step.step_id}")
             first_target = request.num_computed + 1
             request.num_computed += num_tokens
             num_full = request.num_computed // bm.page_size
@@ -203,21 +222,30 @@ class Scheduler:
                 for i in range(request.num_registered_pages, num_full):
                     bm.register(request.page_ids[i], hashes[i])
                 request.num_registered_pages = num_full
-            for j, lp in enumerate(prompt_lps or ()):
+            for j, lp in enumerate(out.prompt_logprobs or ()):
                 # After a preemption a prompt is recomputed: keep the first value only.
                 target = first_target + j
                 if target < len(request.prompt_ids) and target == len(request.prompt_logprobs) + 1:
                     request.prompt_logprobs.append(lp)
-            if token is None:
-                continue
-            request.append_token(token, logprob)
-            touched.append(request)
+            num_new = 0
+            for j, token in enumerate(out.token_ids):
+                request.append_token(token, out.logprobs[j] if out.logprobs is not None else None,
+                                     out.top_logprobs[j] if out.top_logprobs is not None else None)
+                num_new += 1
+                if request.is_finished:
+                    break
+            if num_new:
+                touched.append((request, num_new))
             if request.is_finished:
                 self.finish(request)
         return touched
 
-    def finish(self, request: Request) -> None:
-        """Releases a finished (or aborted) request's pages."""
+    def finish(self, request: Request, reason: Optional[str] = None) -> None:
+        """Ends a request (with `reason` unless it already has one) and frees its pages."""
+        if reason is not None:
+            request.finish(reason)
+        # Finished even without a reason (the engine's stop-string finish sets it itself).
+        request.status = Status.FINISHED
         if request in self.running:
             self.running.remove(request)
         elif request in self.waiting:

@@ -77,9 +77,9 @@ def test_priorities_admit_urgent_requests_first(oracle):
     high = engine.add_request([5, 6, 9], SamplingParams(max_tokens=2, temperature=0), priority=-3)
     order = []
     while engine.has_unfinished:
-        for r in engine.step():
-            if r.is_finished:
-                order.append(r)
+        for delta in engine.step():
+            if delta.is_finished:
+                order.append(delta.request_id)
     assert order == [high, mid, low]
 
 
@@ -95,17 +95,20 @@ def test_needle_is_batch_invariant_while_others_join_and_leave(oracle, needle_pa
     session = InferenceSession.from_pretrained(path, engine=EngineConfig(page_size=4, max_num_batched_tokens=16))
     engine = session.engine
     rng = np.random.RandomState(5)
-    request = engine.add_request(needle, needle_params)
-    step = 0
-    while not request.is_finished:
+    needle_id = engine.add_request(needle, needle_params)
+    step, output, streamed = 0, None, []
+    while output is None:
         if step % 3 == 0:  # others join mid-decode, with their own lengths, knobs and seeds
             for _ in range(rng.randint(1, 4)):
                 engine.add_request(rng.randint(3, hf_models.VOCAB, size=rng.randint(1, 30)).tolist(),
                                    SamplingParams(max_tokens=int(rng.randint(1, 10)), temperature=float(rng.rand()),
                                                   seed=int(rng.randint(1000)), ignore_eos=True))
-        engine.step()
+        for delta in engine.step():
+            if delta.request_id == needle_id:
+                streamed += delta.token_ids
+                output = delta.output if delta.is_finished else None
         step += 1
-    assert request.output_ids == alone
+    assert output.token_ids == alone and streamed == alone
     assert engine.metrics()["mean_batch_seqs"] > 1.5
 
 

@@ -10,7 +10,7 @@ from jaxinfer.config import SamplingParams
 from jaxinfer.engine.block_manager import BlockManager
 from jaxinfer.engine.request import Request
 from jaxinfer.engine.scheduler import Scheduler
-from jaxinfer.types import StepOutput
+from jaxinfer.types import SequenceOutput, StepOutput, StepStats
 
 
 def _request(rid, prompt_len, max_tokens=4):
@@ -20,15 +20,20 @@ def _request(rid, prompt_len, max_tokens=4):
 
 def _run_step(scheduler, next_token=7):
     """Schedules one step and plays the runner with a hand-built StepOutput: every
-    sequence that samples gets `next_token`."""
-    step, chosen = scheduler.schedule()
+    sequence gets `next_token` at each of its sample offsets. Returns the step's
+    StepInput (None when nothing ran) and its (request, num_tokens) pairs in batch order."""
+    requests = {r.request_id: r for r in scheduler.running + scheduler.waiting}
+    step = scheduler.schedule()
     if step is None:
         return None, []
-    out = StepOutput(sampled_token_ids=tuple(next_token if s.sample else None for s in step.sequences),
-                     logprobs=tuple(None for _ in step.sequences),
-                     prompt_logprobs=tuple(None for _ in step.sequences))
-    scheduler.update(chosen, out)
-    return step, chosen
+    chosen = [(requests[s.request_id], len(s.token_ids)) for s in step.step_input.sequences]
+    assert dict(step.num_scheduled_tokens) == {r.request_id: n for r, n in chosen}
+    out = StepOutput(outputs={s.request_id: SequenceOutput(request_id=s.request_id,
+                                                           token_ids=(next_token,) * len(s.sample_offsets))
+                              for s in step.step_input.sequences},
+                     stats=StepStats(num_tokens=step.num_tokens))
+    scheduler.update(step, out)
+    return step.step_input, chosen
 
 
 def test_block_manager_refcounts_and_errors():
@@ -53,7 +58,7 @@ def test_token_budget_chunks_prefill_and_decodes_go_first():
     step, chosen = _run_step(s)
     # a's whole prompt (3) + the first 5 tokens of b's prompt.
     assert [(r.request_id, n) for r, n in chosen] == [("a", 3), ("b", 5)]
-    assert step.sequences[0].sample and not step.sequences[1].sample
+    assert step.sequences[0].sample_offsets == (2,) and step.sequences[1].sample_offsets == ()
     assert step.sequences[1].start_position == 0 and step.sequences[1].next_token_id == b.prompt_ids[5]
     step, chosen = _run_step(s)
     # Decode of a first, then 7 more tokens of b.
@@ -155,3 +160,56 @@ def test_scheduler_reuses_cached_prefix_and_leaves_one_token_to_compute():
     _, chosen = _run_step(s)
     assert chosen == [(c, 2)]
     assert s.block_manager.num_free_pages == 32
+
+
+def _outputs(step, tokens):
+    """request id -> its SequenceOutput, built in reverse batch order (update must match by id)."""
+    return StepOutput(outputs={s.request_id: SequenceOutput(request_id=s.request_id, token_ids=tokens[s.request_id])
+                               for s in reversed(step.step_input.sequences)})
+
+
+def test_update_matches_outputs_by_request_id_and_skips_aborted_requests():
+    s = Scheduler(BlockManager(16, 4), max_num_batched_tokens=64, max_num_seqs=8)
+    a, b, c = _request("a", 3), _request("b", 2), _request("c", 2)
+    for r in (a, b, c):
+        s.add(r)
+    step = s.schedule()
+    assert step.step_id == 0 and dict(step.num_scheduled_tokens) == {"a": 3, "b": 2, "c": 2}
+    assert step.num_tokens == 7 and step.num_sequences == 3
+    s.finish(c, "abort")  # aborted while the step is in flight
+    assert c.is_finished and c.finish_reason == "abort" and c.page_ids == []
+    touched = s.update(step, _outputs(step, {"a": (11,), "b": (12,), "c": (13,)}))
+    assert touched == [(a, 1), (b, 1)]
+    assert a.output_ids == [11] and b.output_ids == [12] and c.output_ids == []
+    with pytest.raises(ValueError, match="step_output: no output for request 'b' of step 1"):
+        step = s.schedule()
+        s.update(step, StepOutput(outputs={"a": SequenceOutput(request_id="a", token_ids=(1,))}))
+
+
+def test_update_appends_several_tokens_and_stops_at_the_first_finishing_one():
+    s = Scheduler(BlockManager(16, 4), max_num_batched_tokens=64, max_num_seqs=8)
+    a = Request("a", [3, 4], SamplingParams(max_tokens=9, stop_token_ids=[9], logprobs=True), seed=0)
+    b = _request("b", 2, max_tokens=2)
+    s.add(a)
+    s.add(b)
+    step = s.schedule()
+    # As a draft-verify step would return: several tokens per sequence.
+    out = StepOutput(outputs={
+        "a": SequenceOutput(request_id="a", token_ids=(5, 9, 6), logprobs=(-1.0, -2.0, -3.0)),
+        "b": SequenceOutput(request_id="b", token_ids=(7, 7, 7))})
+    assert s.update(step, out) == [(a, 2), (b, 2)]
+    assert a.output_ids == [5, 9] and a.logprobs == [-1.0, -2.0] and a.finish_reason == "stop"
+    assert b.output_ids == [7, 7] and b.finish_reason == "length"
+    assert not s.has_unfinished and s.block_manager.num_free_pages == 16
+
+
+def test_eos_ends_unless_ignored():
+    s = Scheduler(BlockManager(16, 4), max_num_batched_tokens=64, max_num_seqs=8)
+    a = Request("a", [3], SamplingParams(max_tokens=5), seed=0, eos_token_ids=(2,))
+    b = Request("b", [3], SamplingParams(max_tokens=5, ignore_eos=True), seed=0, eos_token_ids=(2,))
+    s.add(a)
+    s.add(b)
+    while s.has_unfinished:
+        _run_step(s, next_token=2)
+    assert (a.output_ids, a.finish_reason) == ([2], "eos")
+    assert (b.output_ids, b.finish_reason) == ([2] * 5, "length")

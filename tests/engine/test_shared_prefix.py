@@ -16,8 +16,8 @@ PAGE = 4
 
 def _seq(rid, pages, start, num_tokens=1):
     return ScheduledSequence(request_id=str(rid), token_ids=(5,) * num_tokens, start_position=start,
-                             page_ids=tuple(pages), sample=True, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0,
-                             seed=0)
+                             page_ids=tuple(pages), sample_offsets=(num_tokens - 1,), temperature=0.0, top_k=0,
+                             top_p=1.0, min_p=0.0, seed=0)
 
 
 def test_tree_of_depth_two():
@@ -120,4 +120,5 @@ def test_runner_rejects_inconsistent_groups(oracle):
             runner.execute(StepInput(sequences=seqs, shared_prefixes=(node,)))
     good = SharedPrefix(start_page=0, page_ids=(1, 2), members=(0, 1))
     out = runner.execute(StepInput(sequences=seqs, shared_prefixes=(good,)))
-    assert len(out.sampled_token_ids) == 2
+    assert sorted(out.outputs) == ["0", "1"]
+    assert all(len(o.token_ids) == 1 for o in out.outputs.values())

@@ -1,0 +1,121 @@
+"""Request validation: the one place where a request's fields are checked (no jax).
+
+Path: session -> async engine -> **validation** (in the caller's thread, by
+`AsyncEngine.add_requests`, and again by `Engine.add_requests` on the loop thread: it is
+cheap, and the Engine stays safe to use on its own) -> scheduler. Everything behind this boundary trusts the types: prompt ids are python ints
+inside the vocabulary, prompt + max_tokens fits the context and the page pool, the
+priority is an int, the cache salt a string or None. A batch of requests is validated
+as a whole before any of them is queued, so one bad request leaves the engine untouched.
+
+Errors are ValueErrors that name the field; with an `index` (a batch) the name carries
+it: `prompts[1]: token id 2.0 ...`, `params[0].stop_token_ids: ...`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from typing import Optional
+
+from jaxinfer.config import EngineConfig, ModelConfig, SamplingParams, as_token_id
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class NewRequest:
+    """A request as it enters the engine (validated by `validate_request`)."""
+
+    prompt_ids: tuple  # token ids of the prompt (>= 1)
+    params: SamplingParams
+    request_id: Optional[str] = None  # None = the engine assigns one
+    priority: int = 0  # lower runs first
+    cache_salt: Optional[str] = None  # prefix-cache namespace
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RequestLimits:
+    """What a request must fit into."""
+
+    vocab_size: int
+    max_model_len: int  # prompt + max_tokens at most
+    num_pages: int  # KV pages in the pool
+    page_size: int  # tokens per page
+
+
+def resolve_max_model_len(model_config: ModelConfig, engine_config: EngineConfig) -> int:
+    """The context length the engine serves: EngineConfig.max_model_len or the model's.
+
+    Raises:
+      ValueError: max_model_len above the model's max_position_embeddings (a silent cut
+        would surprise whoever sized their prompts by it).
+    """
+    limit = model_config.max_position_embeddings
+    if engine_config.max_model_len is None:
+        return limit
+    if engine_config.max_model_len > limit:
+        raise ValueError(f"max_model_len: {engine_config.max_model_len} exceeds the model's context "
+                         f"(max_position_embeddings) of {limit}; pass at most {limit} or None")
+    return engine_config.max_model_len
+
+
+def _name(field: str, index: Optional[int]) -> str:
+    return field if index is None else f"{field}[{index}]"
+
+
+def validate_prompt_ids(prompt, vocab_size: int, field: str = "prompt") -> tuple:
+    """Token ids (ints, numpy integers accepted) of a non-empty prompt inside the vocabulary."""
+    if isinstance(prompt, (str, bytes)) or not isinstance(prompt, Iterable):
+        raise ValueError(f"{field}: expected a list of token ids, got {type(prompt).__name__}")
+    ids = []
+    for t in prompt:
+        try:
+            t = as_token_id(t, field)
+        except ValueError:
+            raise ValueError(f"{field}: token id {t!r} is not an int ({type(t).__name__})") from None
+        if not 0 <= t < vocab_size:
+            raise ValueError(f"{field}: token id {t} outside the vocabulary [0, {vocab_size})")
+        ids.append(t)
+    if not ids:
+        raise ValueError(f"{field}: empty prompt (needs at least one token)")
+    return tuple(ids)
+
+
+def validate_request(request: NewRequest, limits: RequestLimits, index: Optional[int] = None) -> NewRequest:
+    """Checks every field of `request`; returns it with normalized prompt ids.
+
+    Raises:
+      ValueError: naming the field (and `index` for a batch).
+    """
+    if not isinstance(request.params, SamplingParams):
+        raise ValueError(f"{_name('params', index)}: expected SamplingParams, got {type(request.params).__name__}")
+    params = request.params
+    ids = validate_prompt_ids(request.prompt_ids, limits.vocab_size, _name("prompts", index))
+    total = len(ids) + params.max_tokens
+    if total > limits.max_model_len:
+        raise ValueError(f"{_name('params', index)}.max_tokens: prompt ({len(ids)} tokens) + max_tokens "
+                         f"({params.max_tokens}) = {total} exceeds the model's context of {limits.max_model_len}")
+    if -(-total // limits.page_size) > limits.num_pages:
+        raise ValueError(f"{_name('params', index)}.max_tokens: prompt + max_tokens = {total} tokens can never "
+                         f"fit in the KV cache ({limits.num_pages} pages of {limits.page_size})")
+    for t in params.stop_token_ids:
+        if t >= limits.vocab_size:
+            raise ValueError(f"{_name('params', index)}.stop_token_ids: {t} outside the vocabulary "
+                             f"[0, {limits.vocab_size})")
+    if not isinstance(request.priority, int) or isinstance(request.priority, bool):
+        raise ValueError(f"{_name('priority', index)}: expected an int, got {request.priority!r}")
+    if request.cache_salt is not None and not isinstance(request.cache_salt, str):
+        raise ValueError(f"{_name('cache_salt', index)}: expected a string or None, "
+                         f"got {type(request.cache_salt).__name__}")
+    if request.request_id is not None and (not isinstance(request.request_id, str) or not request.request_id):
+        raise ValueError(f"{_name('request_id', index)}: expected a non-empty string, got {request.request_id!r}")
+    return dataclasses.replace(request, prompt_ids=ids)
+
+
+def validate_requests(requests, limits: RequestLimits) -> list:
+    """Validates a batch; request ids must be distinct within it. Returns the normalized list."""
+    out = [validate_request(r, limits, index=i) for i, r in enumerate(requests)]
+    seen = set()
+    for i, r in enumerate(out):
+        if r.request_id is not None:
+            if r.request_id in seen:
+                raise ValueError(f"request_id[{i}]: {r.request_id!r} appears twice in the batch")
+            seen.add(r.request_id)
+    return out
