@@ -57,26 +57,26 @@ def generate() -> int:
     session = InferenceSession.from_pretrained(_MODEL.value, dtype=_DTYPE.value, quantization=_QUANTIZATION.value,
                                                quantization_config=quant_config)
     load_seconds = time.perf_counter() - load_start
-    start = time.perf_counter()
-    compile_at_first_token = None
-    sys.stdout.write(_PROMPT.value)
-    for piece in session.stream(_PROMPT.value, params):
-        if compile_at_first_token is None:
-            compile_at_first_token = session.metrics()["compile_seconds"]
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    end = time.perf_counter()
-    out = session.last_output
-    metrics = session.metrics()
-    num_generated = len(out.token_ids)
+    with session:
+        # Validated and queued before anything is printed: an error is not glued to the prompt.
+        stream = session.stream(_PROMPT.value, params, output="deltas")
+        sys.stdout.write(_PROMPT.value)
+        for delta in stream:
+            if delta.text:
+                sys.stdout.write(delta.text)
+                sys.stdout.flush()
+        out = stream.output
+        metrics = session.metrics()
+    num_generated = out.num_generated_tokens
     ttft = out.time_to_first_token
-    # Decode speed without the one-off compilations of decode shapes (reported apart).
-    decode_compile = metrics["compile_seconds"] - (compile_at_first_token or 0.0)
-    decode_seconds = end - (start + ttft) - decode_compile
+    # Decode speed from the request's own timings, without the one-off compilations of
+    # decode shapes (reported apart); independent of when text was released.
+    decode_seconds = (num_generated - 1) * out.time_per_output_token - out.decode_compile_seconds
     rate = (num_generated - 1) / decode_seconds if num_generated > 1 and decode_seconds > 0 else 0.0
+    rate_text = f"{rate:.1f} tokens/s" if num_generated > 1 else "n/a tokens/s (one token)"
     print()
-    print(f"[jaxinfer] prompt tokens: {len(out.prompt_token_ids)} | generated tokens: {num_generated} "
-          f"({out.finish_reason}) | time to first token: {ttft * 1000:.1f} ms | decode: {rate:.1f} tokens/s "
+    print(f"[jaxinfer] prompt tokens: {out.num_prompt_tokens} | generated tokens: {num_generated} "
+          f"({out.finish_reason}) | time to first token: {ttft * 1000:.1f} ms | decode: {rate_text} "
           f"| load: {load_seconds:.2f} s | compiles: {metrics['num_compiles']} "
           f"({metrics['compile_seconds']:.2f} s, not in decode tokens/s) "
           f"| weights: {metrics['weight_bytes'] / 1e6:.2f} MB")
@@ -95,8 +95,19 @@ def main(argv):
         return 2
 
 
+def _adopt_flags_for_help() -> None:
+    """Makes this module's flags key flags of the running program, so `--help` lists them.
+
+    absl's --help shows the key flags of the main module, which it names by sys.argv[0]:
+    for the `jaxinfer` console script (or `python -m jaxinfer.cli`) that is not this module.
+    """
+    for flag in flags.FLAGS.get_key_flags_for_module(__name__):
+        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+
+
 def run():
     """Console-script entry point."""
+    _adopt_flags_for_help()
     app.run(main)
 
 

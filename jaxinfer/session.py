@@ -2,38 +2,41 @@
 
     session = InferenceSession.from_pretrained(path, dtype="float32")
     outs = session.generate(prompts, SamplingParams(max_tokens=32, temperature=0.0))
-    for piece in session.stream(prompt, params): ...
+    for piece in session.stream(prompt, params): ...                  # text pieces
+    for delta in session.stream(prompt, params, output="deltas"): ... # ids, finish reason, usage
     session = InferenceSession.from_pretrained(path, quantization="int4")  # int4 weights (RTN)
 
-Path: **session** -> engine (scheduler, runner, output processing). The session turns
-text into token ids with the model's tokenizer, validates every prompt before any of
-them is queued (so a bad prompt never disturbs the others), drives the engine until its
-requests finish and returns RequestOutputs in prompt order.
+Path: **session** -> async engine (engine/async_engine.py: one loop thread owns the
+engine) -> engine (scheduler, runner, output processing). The session turns text into
+token ids with the model's tokenizer and hands the requests to the AsyncEngine, which
+validates every prompt and parameter before any of them is queued (so a bad prompt
+never disturbs the others). `generate` and `stream` are clients of the loop thread:
+any number of threads (or asyncio tasks, `agenerate` / `astream`) may call them at once.
+
+Design note: the session always goes through the loop thread, also for a single
+caller, rather than stepping the engine inline when no other thread is active. One
+path means one set of races to reason about (none: only the loop thread touches the
+engine); its cost is a thread hand-off per finished request for `generate` (readers
+wait for the last delta only) and per step for `stream`, measured as noise in
+scripts/benchmark_latency.py (see BUILD.md).
 """
 from __future__ import annotations
 
 import os
-from typing import Iterator, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 from jaxinfer import quant
 from jaxinfer.assets import resolve_model_path
 from jaxinfer.config import EngineConfig, ModelConfig, SamplingParams
+from jaxinfer.engine.async_engine import AsyncEngine, RequestStream
 from jaxinfer.engine.engine import Engine
+from jaxinfer.engine.validation import NewRequest, resolve_max_model_len
 from jaxinfer.models import checkpoint
 from jaxinfer.models.tokenizer import load_tokenizer
 from jaxinfer.runtime.model_runner import ModelRunner
 from jaxinfer.types import RequestOutput
 
 Prompt = Union[str, Sequence[int]]
-
-
-def _num_pages(model_config: ModelConfig, engine_config: EngineConfig, itemsize: int, max_model_len: int) -> int:
-    if engine_config.num_pages is not None:
-        return engine_config.num_pages
-    page_bytes = (2 * engine_config.page_size * model_config.num_kv_heads * model_config.head_dim
-                  * itemsize * model_config.num_layers)
-    pages_per_seq = -(-max_model_len // engine_config.page_size)
-    return max(1, min(engine_config.max_kv_cache_bytes // page_bytes, pages_per_seq * engine_config.max_num_seqs))
 
 
 class InferenceSession:
@@ -48,14 +51,14 @@ class InferenceSession:
         self.model_config = model_config
         self.tokenizer = tokenizer
         self.dtype = dtype
-        max_model_len = min(engine.max_model_len or model_config.max_position_embeddings,
-                            model_config.max_position_embeddings)
-        num_pages = _num_pages(model_config, engine, dtype.itemsize, max_model_len)
-        runner = ModelRunner(model_config, params, page_size=engine.page_size, num_pages=num_pages,
-                             dtype=dtype, attention_impl=engine.attention_impl)
+        max_model_len = resolve_max_model_len(model_config, engine)
+        runner = ModelRunner.from_config(model_config, params, engine, dtype=dtype, max_model_len=max_model_len)
         eos = tuple(eos_token_ids) or tuple(model_config.eos_token_ids) or (
             tuple(tokenizer.eos_token_ids) if tokenizer is not None else ())
+        # Owned by the loop thread of `async_engine` once a request was made: call it
+        # directly only from code that runs on that thread (AsyncEngine.call).
         self.engine = Engine(model_config, runner, engine, tokenizer=tokenizer, eos_token_ids=eos)
+        self.async_engine = AsyncEngine(self.engine)
 
     @classmethod
     def from_pretrained(cls, path: str, dtype="float32", engine: Optional[EngineConfig] = None,
@@ -102,7 +105,7 @@ class InferenceSession:
 
     # ------------------------------------------------------------------ prompts
 
-    def _encode(self, prompt: Prompt, index: int) -> list:
+    def _encode(self, prompt: Prompt, index: int):
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError(f"prompts[{index}]: text prompt given but the model folder has no tokenizer; "
@@ -110,18 +113,7 @@ class InferenceSession:
             if not prompt:
                 raise ValueError(f"prompts[{index}]: empty prompt")
             return list(self.tokenizer.encode(prompt))
-        try:
-            ids = list(prompt)
-        except TypeError:
-            raise ValueError(f"prompts[{index}]: expected a string or a list of token ids, "
-                             f"got {type(prompt).__name__}") from None
-        if not ids:
-            raise ValueError(f"prompts[{index}]: empty prompt")
-        vocab = self.model_config.vocab_size
-        for t in ids:
-            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
-                raise ValueError(f"prompts[{index}]: token id {t!r} outside the vocabulary [0, {vocab})")
-        return ids
+        return prompt  # token ids: validated by the engine with the other fields
 
     def _add(self, prompts: Sequence[Prompt], params, priority=0, cache_salt=None) -> list:
         if isinstance(prompts, str):
@@ -132,35 +124,20 @@ class InferenceSession:
         params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError(f"params: got {len(params_list)} SamplingParams for {len(prompts)} prompts")
-        for i, p in enumerate(params_list):
-            if not isinstance(p, SamplingParams):
-                raise ValueError(f"params[{i}]: expected SamplingParams, got {type(p).__name__}")
-        encoded = [self._encode(p, i) for i, p in enumerate(prompts)]
-        # Validate all before queuing any, so that one bad prompt leaves the engine untouched.
-        engine = self.engine
-        for i, (ids, p) in enumerate(zip(encoded, params_list)):
-            total = len(ids) + p.max_tokens
-            if total > engine.max_model_len:
-                raise ValueError(f"prompts[{i}]: max_tokens: prompt ({len(ids)} tokens) + max_tokens "
-                                 f"({p.max_tokens}) = {total} exceeds the model's context of {engine.max_model_len}")
         priorities = list(priority) if isinstance(priority, (list, tuple)) else [priority] * len(prompts)
         salts = list(cache_salt) if isinstance(cache_salt, (list, tuple)) else [cache_salt] * len(prompts)
         if len(priorities) != len(prompts):
             raise ValueError(f"priority: got {len(priorities)} priorities for {len(prompts)} prompts")
         if len(salts) != len(prompts):
             raise ValueError(f"cache_salt: got {len(salts)} salts for {len(prompts)} prompts")
-        for i, (pr, salt) in enumerate(zip(priorities, salts)):
-            if not isinstance(pr, int) or isinstance(pr, bool):
-                raise ValueError(f"priority[{i}]: expected an int, got {pr!r}")
-            if salt is not None and not isinstance(salt, str):
-                raise ValueError(f"cache_salt[{i}]: expected a string or None, got {type(salt).__name__}")
-        return [engine.add_request(ids, p, priority=pr, cache_salt=salt)
-                for ids, p, pr, salt in zip(encoded, params_list, priorities, salts)]
+        new = [NewRequest(prompt_ids=self._encode(p, i), params=sp, priority=pr, cache_salt=salt)
+               for i, (p, sp, pr, salt) in enumerate(zip(prompts, params_list, priorities, salts))]
+        return self.async_engine.add_requests(new)
 
     # ------------------------------------------------------------------ API
 
     def generate(self, prompts: Sequence[Prompt], params=None, *, priority=0, cache_salt=None) -> list:
-        """Generates for every prompt (strings or token-id lists).
+        """Generates for every prompt (strings or token-id lists). Thread-safe.
 
         Args:
           prompts: list of prompts.
@@ -169,46 +146,124 @@ class InferenceSession:
           cache_salt: str or list; requests share prefix-cache pages only within a salt.
         Returns:
           list[RequestOutput] in prompt order.
+        Raises:
+          ValueError: a bad prompt or parameter, naming it (`prompts[1]`,
+            `params[0].max_tokens`, ...); then none of the prompts was queued.
         """
-        requests = self._add(prompts, params, priority, cache_salt)
+        streams = self._add(prompts, params, priority, cache_salt)
         try:
-            while not all(r.is_finished for r in requests):
-                self.engine.step()
-        except BaseException:
-            for r in requests:
-                self.engine.abort(r)
+            return [s.result() for s in streams]
+        except BaseException:  # e.g. KeyboardInterrupt: stop what is still running
+            for s in streams:
+                s.abort()
             raise
-        outputs = [self.engine.output(r) for r in requests]
-        for r in requests:
-            self.engine.release(r)
-        return outputs
 
     def stream(self, prompt: Prompt, params: Optional[SamplingParams] = None, *, priority: int = 0,
-               cache_salt: Optional[str] = None) -> Iterator[str]:
-        """Yields the generated text of one prompt piece by piece as it is produced."""
-        (request,) = self._add([prompt], params, priority, cache_salt)
+               cache_salt: Optional[str] = None, output: str = "text") -> "TokenStream":
+        """Streams one prompt's generation as it is produced. Thread-safe.
+
+        The prompt is validated and queued before this returns (a bad one raises
+        ValueError here); iterate the result for the pieces. Stopping early (break,
+        `close()`, or dropping the iterator) aborts the request.
+
+        Args:
+          output: "text" yields the new text of each step (str, possibly skipping steps
+            whose text is held back); "deltas" yields a StreamDelta per step: `text`,
+            `token_ids`, `logprobs` / `top_logprobs` (when asked for) and, on the last
+            one, `finish_reason` and `output` (the RequestOutput: usage and timings).
+        """
+        if output not in ("text", "deltas"):
+            raise ValueError(f"output: expected 'text' or 'deltas', got {output!r}")
+        (stream,) = self._add([prompt], params, priority, cache_salt)
+        return TokenStream(stream, deltas=output == "deltas")
+
+    async def agenerate(self, prompts: Sequence[Prompt], params=None, *, priority=0, cache_salt=None) -> list:
+        """`generate` for asyncio: awaits the outputs without blocking the event loop."""
+        streams = self._add(prompts, params, priority, cache_salt)
         try:
-            while not request.is_finished:
-                self.engine.step()
-                delta = request.take_stream_delta()
-                if delta:
-                    yield delta
-        except BaseException:  # includes GeneratorExit when the caller stops early
-            self.engine.abort(request)
+            return [await s.aresult() for s in streams]
+        except BaseException:  # includes asyncio.CancelledError
+            for s in streams:
+                s.abort()
             raise
-        delta = request.take_stream_delta()
-        if delta:
-            yield delta
-        self.last_output: RequestOutput = self.engine.output(request)
-        self.engine.release(request)
+
+    async def astream(self, prompt: Prompt, params: Optional[SamplingParams] = None, *, priority: int = 0,
+                      cache_salt: Optional[str] = None):
+        """`stream(..., output="deltas")` for asyncio: `async for delta in session.astream(...)`."""
+        (stream,) = self._add([prompt], params, priority, cache_salt)
+        try:
+            async for delta in stream:
+                yield delta
+        finally:
+            stream.abort()
+
+    def close(self) -> None:
+        """Stops the engine's loop thread (aborting what runs); a later request restarts it."""
+        self.async_engine.shutdown()
+
+    def __enter__(self) -> "InferenceSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        engine = getattr(self, "async_engine", None)
+        if engine is not None:
+            engine.shutdown(timeout=5.0)
 
     def reset_prefix_cache(self) -> None:
         """Drops every cached prefix page, e.g. between a warm-up and a timed run."""
-        self.engine.reset_prefix_cache()
+        self.async_engine.reset_prefix_cache()
 
     def metrics(self) -> dict:
-        """Engine counters: steps, preemptions, compiles, pages, weight bytes."""
-        return self.engine.metrics()
+        """Engine counters: steps, preemptions, compiles, pages, weight bytes (thread-safe)."""
+        return self.async_engine.metrics()
+
+
+class TokenStream:
+    """What `InferenceSession.stream` returns: an iterator over one request's output.
+
+    Yields str pieces (output="text") or StreamDeltas (output="deltas"). After the
+    iteration ends, `output` holds the RequestOutput. `close()` (or breaking out of a
+    for loop and dropping it) aborts the request if it still runs.
+    """
+
+    def __init__(self, stream: RequestStream, deltas: bool):
+        self.request_id = stream.request_id
+        self._stream = stream
+        self._iter = iter(stream)
+        self._deltas = deltas
+        self.output: Optional[RequestOutput] = None
+
+    def __iter__(self) -> "TokenStream":
+        return self
+
+    def __next__(self):
+        while True:
+            try:
+                delta = next(self._iter)
+            except StopIteration:
+                raise
+            except BaseException:
+                self._stream.abort()
+                raise
+            if delta.is_finished:
+                self.output = delta.output
+            if self._deltas:
+                return delta
+            if delta.text:
+                return delta.text
+            if delta.is_finished:
+                raise StopIteration
+
+    def close(self) -> None:
+        self._stream.abort()
+
+    def __del__(self):
+        stream = getattr(self, "_stream", None)
+        if stream is not None:
+            stream.abort()
 
 
 def _generation_eos(path: str) -> tuple:

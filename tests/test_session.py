@@ -27,7 +27,8 @@ def _prompts(n, seed=0, vocab=300, lo=1, hi=20):
 def _assert_idle(session):
     m = session.metrics()
     assert m["num_free_pages"] == m["num_total_pages"], "pages leaked"
-    assert not session.engine.has_unfinished and not session.engine.requests
+    assert session.async_engine.num_unfinished == 0
+    assert session.async_engine.call(lambda engine: not engine.has_unfinished and not engine.requests)
 
 
 def test_text_prompts_and_outputs(session):
@@ -44,11 +45,12 @@ def test_text_prompts_and_outputs(session):
 
 def test_stream_pieces_concatenate_to_the_generated_text(session):
     params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
-    pieces = list(session.stream("class Point:", params))
+    stream = session.stream("class Point:", params)
+    pieces = list(stream)
     (out,) = session.generate(["class Point:"], params)
     assert len(pieces) > 1
     assert "".join(pieces) == out.text
-    assert session.last_output.token_ids == out.token_ids
+    assert stream.output.token_ids == out.token_ids and stream.output.finish_reason == "length"
 
 
 def test_stream_abandoned_early_frees_its_pages(session):
