@@ -72,8 +72,10 @@ RAGGED_SEQS = [(1, 1), (1, PAGE), (1, 2 * PAGE + 1), (1, 37), (0, 0), (2, PAGE +
 NUM_DECODE_ROWS = 4
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("sliding_window, soft_cap", [(None, None), (6, 20.0)])
+@pytest.mark.parametrize("impl, sliding_window, soft_cap", [
+    *((impl, None, None) for impl in IMPLS), ("xla", 6, 20.0),
+    # The interpreted kernels with a window and a cap: ~30 s more on 2 cores.
+    *(pytest.param(impl, 6, 20.0, marks=pytest.mark.slow) for impl in IMPLS[1:])])
 def test_ragged_attention_ignores_stale_slots(impl, sliding_window, soft_cap):
     rng = np.random.RandomState(0)
     q_lens = [n for n, _ in RAGGED_SEQS]
