@@ -32,6 +32,11 @@ _QUANTIZATION = flags.DEFINE_enum("quantization", None, ["int4", "int4-gptq"],
 _QUANT_GROUP_SIZE = flags.DEFINE_integer("quant_group_size", 128,
                                          "Input rows per int4 scale; must divide every layer's input features.")
 
+_COMPILATION_CACHE_DIR = flags.DEFINE_string(
+    "compilation_cache_dir", None,
+    "Persistent XLA compilation cache folder (default: $JAXINFER_COMPILATION_CACHE_DIR, else "
+    "~/.cache/jaxinfer/xla); an empty string turns it off.")
+
 _COMMANDS = ("generate",)
 
 
@@ -53,9 +58,11 @@ def generate() -> int:
     if _QUANTIZATION.value is not None:
         from jaxinfer.quant import QuantConfig
         quant_config = QuantConfig(group_size=_QUANT_GROUP_SIZE.value)
+    from jaxinfer.config import EngineConfig
+    engine = EngineConfig(compilation_cache_dir=_COMPILATION_CACHE_DIR.value)
     load_start = time.perf_counter()
     session = InferenceSession.from_pretrained(_MODEL.value, dtype=_DTYPE.value, quantization=_QUANTIZATION.value,
-                                               quantization_config=quant_config)
+                                               quantization_config=quant_config, engine=engine)
     load_seconds = time.perf_counter() - load_start
     with session:
         # Validated and queued before anything is printed: an error is not glued to the prompt.

@@ -235,8 +235,14 @@ class EngineConfig:
     shared_prefix_attention: bool = True
     shared_prefix_min_tokens: int = 64  # cost rule: smallest shared node, in tokens
     shared_prefix_min_seqs: int = 2  # cost rule: fewest sequences sharing a node
+    # Persistent XLA compilation cache (jaxinfer/runtime/compile_cache.py): None = the
+    # $JAXINFER_COMPILATION_CACHE_DIR environment variable if set, else
+    # ~/.cache/jaxinfer/xla; "" = off (jax's own settings are left alone).
+    compilation_cache_dir: Optional[str] = None
 
     def __post_init__(self):
+        _require(self.compilation_cache_dir is None or isinstance(self.compilation_cache_dir, str),
+                 "compilation_cache_dir", f"must be None or a str, got {self.compilation_cache_dir!r}")
         for name in ("enable_prefix_caching", "shared_prefix_attention"):
             _require(isinstance(getattr(self, name), bool), name, f"must be a bool, got {getattr(self, name)!r}")
         _require(isinstance(self.shared_prefix_min_seqs, int) and not isinstance(self.shared_prefix_min_seqs, bool)

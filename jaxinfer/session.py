@@ -33,6 +33,7 @@ from jaxinfer.engine.engine import Engine
 from jaxinfer.engine.validation import NewRequest, resolve_max_model_len
 from jaxinfer.models import checkpoint
 from jaxinfer.models.tokenizer import load_tokenizer
+from jaxinfer.runtime import compile_cache
 from jaxinfer.runtime.model_runner import ModelRunner
 from jaxinfer.types import RequestOutput
 
@@ -51,6 +52,8 @@ class InferenceSession:
         self.model_config = model_config
         self.tokenizer = tokenizer
         self.dtype = dtype
+        # Before the runner compiles anything (from_pretrained did it before loading).
+        self.compilation_cache_dir = compile_cache.configure(engine.compilation_cache_dir)
         max_model_len = resolve_max_model_len(model_config, engine)
         runner = ModelRunner.from_config(model_config, params, engine, dtype=dtype, max_model_len=max_model_len)
         eos = tuple(eos_token_ids) or tuple(model_config.eos_token_ids) or (
@@ -83,6 +86,10 @@ class InferenceSession:
             group size that does not divide a layer's input features.
         """
         checkpoint.resolve_dtype(dtype)
+        if engine is not None and not isinstance(engine, EngineConfig):
+            raise ValueError(f"engine: expected an EngineConfig, got {type(engine).__name__}")
+        # Before loading: quantization and casts compile too, and may use the cache.
+        compile_cache.configure((engine or EngineConfig()).compilation_cache_dir)
         if quantization is not None and quantization not in quant.QUANTIZATIONS:
             raise ValueError(f"quantization: {quantization!r} is not supported; choose None or one of "
                              f"{quant.QUANTIZATIONS}")
@@ -218,7 +225,7 @@ class InferenceSession:
 
     def metrics(self) -> dict:
         """Engine counters: steps, preemptions, compiles, pages, weight bytes (thread-safe)."""
-        return self.async_engine.metrics()
+        return {**self.async_engine.metrics(), "compilation_cache_dir": self.compilation_cache_dir}
 
 
 class TokenStream:

@@ -10,6 +10,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
 
+# The suite leaves the user's persistent compilation cache alone (and every test sees
+# the compile counts and times of a cold process); tests/runtime/test_compile_cache.py
+# turns it on explicitly in a temporary folder.
+os.environ.setdefault("JAXINFER_COMPILATION_CACHE_DIR", "")
+
 
 @pytest.fixture(scope="session")
 def hf_model_dir(tmp_path_factory):
