@@ -50,6 +50,9 @@ _MAX_SEQS = flags.DEFINE_integer("max_num_seqs", 64, "Engine running-sequence li
 _PAGE_SIZE = flags.DEFINE_integer("page_size", 16, "KV page size.", lower_bound=1)
 _HF_BATCH = flags.DEFINE_integer("hf_batch_size", 16, "HF static batch size.", lower_bound=1)
 _SKIP_HF = flags.DEFINE_bool("skip_hf", False, "Do not run the HF baseline.")
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache_dir", "",
+    "Persistent compilation cache folder; empty (the default) = off, so warm-up figures are cold compiles.")
 _SHARED_ATTENTION = flags.DEFINE_bool("shared_prefix_attention", True,
                                       "Engine's shared-prefix (Hydragen) attention path, for the single run.")
 _COMPARE_SHARED = flags.DEFINE_bool("compare_shared_prefix_attention", False,
@@ -144,7 +147,7 @@ def main(argv):
     def engine_config(shared):
         return EngineConfig(page_size=_PAGE_SIZE.value, max_num_batched_tokens=_MAX_BATCHED_TOKENS.value,
                             max_num_seqs=_MAX_SEQS.value, shared_prefix_attention=shared,
-                            attention_impl=_ATTENTION_IMPL.value)
+                            attention_impl=_ATTENTION_IMPL.value, compilation_cache_dir=_COMPILATION_CACHE.value)
 
     plain = None
     if _COMPARE_SHARED.value:
@@ -198,7 +201,8 @@ def main(argv):
         print(f"speed-up vs HF: {report['speedup_vs_hf']:.2f}x")
     print(f"compiles: {ours['num_compiles']} ({ours['compiles_in_timed_run']} in the timed run), warm-up "
           f"{ours['warmup_seconds']:.1f} s, steps {ours['num_steps']}, host {ours['host_seconds']:.2f} s, "
-          f"prefix-cache hit rate {ours['prefix_cache_hit_rate']:.2f}")
+          f"prefix-cache hit rate {ours['prefix_cache_hit_rate']:.2f}, "
+          f"compilation cache: {_COMPILATION_CACHE.value or 'off'}")
     bench_common.write_json(_JSON.value, report)
 
 
