@@ -250,9 +250,7 @@ class TokenStream:
         while True:
             try:
                 delta = next(self._iter)
-            except StopIteration:
-                raise
-            except BaseException:
+            except BaseException:  # the end, an error or Ctrl-C: make sure the request is stopped (no-op once finished)
                 self._stream.abort()
                 raise
             if delta.is_finished:

@@ -34,6 +34,7 @@ page lists. Errors are ValueErrors naming the request or `shared_prefixes`.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Mapping, NamedTuple, Optional
 
 import numpy as np
@@ -163,6 +164,27 @@ def _validate_sequence(seq, config: BatchConfig) -> None:
                          f"its {ids.size} fed tokens")
 
 
+def _step_is_valid(seqs, config: BatchConfig, lens, starts, num_own_pages, flat_ids, flat_pages) -> bool:
+    """The checks of _validate_sequence over the whole step at once (the hot path)."""
+    ends = starts.astype(np.int64) + lens
+    if lens.min() == 0 or starts.min() < 0 or ends.max() > config.max_positions:
+        return False
+    if flat_ids.min() < 0 or flat_ids.max() >= config.vocab_size:
+        return False
+    if (num_own_pages * config.page_size < ends).any():
+        return False
+    if flat_pages.size and (flat_pages.min() < 0 or flat_pages.max() >= config.num_pages):
+        return False
+    for s, n in zip(seqs, lens.tolist()):
+        if s.next_token_id is not None and not 0 <= s.next_token_id < config.vocab_size:
+            return False
+        offsets = s.sample_offsets
+        if offsets and (offsets[0] < 0 or offsets[-1] >= n
+                        or any(a >= b for a, b in zip(offsets, offsets[1:]))):
+            return False
+    return True
+
+
 def _validate_shared(step: StepInput, page_size: int) -> np.ndarray:
     """Checks the SharedPrefix nodes; returns each sequence's first own page."""
     seqs = step.sequences
@@ -228,15 +250,23 @@ def build_batch(step: StepInput, config: BatchConfig) -> StepBatch:
     seqs = step.sequences
     if not seqs:
         raise ValueError("step: no sequences scheduled")
-    seen: set = set()
-    for seq in seqs:
-        _validate_sequence(seq, config)
-        if seq.request_id in seen:  # outputs are keyed by request id: one would be lost
-            raise ValueError(f"request {seq.request_id} appears twice in the step")
-        seen.add(seq.request_id)
     page_size = config.page_size
     lens = np.array([len(s.token_ids) for s in seqs], dtype=np.int32)
     starts = np.array([s.start_position for s in seqs], dtype=np.int32)
+    num_own_pages = np.array([len(s.page_ids) for s in seqs], dtype=np.int64)
+    # The whole step's ids and pages, concatenated in step order (read once).
+    flat_ids = np.fromiter(itertools.chain.from_iterable(s.token_ids for s in seqs), np.int64, int(lens.sum()))
+    flat_pages = np.fromiter(itertools.chain.from_iterable(s.page_ids for s in seqs), np.int64,
+                             int(num_own_pages.sum()))
+    if not _step_is_valid(seqs, config, lens, starts, num_own_pages, flat_ids, flat_pages):
+        for seq in seqs:  # the slow path names the first bad request and field
+            _validate_sequence(seq, config)
+    if len({s.request_id for s in seqs}) != len(seqs):  # outputs are keyed by request id: one would be lost
+        seen: set = set()
+        for seq in seqs:
+            if seq.request_id in seen:
+                raise ValueError(f"request {seq.request_id} appears twice in the step")
+            seen.add(seq.request_id)
     num_tokens = bucket(int(lens.sum()))
     # Each sequence's own rows read its pages from suffix_page on (0 without sharing).
     suffix_page = _validate_shared(step, page_size) if step.shared_prefixes else np.zeros(len(seqs), np.int64)
@@ -252,22 +282,27 @@ def build_batch(step: StepInput, config: BatchConfig) -> StepBatch:
     ends = np.empty(len(seqs), np.int64)
     ends[order] = np.cumsum(lens[order])
     offsets = ends - lens
+    # Each flat token j of sequence i (step order) goes to offsets[i] + its index in i.
+    src_start = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64)
+    page_start = np.concatenate([[0], np.cumsum(num_own_pages)[:-1]]).astype(np.int64)
+    index_in_seq = np.arange(flat_ids.size) - np.repeat(src_start, lens)
+    dest = np.repeat(offsets, lens) + index_in_seq
+    pos = np.repeat(starts, lens) + index_in_seq
     tokens = np.zeros(num_tokens, np.int32)
     positions = np.zeros(num_tokens, np.int32)
     slots = np.full(num_tokens, config.num_pages * page_size, np.int32)  # dropped
     targets = np.zeros(num_tokens, np.int32)
-    tables = np.zeros((len(seqs), max_pages), np.int32)  # [num sequences, Pr]
-    for i, s in enumerate(seqs):
-        lo, hi = offsets[i], ends[i]
-        pages = np.asarray(s.page_ids, dtype=np.int32)
-        pos = starts[i] + np.arange(lens[i], dtype=np.int32)
-        tokens[lo:hi] = s.token_ids
-        targets[lo:hi - 1] = s.token_ids[1:]
-        if s.next_token_id is not None:
-            targets[hi - 1] = s.next_token_id
-        positions[lo:hi] = pos
-        slots[lo:hi] = pages[pos // page_size] * page_size + pos % page_size
-        tables[i, :pages.size - suffix_page[i]] = pages[suffix_page[i]:]
+    tokens[dest] = flat_ids
+    positions[dest] = pos
+    slots[dest] = flat_pages[np.repeat(page_start, lens) + pos // page_size] * page_size + pos % page_size
+    # The target of a token is the next fed token, or next_token_id after the last one.
+    targets[dest[:-1]] = flat_ids[1:]
+    targets[ends - 1] = [0 if s.next_token_id is None else s.next_token_id for s in seqs]
+    # [num sequences, Pr]: each sequence's own pages from suffix_page on.
+    columns = np.arange(max_pages)
+    in_table = columns[None, :] < (num_own_pages - suffix_page)[:, None]
+    tables = (flat_pages.take((page_start + suffix_page)[:, None] + columns[None, :], mode="clip")
+              * in_table).astype(np.int32)
 
     # Attention rows, in flat-batch order: row r covers queries [q_lo, q_hi) of
     # sequence row_seq[r]; in a mixed step the decode rows come first.
@@ -302,24 +337,25 @@ def build_batch(step: StepInput, config: BatchConfig) -> StepBatch:
     # Sample rows, in step order.
     num_samples = np.array([len(s.sample_offsets) for s in seqs], np.int64)
     sample_starts = np.concatenate([[0], np.cumsum(num_samples)[:-1]]).astype(np.int64)
-    num_sample_rows = bucket(int(num_samples.sum()))
-    logits_indices = np.zeros(num_sample_rows, np.int32)
-    temperature = np.zeros(num_sample_rows, np.float32)
-    top_k = np.zeros(num_sample_rows, np.int32)
-    top_p = np.ones(num_sample_rows, np.float32)
-    min_p = np.zeros(num_sample_rows, np.float32)
+    num_real_samples = int(num_samples.sum())
+    num_sample_rows = bucket(num_real_samples)
+    row_seq_of_sample = np.repeat(np.arange(len(seqs)), num_samples)  # [real sample rows] -> sequence
+    sample_offsets = np.fromiter(itertools.chain.from_iterable(s.sample_offsets for s in seqs), np.int64,
+                                 num_real_samples)
+
+    # One [sample rows, field] table; padding rows sample greedily from row 0's logits.
+    fields = np.zeros((num_sample_rows, 6), np.float64)
+    fields[:, 4] = 1.0  # top_p of padding rows
+    fields[:num_real_samples] = np.array(
+        [(o, st, s.temperature, s.top_k, s.top_p, s.min_p) for o, st, s in zip(offsets.tolist(), starts.tolist(), seqs)],
+        np.float64).reshape(len(seqs), 6)[row_seq_of_sample]
+    fields[:num_real_samples, :2] += sample_offsets[:, None]
+    fields[:num_real_samples, 1] += 1  # sample_pos: the position of the sampled token
+    logits_indices, sample_pos, top_k = (fields[:, c].astype(np.int32) for c in (0, 1, 3))
+    temperature, top_p, min_p = (fields[:, c].astype(np.float32) for c in (2, 4, 5))
     seeds = np.zeros(num_sample_rows, np.uint64)
-    sample_pos = np.zeros(num_sample_rows, np.int32)
-    all_greedy = True
-    for i, s in enumerate(seqs):
-        rows = slice(sample_starts[i], sample_starts[i] + num_samples[i])
-        sample_offsets = np.asarray(s.sample_offsets, np.int64)
-        logits_indices[rows] = offsets[i] + sample_offsets
-        sample_pos[rows] = starts[i] + sample_offsets + 1
-        temperature[rows], top_k[rows], top_p[rows], min_p[rows] = s.temperature, s.top_k, s.top_p, s.min_p
-        seeds[rows] = s.seed
-        if num_samples[i]:
-            all_greedy &= s.temperature <= 0 or s.top_k == 1
+    seeds[:num_real_samples] = np.array([s.seed for s in seqs], np.uint64)[row_seq_of_sample]
+    all_greedy = all(s.temperature <= 0 or s.top_k == 1 for s, n in zip(seqs, num_samples) if n)
     all_logits = any(s.want_prompt_logprobs for s in seqs)
     max_top = max(s.num_top_logprobs if num_samples[i] else 0 for i, s in enumerate(seqs))
     num_top_logprobs = bucket(max_top) if max_top else 0
