@@ -105,6 +105,8 @@ class ModelConfig:
 
 
 MAX_TOP_LOGPROBS = 20  # most alternatives `logprobs=N` may ask for (OpenAI's top_logprobs limit)
+MAX_LOGIT_BIAS = 300  # most `logit_bias` entries per request (OpenAI's limit)
+MAX_N = 128  # most samples `n` per prompt (OpenAI's limit)
 
 
 def _is_int(value) -> bool:
@@ -153,10 +155,32 @@ class SamplingParams:
     # `logprobs`, OpenAI's `top_logprobs`)
     logprobs: Union[bool, int, None] = False
     prompt_logprobs: bool = False  # return log p of each prompt token after the first
+    # Logit processing, applied on device before temperature and the filters, in this
+    # order (vLLM's): repetition, frequency and presence penalties, then logit_bias and
+    # the min_tokens bans. Returned log-probs stay those of the raw model distribution.
+    # OpenAI: logits[t] -= frequency_penalty * count(t) + presence_penalty * (count(t) > 0),
+    # counting GENERATED tokens only; each in [-2, 2].
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # CTRL / HF / vLLM: each token present in the prompt OR the output gets logit / p
+    # when its logit is > 0, logit * p otherwise; > 0 (1 = off).
+    repetition_penalty: float = 1.0
+    # token id -> bias in [-100, 100] added to its logit; at most MAX_LOGIT_BIAS entries;
+    # keys may be ints or strings of ints (OpenAI JSON). Stored as a tuple of
+    # (int id, float bias) pairs sorted by id (hashable); a mapping or such pairs accepted.
+    logit_bias: Union[Mapping, Sequence, None] = None
+    # while fewer tokens than this were generated, EOS (unless ignore_eos) and
+    # stop_token_ids cannot be sampled and stop strings are not checked; <= max_tokens
+    min_tokens: int = 0
+    # independent samples of the prompt, in [1, MAX_N]; the engine runs them as n
+    # requests sharing the prompt's cached pages (engine/engine.py)
+    n: int = 1
 
     def __post_init__(self):
         for name, kind in (("max_tokens", int), ("top_k", int), ("seed", int), ("temperature", float),
-                           ("top_p", float), ("min_p", float)):
+                           ("top_p", float), ("min_p", float), ("presence_penalty", float),
+                           ("frequency_penalty", float), ("repetition_penalty", float), ("min_tokens", int),
+                           ("n", int)):
             value = getattr(self, name)
             if value is not None and not isinstance(value, bool) and (
                     _is_int(value) if kind is int else _is_number(value)):
@@ -176,6 +200,15 @@ class SamplingParams:
         _require(self.logprobs is None or isinstance(self.logprobs, bool)
                  or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_TOP_LOGPROBS), "logprobs",
                  f"must be a bool, None or an int in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _require(_is_number(value) and -2 <= value <= 2, name, f"must be a number in [-2, 2], got {value!r}")
+        _require(_is_number(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty",
+                 f"must be a finite number > 0 (1 = off), got {self.repetition_penalty!r}")
+        _require(_is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens, "min_tokens",
+                 f"must be an int in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
+        _require(_is_int(self.n) and 1 <= self.n <= MAX_N, "n", f"must be an int in [1, {MAX_N}], got {self.n!r}")
+        object.__setattr__(self, "logit_bias", _normalize_logit_bias(self.logit_bias))
         stop = self.stop
         if stop is None:
             stop = ()
@@ -202,6 +235,11 @@ class SamplingParams:
         return self.temperature == 0 or self.top_k == 1
 
     @property
+    def has_penalties(self) -> bool:
+        """Whether a repetition, presence or frequency penalty is on."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    @property
     def want_logprobs(self) -> bool:
         """Whether the sampled tokens' log p are returned."""
         return self.logprobs is not None and self.logprobs is not False
@@ -210,6 +248,42 @@ class SamplingParams:
     def num_top_logprobs(self) -> int:
         """How many most likely alternatives are returned per generated token."""
         return self.logprobs if _is_int(self.logprobs) else 0
+
+
+def _bias_key(key) -> int:
+    """A logit_bias key: an int (numpy integers too) or a string of one, as OpenAI JSON sends it."""
+    if isinstance(key, str):
+        try:
+            return int(key.strip())
+        except ValueError:
+            raise ValueError(f"logit_bias: keys must be token ids (ints or strings of ints), got {key!r}") from None
+    return as_token_id(key, "logit_bias")
+
+
+def _normalize_logit_bias(bias) -> tuple:
+    """logit_bias as ((id, bias), ...) sorted by id; () when None or empty."""
+    if bias is None:
+        return ()
+    if isinstance(bias, Mapping):
+        items = list(bias.items())
+    elif isinstance(bias, (str, bytes)) or not isinstance(bias, Iterable):
+        raise ValueError(f"logit_bias: must be a mapping of token id -> bias, got {bias!r} ({type(bias).__name__})")
+    else:
+        items = list(bias)
+        for item in items:
+            _require(isinstance(item, tuple) and len(item) == 2, "logit_bias",
+                     f"must be a mapping of token id -> bias or (id, bias) pairs, got the entry {item!r}")
+    _require(len(items) <= MAX_LOGIT_BIAS, "logit_bias",
+             f"at most {MAX_LOGIT_BIAS} entries, got {len(items)}")
+    out = {}
+    for key, value in items:
+        token = _bias_key(key)
+        _require(token >= 0, "logit_bias", f"token ids must be >= 0, got {key!r}")
+        _require(token not in out, "logit_bias", f"token id {token} appears twice")
+        _require(_is_number(value) and -100 <= value <= 100, "logit_bias",
+                 f"bias of token {token} must be a number in [-100, 100], got {value!r}")
+        out[token] = float(value)
+    return tuple(sorted(out.items()))
 
 
 # Implementations of the attention ops (jaxinfer.pallas.ragged_paged_attention.IMPLS;

@@ -22,6 +22,7 @@ scripts/benchmark_latency.py (see BUILD.md).
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Optional, Sequence, Union
 
@@ -44,7 +45,8 @@ class InferenceSession:
     """A loaded model plus its tokenizer and engine."""
 
     def __init__(self, model_config: ModelConfig, params, *, tokenizer=None, dtype="float32",
-                 engine: Optional[EngineConfig] = None, eos_token_ids: Sequence[int] = ()):
+                 engine: Optional[EngineConfig] = None, eos_token_ids: Sequence[int] = (),
+                 generation_defaults: Optional[dict] = None, model_path: Optional[str] = None):
         dtype = checkpoint.resolve_dtype(dtype)
         engine = engine or EngineConfig()
         if not isinstance(engine, EngineConfig):
@@ -54,7 +56,11 @@ class InferenceSession:
         self.dtype = dtype
         # Before the runner compiles anything (from_pretrained did it before loading).
         self.compilation_cache_dir = compile_cache.configure(engine.compilation_cache_dir)
+        self.model_path = model_path  # the folder it was loaded from (None when built from arrays)
+        # Default sampling fields (generation_config.json): used where a request leaves them out.
+        self.generation_defaults = dict(generation_defaults or {})
         max_model_len = resolve_max_model_len(model_config, engine)
+        self.max_model_len = max_model_len
         runner = ModelRunner.from_config(model_config, params, engine, dtype=dtype, max_model_len=max_model_len)
         eos = tuple(eos_token_ids) or tuple(model_config.eos_token_ids) or (
             tuple(tokenizer.eos_token_ids) if tokenizer is not None else ())
@@ -108,7 +114,17 @@ class InferenceSession:
             params = quant.quantize_pretrained(model_config, params, quantization, quantization_config,
                                                model_dir=path, tokenizer=tokenizer, dtype=dtype)
         eos = _generation_eos(path) or model_config.eos_token_ids
-        return cls(model_config, params, tokenizer=tokenizer, dtype=dtype, engine=engine, eos_token_ids=eos)
+        return cls(model_config, params, tokenizer=tokenizer, dtype=dtype, engine=engine, eos_token_ids=eos,
+                   generation_defaults=generation_defaults(path), model_path=path)
+
+    def default_sampling_params(self, **overrides) -> SamplingParams:
+        """SamplingParams from the model folder's generation_config.json plus `overrides`.
+
+        The defaults are the folder's temperature / top_k / top_p / min_p /
+        repetition_penalty (vLLM's set); fields it does not name keep SamplingParams'
+        defaults. `generate` and `stream` use this when `params` is None.
+        """
+        return SamplingParams(**{**self.generation_defaults, **overrides})
 
     # ------------------------------------------------------------------ prompts
 
@@ -127,7 +143,7 @@ class InferenceSession:
             raise ValueError("prompts: expected a list of prompts, got a single string (wrap it in a list)")
         prompts = list(prompts)
         if params is None:
-            params = SamplingParams()
+            params = self.default_sampling_params()
         params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError(f"params: got {len(params_list)} SamplingParams for {len(prompts)} prompts")
@@ -152,7 +168,9 @@ class InferenceSession:
           priority: int or list of ints; lower values are admitted first.
           cache_salt: str or list; requests share prefix-cache pages only within a salt.
         Returns:
-          list[RequestOutput] in prompt order.
+          list[RequestOutput] in prompt order; a prompt whose params have n > 1
+          contributes n consecutive outputs (`index` 0 .. n - 1), like OpenAI's
+          flat `choices`.
         Raises:
           ValueError: a bad prompt or parameter, naming it (`prompts[1]`,
             `params[0].max_tokens`, ...); then none of the prompts was queued.
@@ -181,6 +199,7 @@ class InferenceSession:
         """
         if output not in ("text", "deltas"):
             raise ValueError(f"output: expected 'text' or 'deltas', got {output!r}")
+        _one_sample(params)
         (stream,) = self._add([prompt], params, priority, cache_salt)
         return TokenStream(stream, deltas=output == "deltas")
 
@@ -197,6 +216,7 @@ class InferenceSession:
     async def astream(self, prompt: Prompt, params: Optional[SamplingParams] = None, *, priority: int = 0,
                       cache_salt: Optional[str] = None):
         """`stream(..., output="deltas")` for asyncio: `async for delta in session.astream(...)`."""
+        _one_sample(params)
         (stream,) = self._add([prompt], params, priority, cache_salt)
         try:
             async for delta in stream:
@@ -271,13 +291,47 @@ class TokenStream:
             stream.abort()
 
 
-def _generation_eos(path: str) -> tuple:
-    import json
+def _one_sample(params) -> None:
+    if params is not None and getattr(params, "n", 1) != 1:
+        raise ValueError(f"params.n: stream() and astream() follow one sample, got n={params.n}; use generate() "
+                         f"for several samples, or one stream per seed")
+
+
+# Keys of generation_config.json that become default sampling parameters (vLLM's set).
+GENERATION_DEFAULT_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+
+
+def _read_generation_config(path: str) -> dict:
     file = os.path.join(path, "generation_config.json")
     if not os.path.exists(file):
-        return ()
-    with open(file) as f:
-        value = json.load(f).get("eos_token_id")
+        return {}
+    try:
+        with open(file) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{file}: not a readable JSON file ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{file}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def generation_defaults(path: str) -> dict:
+    """The default sampling fields a model folder's generation_config.json sets.
+
+    Raises:
+      ValueError: naming the file and key, when a value is not a valid sampling value.
+    """
+    config = _read_generation_config(path)
+    defaults = {k: config[k] for k in GENERATION_DEFAULT_KEYS if config.get(k) is not None}
+    try:
+        SamplingParams(**defaults)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{os.path.join(path, 'generation_config.json')}: {e}") from None
+    return defaults
+
+
+def _generation_eos(path: str) -> tuple:
+    value = _read_generation_config(path).get("eos_token_id")
     if value is None:
         return ()
     return (value,) if isinstance(value, int) else tuple(value)

@@ -42,6 +42,13 @@ class RequestOutput:
     # seconds of XLA compilation in the steps between its first and last token (a
     # decode rate without one-off compiles: (n - 1) / ((n - 1) * tpot - this))
     decode_compile_seconds: float = 0.0
+    # seconds from arrival in the engine to being first scheduled (a request aborted
+    # before that: to its end)
+    queue_time: float = 0.0
+    # SamplingParams.n > 1: the prompt's requests are "{parent_request_id}-{index}",
+    # index in [0, n); a plain request has index 0 and no parent
+    index: int = 0
+    parent_request_id: Optional[str] = None
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -67,6 +74,8 @@ class StreamDelta:
     top_logprobs: Optional[tuple] = None  # per new id a {token id: log p} dict, if logprobs=N >= 1
     finish_reason: Optional[str] = None  # set on the request's last delta only
     output: Optional[RequestOutput] = None  # the whole result (usage, timings), on the last delta only
+    index: int = 0  # sample index within its prompt (SamplingParams.n), as in RequestOutput
+    parent_request_id: Optional[str] = None  # as in RequestOutput
 
     @property
     def is_finished(self) -> bool:
@@ -96,6 +105,20 @@ class ScheduledSequence:
     num_top_logprobs: int = 0  # also return the this many most likely tokens per sampled token
     want_prompt_logprobs: bool = False  # return log p of each fed token's successor
     next_token_id: Optional[int] = None  # the known successor of the last fed token (mid-prompt chunk)
+    # Logit processing (SamplingParams; neutral defaults = off). Penalties count a sample
+    # row's history: the prompt, then the generated ids before the sampled position.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    # set only when a penalty is on and the sequence samples: the prompt (the request's
+    # own tuple, not copied per step) and the ids generated so far
+    prompt_token_ids: tuple = ()
+    output_token_ids: tuple = ()
+    logit_bias: tuple = ()  # ((token id, bias), ...) added to the logits
+    # min_tokens: sample rows whose sampled position is < ban_until_position give these
+    # ids (EOS, stop token ids) -inf logits
+    banned_token_ids: tuple = ()
+    ban_until_position: int = 0
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

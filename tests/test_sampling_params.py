@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from jaxinfer.config import MAX_TOP_LOGPROBS, SamplingParams, as_token_id
+from jaxinfer.config import MAX_LOGIT_BIAS, MAX_N, MAX_TOP_LOGPROBS, SamplingParams, as_token_id
 
 
 @pytest.mark.parametrize("kwargs, field", [
@@ -41,6 +41,27 @@ from jaxinfer.config import MAX_TOP_LOGPROBS, SamplingParams, as_token_id
     (dict(ignore_eos=1), "ignore_eos"),
     (dict(ignore_eos="yes"), "ignore_eos"),
     (dict(prompt_logprobs=1), "prompt_logprobs"),
+    (dict(presence_penalty=2.5), "presence_penalty"),
+    (dict(presence_penalty=True), "presence_penalty"),
+    (dict(frequency_penalty=-2.01), "frequency_penalty"),
+    (dict(frequency_penalty=float("inf")), "frequency_penalty"),
+    (dict(repetition_penalty=0.0), "repetition_penalty"),
+    (dict(repetition_penalty="1.1"), "repetition_penalty"),
+    (dict(min_tokens=-1), "min_tokens"),
+    (dict(min_tokens=17), "min_tokens"),  # > max_tokens (16)
+    (dict(min_tokens=1.0), "min_tokens"),
+    (dict(n=0), "n"),
+    (dict(n=MAX_N + 1), "n"),
+    (dict(n=True), "n"),
+    (dict(logit_bias={1: 101}), "logit_bias"),
+    (dict(logit_bias={1: float("nan")}), "logit_bias"),
+    (dict(logit_bias={"x": 1}), "logit_bias"),
+    (dict(logit_bias={-1: 1}), "logit_bias"),
+    (dict(logit_bias={1.5: 1}), "logit_bias"),
+    (dict(logit_bias={1: 1, "1": 2}), "logit_bias"),
+    (dict(logit_bias={i: 1 for i in range(MAX_LOGIT_BIAS + 1)}), "logit_bias"),
+    (dict(logit_bias=[1, 2]), "logit_bias"),
+    (dict(logit_bias="1:2"), "logit_bias"),
 ])
 def test_bad_values_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"^{field}: "):
@@ -100,6 +121,23 @@ def test_numpy_scalars_become_python_numbers():
     assert all(type(v) is int for v in (p.max_tokens, p.top_k, p.seed)) and type(p.temperature) is float
     with pytest.raises(ValueError, match="top_k"):
         SamplingParams(top_k=np.bool_(True))
+
+
+def test_sampling_additions_are_normalized():
+    import dataclasses
+    p = SamplingParams(logit_bias={"7": np.float32(1.5), np.int64(3): -100, 5: 100.0}, presence_penalty=np.float32(1),
+                       frequency_penalty=-2, repetition_penalty=np.float64(1.2), min_tokens=np.int64(3), n=np.int32(2))
+    assert p.logit_bias == ((3, -100.0), (5, 100.0), (7, 1.5))
+    assert all(type(t) is int and type(b) is float for t, b in p.logit_bias)
+    assert (p.presence_penalty, p.frequency_penalty, p.min_tokens, p.n) == (1.0, -2.0, 3, 2)
+    assert type(p.frequency_penalty) is float and type(p.min_tokens) is int and type(p.n) is int
+    assert p.has_penalties and not SamplingParams().has_penalties
+    assert hash(p) == hash(dataclasses.replace(p)) and dataclasses.replace(p, n=1).logit_bias == p.logit_bias
+    assert SamplingParams(logit_bias={}).logit_bias == () == SamplingParams().logit_bias
+    assert SamplingParams(logit_bias=[(2, 1)]).logit_bias == ((2, 1.0),)
+    d = SamplingParams()
+    assert (d.presence_penalty, d.frequency_penalty, d.repetition_penalty, d.min_tokens, d.n) == (0, 0, 1, 0, 1)
+    assert SamplingParams(max_tokens=4, min_tokens=4).min_tokens == 4
 
 
 @pytest.mark.parametrize("field", ["num_pages", "max_model_len", "page_size"])

@@ -27,13 +27,14 @@ import asyncio
 import atexit
 import collections
 import concurrent.futures
+import dataclasses
 import itertools
 import threading
 import weakref
 from typing import Callable, Optional, Sequence
 
 from jaxinfer.engine.engine import Engine
-from jaxinfer.engine.validation import NewRequest, validate_requests
+from jaxinfer.engine.validation import NewRequest, expand_samples, sample_ids, validate_requests
 from jaxinfer.types import RequestOutput, StreamDelta
 
 _WAIT_SLICE = 0.5  # seconds; waits wake this often so that Ctrl-C reaches the waiting thread
@@ -49,8 +50,9 @@ class RequestStream:
     One reader at a time: either iterate it (sync or async) or wait for `result()`.
     """
 
-    def __init__(self, request_id: str, owner: "AsyncEngine"):
+    def __init__(self, request_id: str, owner: "AsyncEngine", parent_id: Optional[str] = None):
         self.request_id = request_id
+        self.parent_id = parent_id  # the prompt's id when it is one of its n samples (SamplingParams.n)
         self._owner = owner
         self._cond = threading.Condition()
         self._items: collections.deque = collections.deque()  # StreamDelta or BaseException
@@ -193,24 +195,32 @@ class AsyncEngine:
     def add_requests(self, requests: Sequence[NewRequest]) -> list:
         """Validates every request here, then queues them all; one RequestStream each.
 
+        A request with params.n > 1 becomes its n samples (validation.expand_samples,
+        ids "{request_id}-{i}"): n consecutive streams, each with `parent_id` set;
+        `abort(request_id)` of the parent id aborts all its samples.
+
         Raises:
           ValueError: naming the field and the request's index; nothing is queued.
         """
         requests = validate_requests(list(requests), self.engine.limits)
         with self._cond:
-            taken = set(self._streams)
-            for i, r in enumerate(requests):
-                if r.request_id is not None and r.request_id in taken:
-                    raise ValueError(f"request_id[{i}]: {r.request_id!r} is already in use")
-                taken.add(r.request_id)
+            taken = set(self._streams) | {s.parent_id for s in self._streams.values() if s.parent_id is not None}
+            given = {r.request_id for r in requests if r.request_id is not None}
             named = []
-            for r in requests:
-                request_id = r.request_id
-                while request_id is None or request_id in self._streams:
+            for i, r in enumerate(requests):
+                request_id, n = r.request_id, r.params.n
+                while request_id is None or (r.request_id is None and (
+                        request_id in taken or request_id in given
+                        or any(c in taken for c in (sample_ids(request_id, n) if n > 1 else ())))):
                     request_id = f"a{next(self._ids)}"
-                self._streams[request_id] = RequestStream(request_id, self)
-                named.append(NewRequest(prompt_ids=r.prompt_ids, params=r.params, request_id=request_id,
-                                        priority=r.priority, cache_salt=r.cache_salt))
+                items = expand_samples(r, request_id) if n > 1 else [dataclasses.replace(r, request_id=request_id)]
+                for item in ([dataclasses.replace(r, request_id=request_id)] if n > 1 else []) + items:
+                    if item.request_id in taken:  # a sample's id, or the parent's (its abort handle)
+                        raise ValueError(f"request_id[{i}]: {item.request_id!r} is already in use")
+                    taken.add(item.request_id)
+                named += items
+            for r in named:
+                self._streams[r.request_id] = RequestStream(r.request_id, self, r.parent_id)
             streams = [self._streams[r.request_id] for r in named]
             self._inbox.append(("add", named))
             self._ensure_thread()
@@ -218,15 +228,21 @@ class AsyncEngine:
         return streams
 
     def add_request(self, request: NewRequest) -> RequestStream:
+        """Queues one request of one sample (n > 1: use add_requests, one stream per sample)."""
+        if getattr(request.params, "n", 1) != 1:
+            raise ValueError(f"params.n: add_request returns one stream; got n={request.params.n}, use add_requests")
         (stream,) = self.add_requests([request])
         return stream
 
     def abort(self, request_id: str) -> None:
-        """Stops a request from any thread (no-op for an unknown or finished id)."""
+        """Stops a request, or every sample of a parent id, from any thread (no-op for
+        an unknown or finished id)."""
         with self._cond:
-            if request_id not in self._streams:
+            ids = [request_id] if request_id in self._streams else [
+                rid for rid, s in self._streams.items() if s.parent_id == request_id]
+            if not ids:
                 return
-            self._inbox.append(("abort", request_id))
+            self._inbox.extend(("abort", rid) for rid in ids)
             self._ensure_thread()
             self._cond.notify_all()
 

@@ -13,6 +13,16 @@ by request id, and the OutputProcessor turns new tokens into text and stream del
 Requests enter through `add_requests` (validated as a batch by engine/validation.py
 before any is queued) and leave when their last StreamDelta has been returned by
 `step` or `abort`: the engine forgets them then.
+
+Samples (SamplingParams.n > 1). `add_requests` runs a request of n samples as n
+requests "{request_id}-{i}" (validation.expand_samples: n = 1 each, sample 0 keeps the
+seed, sample i > 0 a seed derived from (seed, i)); their outputs carry `index` i and
+`parent_request_id`. With prefix caching on, samples 1.. wait until sample 0's prompt
+is computed and then share its full prompt pages from the prefix cache: only the
+prompt's last page (partial, or full when the prompt fills its pages, as at least one
+token is always recomputed) is computed again per sample. With prefix caching off the
+samples run independently, each computing the whole prompt. Each sample is aborted by
+its own id.
 """
 from __future__ import annotations
 
@@ -27,7 +37,8 @@ from jaxinfer.engine.block_manager import BlockManager
 from jaxinfer.engine.output_processor import OutputProcessor
 from jaxinfer.engine.request import Request
 from jaxinfer.engine.scheduler import Scheduler, SharedPrefixPolicy
-from jaxinfer.engine.validation import NewRequest, RequestLimits, resolve_max_model_len, validate_requests
+from jaxinfer.engine.validation import (NewRequest, RequestLimits, expand_samples, resolve_max_model_len,
+                                        sample_ids, validate_requests)
 from jaxinfer.runtime.model_runner import ModelRunner
 from jaxinfer.types import StepStats, StreamDelta
 
@@ -103,30 +114,47 @@ class Engine:
     def add_requests(self, requests: Sequence[NewRequest]) -> list:
         """Validates every request, then queues them all; returns their ids.
 
+        A request with params.n > 1 is queued as its n samples: its n ids, in order, are
+        in the returned list (so the list is longer than `requests`).
+
         Raises:
           ValueError: naming the field and the request's index; nothing is queued.
         """
         requests = validate_requests(list(requests), self.limits)
-        ids = []
+        given = {r.request_id for r in requests if r.request_id is not None}
+        taken = set(self.requests)
+        named = []
         for i, r in enumerate(requests):
-            if r.request_id is not None and r.request_id in self.requests:
-                raise ValueError(f"request_id[{i}]: {r.request_id!r} is already in use")
-        for r in requests:
-            request_id = r.request_id
-            while request_id is None or request_id in self.requests:
+            request_id, n = r.request_id, r.params.n
+            while request_id is None or (r.request_id is None and (request_id in given or request_id in taken or any(
+                    c in taken for c in (sample_ids(request_id, n) if n > 1 else ())))):
                 request_id = str(next(self._ids))
+            items = expand_samples(r, request_id) if n > 1 else [dataclasses.replace(r, request_id=request_id)]
+            for item in items:
+                if item.request_id in taken:
+                    raise ValueError(f"request_id[{i}]: {item.request_id!r} is already in use")
+                taken.add(item.request_id)
+            named += items
+        leaders: dict = {}  # parent id -> the Request of its sample 0, in this batch
+        for r in named:
             seed = r.params.seed if r.params.seed is not None else self._seed_rng.getrandbits(63)
-            request = Request(request_id, list(r.prompt_ids), r.params, seed, self.eos_token_ids,
-                              priority=r.priority, cache_salt=r.cache_salt, arrival_index=next(self._arrivals))
-            self.requests[request_id] = request
+            request = Request(r.request_id, list(r.prompt_ids), r.params, seed, self.eos_token_ids,
+                              priority=r.priority, cache_salt=r.cache_salt, arrival_index=next(self._arrivals),
+                              index=r.index, parent_id=r.parent_id)
+            if r.parent_id is not None and r.index == 0:
+                leaders[r.parent_id] = request
+            elif r.parent_id is not None and self.config.enable_prefix_caching:
+                request.wait_for = leaders.get(r.parent_id)
+            self.requests[r.request_id] = request
             self.output_processor.add(request)
             self.scheduler.add(request)
-            ids.append(request_id)
-        return ids
+        return [r.request_id for r in named]
 
     def add_request(self, prompt_ids, params: SamplingParams, request_id: Optional[str] = None,
                     priority: int = 0, cache_salt: Optional[str] = None) -> str:
-        """Validates and queues one request; returns its id."""
+        """Validates and queues one request of n = 1 (add_requests takes n > 1); returns its id."""
+        if getattr(params, "n", 1) != 1:
+            raise ValueError(f"params.n: add_request queues one sample, got n={params.n}; use add_requests")
         (rid,) = self.add_requests([NewRequest(prompt_ids=prompt_ids, params=params, request_id=request_id,
                                                priority=priority, cache_salt=cache_salt)])
         return rid

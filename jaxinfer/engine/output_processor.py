@@ -7,8 +7,9 @@ Per request it keeps an IncrementalDetokenizer and the text so far. For each new
 token it decodes the text delta (EOS and stop-token ids end the request without
 becoming text) and searches the stop strings in the text's tail; a hit cuts the text
 before the stop string and finishes the request with "stop", also when the same token
-reached max_tokens. A request finished for any other reason flushes the detokenizer's
-held-back bytes into the text.
+reached max_tokens. Stop strings are not searched while fewer than min_tokens ids were
+generated (vLLM's rule: the id that reaches min_tokens is checked). A request finished
+for any other reason flushes the detokenizer's held-back bytes into the text.
 
 Streaming: `delta()` releases the text not streamed yet, but holds back the last
 `len(longest stop string) - 1` characters while the request runs (they could still
@@ -17,6 +18,7 @@ since the previous delta.
 """
 from __future__ import annotations
 
+import time
 from typing import Optional
 
 from jaxinfer.engine.detokenizer import IncrementalDetokenizer
@@ -74,6 +76,8 @@ class OutputProcessor:
                 continue
             start = max(0, len(state.text) - state.max_stop_len + 1)
             state.text += delta
+            if i + 1 < params.min_tokens:
+                continue
             hits = [at for at in (state.text.find(stop, start) for stop in params.stop) if at >= 0]
             if hits:
                 state.text = state.text[:min(hits)]
@@ -102,7 +106,8 @@ class OutputProcessor:
             logprobs=tuple(request.logprobs[lo:hi]) if params.want_logprobs else None,
             top_logprobs=tuple(request.top_logprobs[lo:hi]) if params.num_top_logprobs else None,
             finish_reason=request.finish_reason if request.is_finished else None,
-            output=self.output(request) if request.is_finished else None)
+            output=self.output(request) if request.is_finished else None,
+            index=request.index, parent_request_id=request.parent_id)
 
     def output(self, request: Request) -> RequestOutput:
         """The request's result so far (its final result once it is finished)."""
@@ -119,4 +124,6 @@ class OutputProcessor:
             top_logprobs=list(request.top_logprobs) if params.num_top_logprobs else None,
             prompt_logprobs=list(request.prompt_logprobs) if params.prompt_logprobs else None,
             time_to_first_token=ttft, time_per_output_token=tpot,
-            decode_compile_seconds=request.decode_compile_seconds)
+            decode_compile_seconds=request.decode_compile_seconds,
+            queue_time=(request.first_scheduled_time or time.perf_counter()) - request.arrival_time,
+            index=request.index, parent_request_id=request.parent_id)

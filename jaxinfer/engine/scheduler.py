@@ -25,6 +25,16 @@ needs the scheduler to count tokens in flight first.) The
 token-level stop rules (EOS, stop token ids, max_tokens) are applied here; stop
 strings, which need text, are the output processor's.
 
+Samples of one prompt (SamplingParams.n). A request with `wait_for` set (every sample
+but the first) stays waiting, without blocking the requests behind it, until that first
+sample's prompt is computed (or it finished): its full prompt pages are then in the
+prefix cache and the sample shares them, recomputing only the prompt's last page.
+
+Logit processing. Each ScheduledSequence that samples carries its penalties (with the
+prompt and the generated ids, only when a penalty is on), its logit_bias, and, while
+fewer than min_tokens ids were generated, the ids min_tokens bans (EOS unless
+ignore_eos, stop token ids).
+
 Shared prefixes. With a `SharedPrefixPolicy`, each StepInput also lists the tree of
 prefix pages its sequences share (engine/shared_prefix.py), for the runner's
 shared-prefix (Hydragen) attention path.
@@ -34,6 +44,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import itertools
+import time
 from typing import Optional
 
 from jaxinfer.engine.block_manager import BlockManager
@@ -150,11 +161,20 @@ class Scheduler:
             if budget == 0 or request in chosen_set or remaining <= 1:
                 continue
             take(request, min(remaining, budget))
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            request = self.waiting[0]
+        index = 0
+        while index < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
+            request = self.waiting[index]
+            leader = request.wait_for
+            if leader is not None:
+                if not (leader.prompt_computed or leader.is_finished):
+                    index += 1  # a later sample of a prompt still being computed: skip it
+                    continue
+                request.wait_for = None
             if not self._admit(request):
                 break
-            self.waiting.pop(0)
+            self.waiting.pop(index)
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = time.perf_counter()
             request.status = Status.RUNNING
             request.admission_index = next(self._admissions)
             self.running.append(request)
@@ -175,12 +195,15 @@ class Scheduler:
         ids = request.all_ids
         end = start + num_tokens
         params = request.params
+        samples = end == len(ids)
+        penalties = samples and params.has_penalties
+        banned = samples and request.below_min_tokens and request.min_tokens_ban_ids
         return ScheduledSequence(
             request_id=request.request_id,
             token_ids=tuple(ids[start:end]),
             start_position=start,
             page_ids=tuple(request.page_ids),
-            sample_offsets=(num_tokens - 1,) if end == len(ids) else (),
+            sample_offsets=(num_tokens - 1,) if samples else (),
             temperature=float(params.temperature),
             top_k=int(params.top_k),
             top_p=float(params.top_p),
@@ -190,6 +213,14 @@ class Scheduler:
             num_top_logprobs=params.num_top_logprobs,
             want_prompt_logprobs=params.prompt_logprobs and start < len(request.prompt_ids) - 1,
             next_token_id=ids[end] if end < len(request.prompt_ids) else None,
+            presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty,
+            repetition_penalty=params.repetition_penalty,
+            prompt_token_ids=request.prompt_tuple if penalties else (),
+            output_token_ids=tuple(request.output_ids) if penalties else (),
+            logit_bias=params.logit_bias if samples else (),
+            banned_token_ids=request.min_tokens_ban_ids if banned else (),
+            ban_until_position=len(request.prompt_ids) + params.min_tokens,
         )
 
     def update(self, step: ScheduledStep, step_output: StepOutput) -> list:
@@ -216,6 +247,8 @@ class Scheduler:
                 raise ValueError(f"step_output: no output for request {request_id!r} of step {step.step_id}")
             first_target = request.num_computed + 1
             request.num_computed += num_tokens
+            if request.num_computed >= len(request.prompt_ids):
+                request.prompt_computed = True
             num_full = request.num_computed // bm.page_size
             if num_full > request.num_registered_pages:
                 hashes = request.full_page_hashes(bm.page_size)

@@ -9,10 +9,16 @@ as a whole before any of them is queued, so one bad request leaves the engine un
 
 Errors are ValueErrors that name the field; with an `index` (a batch) the name carries
 it: `prompts[1]: token id 2.0 ...`, `params[0].stop_token_ids: ...`.
+
+Samples (SamplingParams.n > 1). `expand_samples` turns a validated request into its n
+samples, plain requests of n = 1 with ids "{request_id}-{i}" (i in [0, n)); sample 0
+keeps the request's seed, sample i > 0 gets `sample_seed(seed, i)` (a seeded request
+stays reproducible); without a seed each sample gets its own fresh seed.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Iterable
 from typing import Optional
 
@@ -28,6 +34,9 @@ class NewRequest:
     request_id: Optional[str] = None  # None = the engine assigns one
     priority: int = 0  # lower runs first
     cache_salt: Optional[str] = None  # prefix-cache namespace
+    # set by expand_samples: the sample's index within its prompt, and the prompt's id
+    index: int = 0
+    parent_id: Optional[str] = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -99,6 +108,14 @@ def validate_request(request: NewRequest, limits: RequestLimits, index: Optional
         if t >= limits.vocab_size:
             raise ValueError(f"{_name('params', index)}.stop_token_ids: {t} outside the vocabulary "
                              f"[0, {limits.vocab_size})")
+    for t, _ in params.logit_bias:
+        if t >= limits.vocab_size:
+            raise ValueError(f"{_name('params', index)}.logit_bias: token id {t} outside the vocabulary "
+                             f"[0, {limits.vocab_size})")
+    if not isinstance(request.index, int) or isinstance(request.index, bool) or request.index < 0:
+        raise ValueError(f"{_name('index', index)}: expected an int >= 0, got {request.index!r}")
+    if request.parent_id is not None and not isinstance(request.parent_id, str):
+        raise ValueError(f"{_name('parent_id', index)}: expected a string or None, got {request.parent_id!r}")
     if not isinstance(request.priority, int) or isinstance(request.priority, bool):
         raise ValueError(f"{_name('priority', index)}: expected an int, got {request.priority!r}")
     if request.cache_salt is not None and not isinstance(request.cache_salt, str):
@@ -118,4 +135,26 @@ def validate_requests(requests, limits: RequestLimits) -> list:
             if r.request_id in seen:
                 raise ValueError(f"request_id[{i}]: {r.request_id!r} appears twice in the batch")
             seen.add(r.request_id)
+    return out
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """The seed of sample `index` > 0 of a request seeded `seed`: in [0, 2**63), fixed across runs."""
+    digest = hashlib.sha256(f"jaxinfer-sample:{seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def sample_ids(parent_id: str, n: int) -> list:
+    """The request ids of the n samples of request `parent_id`."""
+    return [f"{parent_id}-{i}" for i in range(n)]
+
+
+def expand_samples(request: NewRequest, parent_id: str) -> list:
+    """The params.n samples of a validated request, as NewRequests of n = 1 (see above)."""
+    params = request.params
+    out = []
+    for i, request_id in enumerate(sample_ids(parent_id, params.n)):
+        seed = params.seed if i == 0 or params.seed is None else sample_seed(params.seed, i)
+        out.append(dataclasses.replace(request, params=dataclasses.replace(params, n=1, seed=seed),
+                                       request_id=request_id, index=i, parent_id=parent_id))
     return out

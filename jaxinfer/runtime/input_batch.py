@@ -26,6 +26,10 @@ tokens, attention rows and sample rows to powers of two; pages per row to a powe
 two up to 16, then multiples of 8; the query block to a power of two. `StepBatch.
 shape_key` identifies the compiled program.
 
+Logit processing. Penalty histories (padded to a power of two >= 16) and bias entries
+(logit_bias, then min_tokens bans as -inf; a power of two >= 4) exist only when some
+sample row of the step uses them (else None: no such path is compiled).
+
 Safety. Every token id, page id and position is checked here, before it reaches the
 device: XLA clamps out-of-range gathers silently, which would read another request's
 KV or a wrong embedding. Shared-prefix nodes are checked against the members' own
@@ -84,6 +88,24 @@ class PrefixRowArrays(NamedTuple):
     page_tables: np.ndarray  # [Rp, Pp] int32 the node's pages
 
 
+class PenaltyArrays(NamedTuple):
+    """Per sample row: the ids the penalties count (sampler.apply_penalties)."""
+
+    history: np.ndarray  # [S, H] int32 prompt ids (repetition penalty only), then generated ids; padding 0
+    prompt_lens: np.ndarray  # [S] int32 leading prompt entries of each row
+    lens: np.ndarray  # [S] int32 valid entries of each row
+    presence: np.ndarray  # [S] float32 (padding rows 0)
+    frequency: np.ndarray  # [S] float32 (0)
+    repetition: np.ndarray  # [S] float32 (1)
+
+
+class BiasArrays(NamedTuple):
+    """Per sample row: ids whose logits get a bias (sampler.apply_logit_bias)."""
+
+    token_ids: np.ndarray  # [S, B] int32 (padding 0)
+    biases: np.ndarray  # [S, B] float32: logit_bias values, -inf for min_tokens bans (padding 0)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DeviceBatch:
     """Everything the compiled step reads: arrays (pytree leaves) and static fields.
@@ -109,6 +131,8 @@ class DeviceBatch:
     seed_hi: np.ndarray  # [S] uint32 high half of the request's seed
     seed_lo: np.ndarray  # [S] uint32 low half
     sample_pos: np.ndarray  # [S] int32 position of the token being sampled (its key's fold-in)
+    penalties: Optional[PenaltyArrays]  # when a sample row has a penalty, else None
+    logit_bias: Optional[BiasArrays]  # when a sample row has a logit bias or min_tokens ban, else None
     max_q_len: int  # static: queries per attention row at most
     num_decode_rows: int  # static: leading rows of at most one query
     all_greedy: bool  # static: every sample row is greedy (skips the sort)
@@ -117,7 +141,7 @@ class DeviceBatch:
 
     ARRAY_FIELDS = ("tokens", "positions", "slot_mapping", "targets", "cu_q_lens", "kv_lens", "page_tables",
                     "kv_starts", "prefix", "logits_indices", "temperature", "top_k", "top_p", "min_p", "seed_hi",
-                    "seed_lo", "sample_pos")
+                    "seed_lo", "sample_pos", "penalties", "logit_bias")
     STATIC_FIELDS = ("max_q_len", "num_decode_rows", "all_greedy", "all_logits", "num_top_logprobs")
 
 
@@ -240,6 +264,68 @@ def _prefix_rows(step: StepInput, config: BatchConfig, offsets, ends, lens, max_
     return PrefixRowArrays(q_index, kv_starts, kv_ends, tables), (num_rows, block, max_pages), saved
 
 
+def _ragged(flat: np.ndarray, starts: np.ndarray, lens: np.ndarray, width: int, dtype) -> np.ndarray:
+    """[rows, width]: row r holds flat[starts[r]:starts[r] + lens[r]], then zeros."""
+    columns = np.arange(width)
+    if not flat.size:
+        return np.zeros((starts.size, width), dtype)
+    values = flat.take(starts[:, None] + columns[None, :], mode="clip")
+    return np.where(columns[None, :] < lens[:, None], values, 0).astype(dtype)
+
+
+def _logit_arrays(seqs, num_rows: int, row_seq: np.ndarray, sample_pos: np.ndarray, vocab_size: int):
+    """PenaltyArrays and BiasArrays of the sample rows (None when no row needs them)."""
+    samples = [bool(s.sample_offsets) for s in seqs]
+    penalised = [n and (s.repetition_penalty != 1.0 or s.presence_penalty != 0.0 or s.frequency_penalty != 0.0)
+                 for s, n in zip(seqs, samples)]
+    num_real = row_seq.size
+    penalties = None
+    if any(penalised):
+        knobs = np.zeros((num_rows, 3), np.float32)
+        knobs[:, 2] = 1.0
+        knobs[:num_real] = np.array([(s.presence_penalty, s.frequency_penalty, s.repetition_penalty) if p
+                                     else (0.0, 0.0, 1.0) for s, p in zip(seqs, penalised)], np.float32)[row_seq]
+        # Per sequence: its prompt (counted by a repetition penalty only), then its output.
+        parts = [((s.prompt_token_ids if s.repetition_penalty != 1.0 else ()), s.output_token_ids) if p else ((), ())
+                 for s, p in zip(seqs, penalised)]
+        plens = np.array([len(a) for a, _ in parts], np.int64)
+        olens = np.array([len(b) for _, b in parts], np.int64)
+        full_prompt = np.array([len(s.prompt_token_ids) for s in seqs], np.int64)
+        flat = np.fromiter(itertools.chain.from_iterable(itertools.chain(a, b) for a, b in parts), np.int64,
+                           int((plens + olens).sum()))
+        starts = np.concatenate([[0], np.cumsum(plens + olens)[:-1]]).astype(np.int64)
+        # A row counts the generated ids before its sampled position.
+        num_out = np.clip(sample_pos[:num_real] - full_prompt[row_seq], 0, olens[row_seq])
+        lens, prompt_lens, row_starts = np.zeros((3, num_rows), np.int64)
+        lens[:num_real] = plens[row_seq] + num_out
+        prompt_lens[:num_real] = plens[row_seq]
+        row_starts[:num_real] = starts[row_seq]
+        history = _ragged(flat, row_starts, lens, bucket(int(lens.max()), 16), np.int32)
+        penalties = PenaltyArrays(history, prompt_lens.astype(np.int32), lens.astype(np.int32), *knobs.T.copy())
+    # Per sequence: its logit_bias entries, then its bans (a row takes the bans only
+    # while its sampled position is below ban_until_position).
+    entries = [(s.logit_bias, s.banned_token_ids) if n else ((), ()) for s, n in zip(seqs, samples)]
+    if not any(b or ban for b, ban in entries):
+        return penalties, None
+    nbias, nban = (np.array([len(e[k]) for e in entries], np.int64) for k in (0, 1))
+    total = int((nbias + nban).sum())
+    ids = np.fromiter(itertools.chain.from_iterable(itertools.chain((t for t, _ in b), ban) for b, ban in entries),
+                      np.int64, total)
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        raise ValueError(f"logit_bias / banned_token_ids: token id outside the vocabulary [0, {vocab_size})")
+    values = np.fromiter(itertools.chain.from_iterable(
+        itertools.chain((v for _, v in b), (-np.inf for _ in ban)) for b, ban in entries), np.float64, total)
+    until = np.array([s.ban_until_position for s in seqs], np.int64)
+    lens, row_starts = np.zeros((2, num_rows), np.int64)
+    lens[:num_real] = nbias[row_seq] + np.where(sample_pos[:num_real] < until[row_seq], nban[row_seq], 0)
+    row_starts[:num_real] = np.concatenate([[0], np.cumsum(nbias + nban)[:-1]]).astype(np.int64)[row_seq]
+    if not lens.any():
+        return penalties, None
+    width = bucket(int(lens.max()), 4)
+    return penalties, BiasArrays(_ragged(ids, row_starts, lens, width, np.int32),
+                                 _ragged(values, row_starts, lens, width, np.float32))
+
+
 def build_batch(step: StepInput, config: BatchConfig) -> StepBatch:
     """Validates a step and lays it out as padded arrays (see the module docstring).
 
@@ -359,17 +445,21 @@ def build_batch(step: StepInput, config: BatchConfig) -> StepBatch:
     all_logits = any(s.want_prompt_logprobs for s in seqs)
     max_top = max(s.num_top_logprobs if num_samples[i] else 0 for i, s in enumerate(seqs))
     num_top_logprobs = bucket(max_top) if max_top else 0
+    penalties, bias = _logit_arrays(seqs, num_sample_rows, row_seq_of_sample, sample_pos.astype(np.int64),
+                                    config.vocab_size)
 
     device = DeviceBatch(
         tokens=tokens, positions=positions, slot_mapping=slots, targets=targets, cu_q_lens=cu_q_lens,
         kv_lens=kv_lens, page_tables=page_tables, kv_starts=kv_starts if prefix is not None else None,
         prefix=prefix, logits_indices=logits_indices, temperature=temperature, top_k=top_k, top_p=top_p,
         min_p=min_p, seed_hi=(seeds >> np.uint64(32)).astype(np.uint32),
-        seed_lo=(seeds & np.uint64(0xFFFFFFFF)).astype(np.uint32), sample_pos=sample_pos, max_q_len=max_q_len,
+        seed_lo=(seeds & np.uint64(0xFFFFFFFF)).astype(np.uint32), sample_pos=sample_pos, penalties=penalties,
+        logit_bias=bias, max_q_len=max_q_len,
         num_decode_rows=num_decode_rows, all_greedy=bool(all_greedy), all_logits=all_logits,
         num_top_logprobs=num_top_logprobs)
     shape_key = (num_tokens, num_sample_rows, num_decode_rows, num_rows, max_pages, max_q_len, prefix_shape,
-                 device.all_greedy, all_logits, num_top_logprobs)
+                 device.all_greedy, all_logits, num_top_logprobs,
+                 0 if penalties is None else penalties.history.shape[1], 0 if bias is None else bias.token_ids.shape[1])
     return StepBatch(
         device=device, request_ids=tuple(s.request_id for s in seqs), token_offsets=offsets, num_tokens=lens,
         sample_starts=sample_starts, num_samples=num_samples,

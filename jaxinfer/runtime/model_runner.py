@@ -4,8 +4,9 @@ Path: engine -> StepInput -> **runner** -> StepOutput -> engine. The host side o
 step (validation, flattening, attention rows, shared-prefix rows, padding to shape
 buckets) is runtime/input_batch.py; the runner places the parameters and the KV cache
 on its mesh, runs one compiled step over a StepBatch -- model forward over the flat
-ragged batch, paged-KV write, attention, on-device sampling -- and unpacks the results
-by request id, with the step's StepStats.
+ragged batch, paged-KV write, attention, logit processing (penalties, biases; only
+when a row asks) and on-device sampling -- and unpacks the results by request id,
+with the step's StepStats.
 
 Mesh. The runner runs on a jax.sharding.Mesh (one device unless given one): the
 parameters get NamedShardings from their logical axis names through the rules table
@@ -132,8 +133,14 @@ def _step_fn(model: Transformer, params, kv_caches, batch: DeviceBatch):
                                         batch.logits_indices)  # [S, V]
         prompt_lp = jnp.zeros((0,), jnp.float32)
     keys = sampler.request_keys(batch.seed_hi, batch.seed_lo, batch.sample_pos)
-    sampled, logprobs = sampler.sample(logits, batch.temperature, batch.top_k, batch.top_p, batch.min_p, keys,
-                                       all_greedy=batch.all_greedy)
-    top_ids, top_lps = sampler.top_logprobs(logits, batch.num_top_logprobs)
+    # Penalties, then logit biases and bans: traced only when a row of the step has them.
+    processed = logits
+    if batch.penalties is not None:
+        processed = sampler.apply_penalties(processed, *batch.penalties)
+    if batch.logit_bias is not None:
+        processed = sampler.apply_logit_bias(processed, *batch.logit_bias)
+    sampled, logprobs = sampler.sample(processed, batch.temperature, batch.top_k, batch.top_p, batch.min_p, keys,
+                                       all_greedy=batch.all_greedy, raw_logits=logits)
+    top_ids, top_lps = sampler.top_logprobs(logits, batch.num_top_logprobs)  # raw distribution
     return (sampled, logprobs, top_ids, top_lps, prompt_lp), kv_caches
 

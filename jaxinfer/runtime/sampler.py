@@ -1,7 +1,14 @@
-"""On-device sampling: greedy, temperature, top-k, top-p, min-p, per-request seeds.
+"""On-device sampling: logit processing, then greedy, temperature, top-k, top-p, min-p.
 
 Path: runner -> model logits -> **sampler** -> StepOutput. Every knob is a per-row array
-so one compiled program serves any mix of requests. The key of the token a request
+so one compiled program serves any mix of requests, and a row's result never depends on
+the other rows (neutral knobs leave a row's logits bit-for-bit unchanged).
+
+Logit processing (vLLM's order), each part traced only when some row of the step uses
+it (the runner passes None otherwise): `apply_penalties` (repetition, then frequency
+and presence), then `apply_logit_bias` (logit_bias and the min_tokens bans, as -inf
+biases). Greedy rows take the argmax of the processed logits; the returned log-probs
+(and top log-probs) stay those of the RAW model distribution. The key of the token a request
 samples at sequence position p is `fold_in(fold_in(fold_in(key(0), seed_hi), seed_lo), p)`:
 it depends only on the request's own seed and position, never on the batch, so a
 seeded request gives the same tokens alone or inside any batch.
@@ -25,23 +32,61 @@ def request_keys(seed_hi: jax.Array, seed_lo: jax.Array, positions: jax.Array) -
     return jax.vmap(one)(seed_hi, seed_lo, positions)
 
 
-def sample(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array,
-           min_p: jax.Array, keys: jax.Array, *, all_greedy: bool) -> tuple[jax.Array, jax.Array]:
-    """Samples one token per row.
+def apply_penalties(logits: jax.Array, history: jax.Array, prompt_lens: jax.Array, lens: jax.Array,
+                    presence: jax.Array, frequency: jax.Array, repetition: jax.Array) -> jax.Array:
+    """Repetition, frequency and presence penalties (vLLM / OpenAI semantics).
 
     Args:
       logits: [S, V] float32.
+      history: [S, H] int32 ids of each row: its prompt ids ([0, prompt_lens)), then its
+        generated ids ([prompt_lens, lens)); entries from lens on are padding.
+      prompt_lens, lens: [S] int32.
+      presence, frequency: [S] float32; subtracted per generated token (frequency x count,
+        presence once if present).
+      repetition: [S] float32 > 0; every id of the history (prompt or generated) gets
+        logit / p when logit > 0, logit * p otherwise.
+    Returns:
+      [S, V] float32 penalised logits (a row with 0, 0, 1 is unchanged).
+    """
+    num_rows, width = history.shape
+    column = jnp.arange(width)[None, :]
+    valid = column < lens[:, None]
+    generated = valid & (column >= prompt_lens[:, None])
+    rows = jnp.broadcast_to(jnp.arange(num_rows)[:, None], history.shape)
+    zeros = jnp.zeros(logits.shape, jnp.int32)
+    seen = zeros.at[rows, history].add(valid.astype(jnp.int32)) > 0
+    counts = zeros.at[rows, history].add(generated.astype(jnp.int32))
+    penalty = jnp.where(seen, repetition[:, None], 1.0)
+    logits = jnp.where(logits > 0, logits / penalty, logits * penalty)
+    logits = logits - frequency[:, None] * counts.astype(logits.dtype)
+    return logits - presence[:, None] * (counts > 0).astype(logits.dtype)
+
+
+def apply_logit_bias(logits: jax.Array, token_ids: jax.Array, biases: jax.Array) -> jax.Array:
+    """Adds per-row biases to given ids ([S, B] each; padding entries add 0 to id 0; -inf bans)."""
+    rows = jnp.broadcast_to(jnp.arange(logits.shape[0])[:, None], token_ids.shape)
+    return logits.at[rows, token_ids].add(biases.astype(logits.dtype))
+
+
+def sample(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array,
+           min_p: jax.Array, keys: jax.Array, *, all_greedy: bool,
+           raw_logits: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Samples one token per row.
+
+    Args:
+      logits: [S, V] float32, processed (penalties, biases) or raw.
       temperature: [S] float32; 0 = greedy.
       top_k: [S] int32; <= 0 = off.
       top_p: [S] float32 in (0, 1].
       min_p: [S] float32 in [0, 1].
       keys: [S] PRNG keys (request_keys).
       all_greedy: static; skips the sort when every row is greedy.
+      raw_logits: [S, V] the model's logits before processing (None = `logits`).
     Returns:
       (tokens [S] int32, logprobs [S] float32: log p of each token under the raw model
-      distribution, before temperature and filters).
+      distribution, before penalties, biases, temperature and filters).
     """
-    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    log_probs = jax.nn.log_softmax(logits if raw_logits is None else raw_logits, axis=-1)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if all_greedy:
         return greedy, jnp.take_along_axis(log_probs, greedy[:, None], axis=-1)[:, 0]

@@ -73,7 +73,7 @@ def test_ragged_prefills_padded_to_buckets():
     _eq(batch.sample_starts, [0, 1, 1], np.int64)
     _eq(batch.num_samples, [1, 0, 1], np.int64)
     assert batch.num_real_tokens == 10
-    assert batch.shape_key == (16, 2, 0, 4, 2, 8, None, False, False, 0)
+    assert batch.shape_key == (16, 2, 0, 4, 2, 8, None, False, False, 0, 0, 0)
 
     outputs = unpack_outputs(batch, np.array([41, 42]), np.array([-0.5, -1.5]), np.zeros((2, 0), np.int32),
                              np.zeros((2, 0), np.float32), np.zeros(0, np.float32))
