@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -187,6 +188,67 @@ def test_abort_from_another_thread_and_a_failing_step(session):
         session.generate([[5, 6]], GREEDY)
     _assert_idle(session)
     assert len(session.generate([[5, 6]], GREEDY)[0].token_ids) == 8
+
+
+def test_a_failing_runner_fails_only_that_steps_requests(session):
+    # The runner raises once: the requests of that step get the error, a request queued
+    # after it (not in the failed step) completes, pages are freed, the engine serves on.
+    runner = session.engine.runner
+    real_execute = runner.execute
+
+    def failing_execute(step_input):
+        runner.execute = real_execute
+        raise RuntimeError("device lost")
+
+    session.async_engine.call(lambda e: setattr(runner, "execute", failing_execute))
+    first = session.async_engine.add_requests([_new([5, 6, 7], GREEDY)])[0]
+    with pytest.raises(RuntimeError, match="device lost"):
+        first.result(timeout=120)
+    assert session.generate([[5, 6]], GREEDY)[0].finish_reason == "length"
+    _assert_idle(session)
+
+
+def test_an_error_in_one_requests_output_fails_that_request_alone(session):
+    processor = session.engine.output_processor
+    real_process = processor.process
+    victim = "victim"
+
+    def process(request, num_new):
+        if request.request_id == victim:
+            raise UnicodeError("cannot detokenize")
+        return real_process(request, num_new)
+
+    session.async_engine.call(lambda e: setattr(processor, "process", process))
+    try:
+        bad, good = session.async_engine.add_requests([_new([5, 6, 7], GREEDY, victim), _new([5, 6, 8], GREEDY)])
+        with pytest.raises(UnicodeError):
+            bad.result(timeout=120)
+        assert good.result(timeout=120).finish_reason == "length"
+    finally:
+        session.async_engine.call(lambda e: setattr(processor, "process", real_process))
+    _assert_idle(session)
+
+
+def test_a_reader_that_stops_reading_is_cut_off(session):
+    from jaxinfer.engine.async_engine import SlowReader
+    engine = session.async_engine
+    engine.max_buffered_deltas = 4
+    try:
+        stream = engine.add_requests([_new([5, 6, 7], SamplingParams(max_tokens=64, ignore_eos=True,
+                                                                     temperature=0.0))])[0]
+        deadline = time.monotonic() + 120
+        while not stream.finished and time.monotonic() < deadline:  # never read: the engine cuts it off
+            time.sleep(0.05)
+        items = list(stream._items)
+        assert isinstance(items[-1], SlowReader) and len(items) == 5
+        with pytest.raises(SlowReader):
+            list(stream)
+    finally:
+        engine.max_buffered_deltas = 4096
+    deadline = time.monotonic() + 60
+    while engine.num_unfinished and time.monotonic() < deadline:
+        time.sleep(0.05)
+    _assert_idle(session)
 
 
 def test_shutdown_and_restart(text_model_dir):

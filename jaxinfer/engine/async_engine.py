@@ -13,9 +13,12 @@ ValueError naming the field in the caller and nothing is queued, then leaves the
 the inbox and returns one RequestStream per request. A RequestStream is thread-safe:
 iterate it (blocking) or `async for` it (asyncio) for StreamDeltas, or call
 `result()` / `await aresult()` for the RequestOutput. `abort` may be called from any
-thread; the stream then ends with finish_reason "abort". If a step raises, every
-request in flight is aborted (its pages freed), its stream raises that error to its
-reader, and the loop keeps serving the requests that come after.
+thread; the stream then ends with finish_reason "abort". If a step raises, the
+requests of that step are aborted (their pages freed) and their streams raise that
+error to their readers; a request that fails alone (e.g. in its output processing)
+fails alone; the loop keeps serving everything else. The loop thread never blocks on a
+reader: a stream whose reader falls more than `max_buffered_deltas` deltas behind is
+cut off (the request is aborted, the reader gets SlowReader).
 
 `shutdown()` (also at interpreter exit) aborts what is in flight and joins the loop
 thread; the readers of unfinished requests (also of requests that raced the
@@ -33,7 +36,7 @@ import threading
 import weakref
 from typing import Callable, Optional, Sequence
 
-from jaxinfer.engine.engine import Engine
+from jaxinfer.engine.engine import Engine, StepFailed
 from jaxinfer.engine.validation import NewRequest, expand_samples, sample_ids, validate_requests
 from jaxinfer.types import RequestOutput, StreamDelta
 
@@ -42,6 +45,10 @@ _WAIT_SLICE = 0.5  # seconds; waits wake this often so that Ctrl-C reaches the w
 
 class EngineStopped(RuntimeError):
     """The engine was shut down before the request finished."""
+
+
+class SlowReader(RuntimeError):
+    """The reader fell too many deltas behind; the request was aborted."""
 
 
 class RequestStream:
@@ -61,6 +68,7 @@ class RequestStream:
         self._output: Optional[RequestOutput] = None
         self._error: Optional[BaseException] = None
         self._done = False
+        self._summary_only = False  # a result() reader: only the last delta is kept
 
     # ------------------------------------------------------------- loop thread side
 
@@ -68,6 +76,13 @@ class RequestStream:
         with self._cond:
             if self._done:
                 return
+            partial = not isinstance(item, BaseException) and not item.is_finished
+            if partial and self._summary_only:
+                return  # result() sums the deltas up in the RequestOutput
+            if partial and len(self._items) >= self._owner.max_buffered_deltas:
+                item = SlowReader(f"request {self.request_id!r}: the reader fell more than "
+                                  f"{self._owner.max_buffered_deltas} deltas behind; the request was aborted")
+                self._owner.abort(self.request_id)
             self._items.append(item)
             if isinstance(item, BaseException):
                 self._error, self._done = item, True
@@ -142,6 +157,9 @@ class RequestStream:
           the error of the step that failed the request, or EngineStopped.
         """
         with self._cond:
+            self._summary_only = True
+            if not self._done:
+                self._items.clear()
             remaining = timeout
             while not self._done:
                 wait = _WAIT_SLICE if remaining is None else min(_WAIT_SLICE, remaining)
@@ -180,8 +198,10 @@ class AsyncEngine:
       engine: the Engine to own. No other thread may call it after this.
     """
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, max_buffered_deltas: int = 4096):
         self.engine = engine
+        # a streaming reader this many deltas behind is cut off (the loop never blocks)
+        self.max_buffered_deltas = max_buffered_deltas
         self._cond = threading.Condition()
         self._inbox: collections.deque = collections.deque()  # commands for the loop thread
         self._streams: dict = {}  # request id -> RequestStream, until its last delta
@@ -311,9 +331,15 @@ class AsyncEngine:
                 continue
             try:
                 deltas = engine.step()
-            except Exception as e:  # noqa: BLE001 - handed to every reader in flight
+            except StepFailed as e:  # the step's requests were aborted: their readers get the error
+                for request_id in e.request_ids:
+                    self._finish_stream(request_id, e.error)
+                continue
+            except Exception as e:  # noqa: BLE001 - unexpected: handed to every reader in flight
                 self._fail_in_flight(e)
                 continue
+            for request_id, error in engine.take_errors().items():  # requests failed alone
+                self._finish_stream(request_id, error)
             self._deliver(deltas)
 
     def _stop(self) -> None:

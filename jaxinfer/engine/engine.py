@@ -71,6 +71,20 @@ class _Counters:
         self.shared_prefix_tokens_saved += stats.shared_prefix_tokens_saved
 
 
+class StepFailed(RuntimeError):
+    """A step raised: its requests were aborted (pages freed); the engine keeps serving.
+
+    Attributes:
+      error: the exception the runner (or the update) raised.
+      request_ids: the requests of the failed step, now forgotten by the engine.
+    """
+
+    def __init__(self, error: BaseException, request_ids: list):
+        super().__init__(f"engine step failed for {len(request_ids)} request(s): {error!r}")
+        self.error = error
+        self.request_ids = request_ids
+
+
 class Engine:
     """Continuous-batching engine over one ModelRunner.
 
@@ -102,6 +116,9 @@ class Engine:
         self.limits = RequestLimits(vocab_size=model_config.vocab_size, max_model_len=self.max_model_len,
                                     num_pages=runner.num_pages, page_size=runner.page_size)
         self.requests: dict = {}  # request id -> Request, until its last delta is returned
+        # request id -> the exception that failed that request alone in `step` (its
+        # pages freed, the engine forgot it); the owner takes them with take_errors()
+        self.request_errors: dict = {}
         self._ids = itertools.count()
         self._arrivals = itertools.count()
         self._seed_rng = random.Random()
@@ -195,23 +212,44 @@ class Engine:
         step = self.scheduler.schedule()
         if step is None:
             return []
-        step_output = self.runner.execute(step.step_input)
-        touched = self.scheduler.update(step, step_output)
+        try:
+            step_output = self.runner.execute(step.step_input)
+            touched = self.scheduler.update(step, step_output)
+        except Exception as e:  # noqa: BLE001 - fail this step's requests only
+            failed = list(step.num_scheduled_tokens)
+            for request_id in failed:
+                request = self.requests.get(request_id)
+                if request is not None:
+                    self.scheduler.finish(request, "abort")
+                    self._last_delta(request)
+            raise StepFailed(e, failed) from e
         stats = step_output.stats
         deltas = []
         for request, num_new in touched:
-            if stats.is_compile and len(request.output_ids) > num_new:  # a decode step of this request
-                request.decode_compile_seconds += stats.device_seconds
-            if self.output_processor.process(request, num_new) == "stop":
-                self.scheduler.finish(request)
-                request.finish_reason = "stop"
-            if request.is_finished:
-                deltas.append(self._last_delta(request))
-            else:
-                deltas.append(self.output_processor.delta(request))
+            try:
+                if stats.is_compile and len(request.output_ids) > num_new:  # a decode step of this request
+                    request.decode_compile_seconds += stats.device_seconds
+                if self.output_processor.process(request, num_new) == "stop":
+                    self.scheduler.finish(request)
+                    request.finish_reason = "stop"
+                if request.is_finished:
+                    deltas.append(self._last_delta(request))
+                else:
+                    deltas.append(self.output_processor.delta(request))
+            except Exception as e:  # noqa: BLE001 - e.g. detokenizing: this request fails alone
+                self.request_errors[request.request_id] = e
+                if request.request_id in self.requests:
+                    self.scheduler.finish(request, "abort")
+                    self.output_processor.remove(request.request_id)
+                    del self.requests[request.request_id]
         # Host time: everything but the runner's device call (its batch building counts).
         self._counters.add(stats, step.num_sequences, time.perf_counter() - start - stats.device_seconds)
         return deltas
+
+    def take_errors(self) -> dict:
+        """The requests failed alone since the last call: {request id: exception}."""
+        errors, self.request_errors = self.request_errors, {}
+        return errors
 
     def reset_prefix_cache(self) -> None:
         """Forgets every cached prefix page (the next requests recompute everything)."""
