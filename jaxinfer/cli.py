@@ -2,10 +2,14 @@
 
     jaxinfer generate --prompt "def fib(n):" [--model PATH|NAME] [--max_tokens N] [--temperature T]
     jaxinfer generate --prompt "def fib(n):" --quantization int4 [--quant_group_size 128]
+    jaxinfer serve [--model PATH|NAME] [--host 127.0.0.1] [--port 8000] [--grpc_port 9000] [--api_key K]
 
-Streams the completion to stdout, then prints a one-line summary: prompt tokens,
-generated tokens, time to first token and decode tokens/s. Without --model the bundled
-default model is used.
+`generate` streams the completion to stdout, then prints a one-line summary: prompt
+tokens, generated tokens, time to first token and decode tokens/s. `serve` starts the
+OpenAI-compatible HTTP API and the gRPC services (jaxinfer/serving/server.py) and
+prints their addresses once the warm-up is done; SIGTERM drains and exits 0. Without
+--model the bundled default model is used. Sampling flags left out take the model
+folder's generation_config.json values; both commands take the engine flags.
 """
 from __future__ import annotations
 
@@ -17,54 +21,106 @@ from absl import app, flags
 from jaxinfer.assets import DEFAULT_MODEL
 
 _MODEL = flags.DEFINE_string("model", DEFAULT_MODEL, "Model folder (HF or converted) or a bundled name.")
-_PROMPT = flags.DEFINE_string("prompt", None, "Prompt text.")
-_MAX_TOKENS = flags.DEFINE_integer("max_tokens", 64, "Tokens to generate at most.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "Sampling temperature (0 = greedy).")
-_TOP_K = flags.DEFINE_integer("top_k", 0, "Top-k (0 = off).")
-_TOP_P = flags.DEFINE_float("top_p", 1.0, "Top-p in (0, 1].")
-_MIN_P = flags.DEFINE_float("min_p", 0.0, "Min-p in [0, 1].")
+_PROMPT = flags.DEFINE_string("prompt", None, "Prompt text (generate).")
+_MAX_TOKENS = flags.DEFINE_integer("max_tokens", 64, "Tokens to generate at most (generate).")
+# Sampling flags default to None: the model folder's generation_config.json decides.
+_TEMPERATURE = flags.DEFINE_float("temperature", None,
+                                  "Sampling temperature (0 = greedy; default: the model's generation_config).")
+_TOP_K = flags.DEFINE_integer("top_k", None, "Top-k (0 = off; default: the model's generation_config).")
+_TOP_P = flags.DEFINE_float("top_p", None, "Top-p in (0, 1] (default: the model's generation_config).")
+_MIN_P = flags.DEFINE_float("min_p", None, "Min-p in [0, 1] (default: the model's generation_config).")
+_REPETITION_PENALTY = flags.DEFINE_float("repetition_penalty", None,
+                                         "Repetition penalty > 0, 1 = off (default: the model's generation_config).")
 _SEED = flags.DEFINE_integer("seed", None, "Sampling seed.")
 _STOP = flags.DEFINE_multi_string("stop", [], "Stop string (repeatable).")
+
+# Engine flags (generate and serve).
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter/activation dtype.")
 _QUANTIZATION = flags.DEFINE_enum("quantization", None, ["int4", "int4-gptq"],
                                   "Quantize the linear layers to int4 at load: round to nearest (int4) or GPTQ "
                                   "calibrated on built-in Python stdlib text (int4-gptq).")
 _QUANT_GROUP_SIZE = flags.DEFINE_integer("quant_group_size", 128,
                                          "Input rows per int4 scale; must divide every layer's input features.")
-
+_PAGE_SIZE = flags.DEFINE_integer("page_size", 16, "Tokens per KV page.")
+_NUM_PAGES = flags.DEFINE_integer("num_pages", None, "KV pages in the pool (default: sized from 1 GiB).")
+_MAX_NUM_BATCHED_TOKENS = flags.DEFINE_integer("max_num_batched_tokens", 512,
+                                               "Token budget per engine step (decodes + prefill chunks).")
+_MAX_NUM_SEQS = flags.DEFINE_integer("max_num_seqs", 64, "Running sequences at most.")
+_MAX_MODEL_LEN = flags.DEFINE_integer("max_model_len", None, "Prompt + output tokens at most (default: the "
+                                      "model's context).")
+_ATTENTION_IMPL = flags.DEFINE_enum("attention_impl", None, ["xla", "pallas", "pallas_interpret",
+                                                             "pallas_tpu_interpret"],
+                                    "Attention implementation (default: the backend's).")
+_ENABLE_PREFIX_CACHING = flags.DEFINE_bool("enable_prefix_caching", True, "Share computed prompt pages.")
 _COMPILATION_CACHE_DIR = flags.DEFINE_string(
     "compilation_cache_dir", None,
     "Persistent XLA compilation cache folder (default: $JAXINFER_COMPILATION_CACHE_DIR, else "
     "~/.cache/jaxinfer/xla); an empty string turns it off.")
 
-_COMMANDS = ("generate",)
+# Server flags (serve).
+_HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to bind (serve).")
+_PORT = flags.DEFINE_integer("port", 8000, "HTTP port: the OpenAI-compatible API (serve).")
+_GRPC_PORT = flags.DEFINE_integer("grpc_port", 9000, "gRPC port: JetStream's Orchestrator, jaxinfer.v1, health, "
+                                  "reflection (serve); -1 = no gRPC.")
+_API_KEY = flags.DEFINE_string("api_key", None, "Require 'Authorization: Bearer KEY' on every endpoint but health "
+                               "(serve; default: $JAXINFER_API_KEY if set).")
+_MAX_QUEUED_REQUESTS = flags.DEFINE_integer("max_queued_requests", 256,
+                                            "Waiting requests beyond the running slots; more are refused with "
+                                            "429 / RESOURCE_EXHAUSTED (serve).")
+_MAX_REQUEST_BODY_BYTES = flags.DEFINE_integer("max_request_body_bytes", 4 << 20,
+                                               "Largest HTTP body / gRPC message (serve).")
+_TLS_CERT = flags.DEFINE_string("tls_cert", None, "PEM certificate chain: TLS on both ports (serve).")
+_TLS_KEY = flags.DEFINE_string("tls_key", None, "PEM private key for --tls_cert (serve).")
+_DRAIN_TIMEOUT_S = flags.DEFINE_float("drain_timeout_s", 30.0,
+                                      "On SIGTERM / SIGINT: seconds in-flight requests may finish (serve).")
+_SERVED_MODEL_NAME = flags.DEFINE_string("served_model_name", None,
+                                         "Model id clients send (default: the --model value).")
+
+_COMMANDS = ("generate", "serve")
 
 
-def _sampling_params():
-    from jaxinfer.config import SamplingParams
-    return SamplingParams(max_tokens=_MAX_TOKENS.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
-                          top_p=_TOP_P.value, min_p=_MIN_P.value, seed=_SEED.value, stop=tuple(_STOP.value))
+def _sampling_params(session):
+    fields = {"max_tokens": _MAX_TOKENS.value, "seed": _SEED.value, "stop": tuple(_STOP.value)}
+    for name, flag in (("temperature", _TEMPERATURE), ("top_k", _TOP_K), ("top_p", _TOP_P), ("min_p", _MIN_P),
+                       ("repetition_penalty", _REPETITION_PENALTY)):
+        if flag.value is not None:
+            fields[name] = flag.value
+    return session.default_sampling_params(**fields)
 
 
-def generate() -> int:
+def _engine_config():
+    from jaxinfer.config import EngineConfig
+    return EngineConfig(page_size=_PAGE_SIZE.value, num_pages=_NUM_PAGES.value,
+                        max_num_batched_tokens=_MAX_NUM_BATCHED_TOKENS.value, max_num_seqs=_MAX_NUM_SEQS.value,
+                        max_model_len=_MAX_MODEL_LEN.value, attention_impl=_ATTENTION_IMPL.value,
+                        enable_prefix_caching=_ENABLE_PREFIX_CACHING.value,
+                        compilation_cache_dir=_COMPILATION_CACHE_DIR.value)
+
+
+def _load_session():
     from jaxinfer.session import InferenceSession
-    if not _PROMPT.value:
-        raise app.UsageError("--prompt is required and must not be empty")
-    try:
-        params = _sampling_params()
-    except ValueError as e:
-        raise app.UsageError(str(e)) from None
     quant_config = None
     if _QUANTIZATION.value is not None:
         from jaxinfer.quant import QuantConfig
         quant_config = QuantConfig(group_size=_QUANT_GROUP_SIZE.value)
-    from jaxinfer.config import EngineConfig
-    engine = EngineConfig(compilation_cache_dir=_COMPILATION_CACHE_DIR.value)
+    return InferenceSession.from_pretrained(_MODEL.value, dtype=_DTYPE.value, quantization=_QUANTIZATION.value,
+                                            quantization_config=quant_config, engine=_engine_config())
+
+
+def generate() -> int:
+    if not _PROMPT.value:
+        raise app.UsageError("--prompt is required and must not be empty")
+    if _STOP.value and any(not s for s in _STOP.value):
+        raise app.UsageError("stop: entries must be non-empty strings")
+    _engine_config()  # flag errors before the (slow) load
     load_start = time.perf_counter()
-    session = InferenceSession.from_pretrained(_MODEL.value, dtype=_DTYPE.value, quantization=_QUANTIZATION.value,
-                                               quantization_config=quant_config, engine=engine)
+    session = _load_session()
     load_seconds = time.perf_counter() - load_start
     with session:
+        try:
+            params = _sampling_params(session)
+        except ValueError as e:
+            raise app.UsageError(str(e)) from None
         # Validated and queued before anything is printed: an error is not glued to the prompt.
         stream = session.stream(_PROMPT.value, params, output="deltas")
         sys.stdout.write(_PROMPT.value)
@@ -90,13 +146,49 @@ def generate() -> int:
     return 0
 
 
+def serve() -> int:
+    import logging
+    import os
+
+    from jaxinfer.serving.core import ServingConfig, ServingEngine
+    from jaxinfer.serving.metrics import ServingMetrics
+    from jaxinfer.serving.server import Listen, serve as run_servers
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    logger = logging.getLogger("jaxinfer.serving")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    api_key = _API_KEY.value if _API_KEY.value is not None else os.environ.get("JAXINFER_API_KEY") or None
+    config = ServingConfig(model_name=_SERVED_MODEL_NAME.value or _MODEL.value, api_key=api_key,
+                           max_queued_requests=_MAX_QUEUED_REQUESTS.value,
+                           max_request_body_bytes=_MAX_REQUEST_BODY_BYTES.value,
+                           drain_timeout_s=_DRAIN_TIMEOUT_S.value)
+    listen = Listen(host=_HOST.value, port=_PORT.value, grpc_port=None if _GRPC_PORT.value < 0 else _GRPC_PORT.value,
+                    tls_cert=_TLS_CERT.value, tls_key=_TLS_KEY.value)
+    _engine_config()  # flag errors before the (slow) load
+    start = time.perf_counter()
+    session = _load_session()
+    logger.info("loaded %s in %.2f s (%.2f MB of weights)", _MODEL.value, time.perf_counter() - start,
+                session.metrics()["weight_bytes"] / 1e6)
+    engine = ServingEngine(session, config, metrics=ServingMetrics(config.model_name, session.async_engine.metrics))
+
+    def ready(runner) -> None:
+        scheme = "https" if listen.tls_cert else "http"
+        grpc_text = f" | gRPC {listen.host}:{runner.grpc_port}" if runner.grpc_port is not None else ""
+        print(f"[jaxinfer] serving {config.model_name!r}: OpenAI API {scheme}://{listen.host}:{runner.http_port}/v1"
+              f"{grpc_text} | warm-up {engine.warmup_seconds:.2f} s | ready", flush=True)
+
+    return run_servers(engine, listen, on_ready=ready)
+
+
 def main(argv):
     if len(argv) < 2 or argv[1] not in _COMMANDS:
         raise app.UsageError(f"usage: jaxinfer {{{'|'.join(_COMMANDS)}}} [flags]; got {argv[1:]}")
     if len(argv) > 2:
         raise app.UsageError(f"unexpected arguments: {argv[2:]}")
     try:
-        return generate()
+        return generate() if argv[1] == "generate" else serve()
     except (ValueError, FileNotFoundError) as e:
         print(f"jaxinfer: error: {e}", file=sys.stderr)
         return 2

@@ -53,6 +53,14 @@ HOST_ONLY = (
     "jaxinfer/engine/output_processor.py",
     "jaxinfer/engine/validation.py",
     "jaxinfer/runtime/input_batch.py",
+    # the servers talk to the async engine and tokenizers only (docs/architecture.md)
+    "jaxinfer/serving/core.py",
+    "jaxinfer/serving/metrics.py",
+    "jaxinfer/serving/server.py",
+    "jaxinfer/serving/http_server.py",
+    "jaxinfer/serving/openai_protocol.py",
+    "jaxinfer/serving/chat_template.py",
+    "jaxinfer/serving/grpc_server.py",
 )
 _DEVICE_PACKAGES = ("jax", "jaxlib", "flax")
 
@@ -247,7 +255,7 @@ def test_repository(check):
 
 
 def test_every_layer_prefix_exists_or_is_planned():
-    planned = {"jaxinfer.serving"}
+    planned: set = set()
     files = _package_files(_REPO)
     missing = [prefix for prefix, _ in LAYERS
                if prefix not in planned and not any(m == prefix or m.startswith(prefix + ".") for m in files)]

@@ -15,7 +15,8 @@ def _cli(*args):
 
 
 def test_generate_streams_and_summarizes(text_model_dir):
-    res = _cli("generate", "--model", text_model_dir[0], "--prompt", "def add(a, b):", "--max_tokens", "12")
+    res = _cli("generate", "--model", text_model_dir[0], "--prompt", "def add(a, b):", "--max_tokens", "12",
+               "--temperature", "0")
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("def add(a, b):")
     summary = res.stdout.strip().splitlines()[-1]
@@ -31,8 +32,10 @@ def test_usage_errors(text_model_dir):
     assert res.returncode != 0 and "--prompt" in res.stderr
     res = _cli("generate", "--model", text_model_dir[0], "--prompt", "x", "--top_p", "0")
     assert res.returncode != 0 and "top_p" in res.stderr
-    res = _cli("serve")
+    res = _cli("bogus")
     assert res.returncode != 0 and "usage" in res.stderr
+    res = _cli("serve", "--port", "70000")
+    assert res.returncode != 0 and "port" in res.stderr
     res = _cli("generate", "--model", "/no/such/model", "--prompt", "x")
     assert res.returncode == 2 and "/no/such/model" in res.stderr
 
@@ -54,7 +57,8 @@ def _decode_rate(summary: str) -> float:
 
 
 def test_decode_rate_does_not_count_compiles_held_back_by_a_stop_string(text_model_dir):
-    args = ("generate", "--model", text_model_dir[0], "--prompt", "def add(a, b):", "--max_tokens", "24")
+    args = ("generate", "--model", text_model_dir[0], "--prompt", "def add(a, b):", "--max_tokens", "24",
+            "--temperature", "0")
     plain = _cli(*args)
     stopped = _cli(*args, "--stop", "zzzz")  # never matches: holds text back at every step
     assert plain.returncode == 0 and stopped.returncode == 0, stopped.stderr

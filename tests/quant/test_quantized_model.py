@@ -191,7 +191,7 @@ def test_cli_quantization_flag(text_model_dir):
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
     res = subprocess.run([sys.executable, "-m", "jaxinfer.cli", "generate", "--model", text_model_dir[0],
                           "--prompt", "def add(a, b):", "--max_tokens", "6", "--quantization", "int4",
-                          "--quant_group_size", "32"], capture_output=True, text=True, env=env, timeout=300)
+                          "--quant_group_size", "32", "--temperature", "0"], capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr
     summary = res.stdout.strip().splitlines()[-1]
     assert "generated tokens: 6 (length)" in summary

@@ -43,7 +43,7 @@ def _generate(model_dir, cache_dir):
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
     env.pop(compile_cache.ENV_VAR, None)
     return subprocess.run([sys.executable, "-m", "jaxinfer.cli", "generate", "--model", model_dir,
-                           "--prompt", "def add(a, b):", "--max_tokens", "4",
+                           "--prompt", "def add(a, b):", "--max_tokens", "4", "--temperature", "0",
                            "--compilation_cache_dir", cache_dir],
                           capture_output=True, text=True, env=env, timeout=300)
 
