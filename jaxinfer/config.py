@@ -16,7 +16,7 @@ from typing import Optional, Sequence, Union
 
 # Families the model code implements. The checkpoint registry maps HF `model_type`
 # strings onto these.
-FAMILIES = ("llama", "mistral", "qwen2", "gemma")
+FAMILIES = ("llama", "mistral", "qwen2", "gemma", "qwen3", "mixtral", "qwen3_moe")
 ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
 ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -76,6 +76,13 @@ class ModelConfig:
     sliding_windows: tuple = ()
     bos_token_id: Optional[int] = None
     eos_token_ids: tuple = ()
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head's q and k (before RoPE)
+    # Sparse MoE MLP (Mixtral, Qwen3-MoE): 0 experts = every layer has the dense MLP.
+    num_experts: int = 0  # E
+    num_experts_per_tok: int = 0  # top-k experts per token (1 <= k <= E when E > 0)
+    moe_intermediate_size: int = 0  # each expert's ffn dim (Mixtral: intermediate_size)
+    norm_topk_prob: bool = True  # renormalise the k chosen probabilities to sum to 1
+    dense_mlp_layers: tuple = ()  # layers with the dense MLP (intermediate_size) in a MoE model
 
     def __post_init__(self):
         _require(self.family in FAMILIES, "family", f"{self.family!r} not in {FAMILIES}")
@@ -95,6 +102,21 @@ class ModelConfig:
             for w in self.sliding_windows:
                 _require(w is None or (isinstance(w, int) and w > 0), "sliding_windows",
                          f"entries must be None or a positive int, got {w!r}")
+        for name in ("num_experts", "num_experts_per_tok", "moe_intermediate_size"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and not isinstance(value, bool) and value >= 0, name,
+                     f"must be an int >= 0, got {value!r}")
+        if self.num_experts:
+            _require(1 <= self.num_experts_per_tok <= self.num_experts, "num_experts_per_tok",
+                     f"must be in [1, num_experts={self.num_experts}], got {self.num_experts_per_tok}")
+            _require(self.moe_intermediate_size > 0, "moe_intermediate_size", "must be > 0 when num_experts > 0")
+        for i in self.dense_mlp_layers:
+            _require(isinstance(i, int) and 0 <= i < self.num_layers, "dense_mlp_layers",
+                     f"entries must be layer indices in [0, {self.num_layers}), got {i!r}")
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether `layer` has the sparse MoE MLP (else the dense gated MLP)."""
+        return self.num_experts > 0 and layer not in self.dense_mlp_layers
 
     def sliding_window(self, layer: int) -> Optional[int]:
         return self.sliding_windows[layer] if self.sliding_windows else None

@@ -27,7 +27,18 @@ FAMILIES = {
     # Gemma scales embeddings by sqrt(hidden) and ties them to the LM head, so a small
     # init makes it repeat its input token; 0.4 gives varied greedy outputs.
     "gemma": (transformers.GemmaConfig, dict(head_dim=32, num_key_value_heads=1, initializer_range=0.4)),
+    # Qwen3: head_dim (32) != hidden / heads (16), per-head q/k norm, sliding window on
+    # layer 1 only (layer_types from max_window_layers).
+    "qwen3": (transformers.Qwen3Config, dict(head_dim=32, use_sliding_window=True, sliding_window=6,
+                                             max_window_layers=1)),
+    # Mixtral: 4 experts, top-2 (renormalised), in every layer; sliding window.
+    "mixtral": (transformers.MixtralConfig, dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=6)),
+    # Qwen3-MoE: 8 small experts, top-2 with norm_topk_prob; layer 1 is dense (mlp_only_layers).
+    "qwen3_moe": (transformers.Qwen3MoeConfig, dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                                                    norm_topk_prob=True, mlp_only_layers=[1])),
 }
+# The families whose MLP is a sparse mixture of experts.
+MOE_FAMILIES = ("mixtral", "qwen3_moe")
 
 
 def build(name: str, path: str, seed: int = 0, **overrides) -> transformers.PreTrainedModel:

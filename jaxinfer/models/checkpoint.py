@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -117,25 +117,48 @@ def _weight_files(path: str) -> list[str]:
 
 # ---------------------------------------------------------------------------- name mapping
 
-def _hf_names(config: ModelConfig) -> dict[str, tuple[tuple[str, ...], bool]]:
-    """HF tensor name -> (param path, is a linear kernel stored [out, in])."""
-    names = {"model.embed_tokens.weight": (("embed_tokens",), False),
-             "model.norm.weight": (("norm", "scale"), False)}
+class HFTensor(NamedTuple):
+    """Where one HF tensor goes in the parameter tree."""
+
+    path: tuple  # parameter path, e.g. ("layers_0", "self_attn", "q_proj", "kernel")
+    transpose: bool  # stored [out, in] by HF (linear weights), [in, out] by us
+    expert: Optional[int] = None  # MoE: the index of this expert's slice of the stacked [E, ...] parameter
+
+
+# HF's per-expert projection names (Mixtral's w1 / w3 / w2) -> our stacked parameters.
+_EXPERT_PROJS = {"mixtral": (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")),
+                 "qwen3_moe": (("gate_proj", "gate_proj"), ("up_proj", "up_proj"), ("down_proj", "down_proj"))}
+
+
+def _hf_names(config: ModelConfig) -> dict[str, HFTensor]:
+    """HF tensor name -> HFTensor (param path, stored transposed, expert slice)."""
+    names = {"model.embed_tokens.weight": HFTensor(("embed_tokens",), False),
+             "model.norm.weight": HFTensor(("norm", "scale"), False)}
     if not config.tie_word_embeddings:
-        names["lm_head.weight"] = (("lm_head", "kernel"), True)
+        names["lm_head.weight"] = HFTensor(("lm_head", "kernel"), True)
     for i in range(config.num_layers):
         hf, ours = f"model.layers.{i}.", f"layers_{i}"
-        names[hf + "input_layernorm.weight"] = ((ours, "input_layernorm", "scale"), False)
-        names[hf + "post_attention_layernorm.weight"] = ((ours, "post_attention_layernorm", "scale"), False)
+        names[hf + "input_layernorm.weight"] = HFTensor((ours, "input_layernorm", "scale"), False)
+        names[hf + "post_attention_layernorm.weight"] = HFTensor((ours, "post_attention_layernorm", "scale"), False)
         for proj, bias in (("q_proj", config.qkv_bias), ("k_proj", config.qkv_bias),
                            ("v_proj", config.qkv_bias), ("o_proj", config.o_bias)):
-            names[hf + f"self_attn.{proj}.weight"] = ((ours, "self_attn", proj, "kernel"), True)
+            names[hf + f"self_attn.{proj}.weight"] = HFTensor((ours, "self_attn", proj, "kernel"), True)
             if bias:
-                names[hf + f"self_attn.{proj}.bias"] = ((ours, "self_attn", proj, "bias"), False)
+                names[hf + f"self_attn.{proj}.bias"] = HFTensor((ours, "self_attn", proj, "bias"), False)
+        if config.qk_norm:
+            for norm in ("q_norm", "k_norm"):
+                names[hf + f"self_attn.{norm}.weight"] = HFTensor((ours, "self_attn", norm, "scale"), False)
+        if config.is_moe_layer(i):
+            moe = hf + ("block_sparse_moe." if config.family == "mixtral" else "mlp.")
+            names[moe + "gate.weight"] = HFTensor((ours, "mlp", "router"), True)
+            for expert in range(config.num_experts):
+                for theirs, proj in _EXPERT_PROJS[config.family]:
+                    names[moe + f"experts.{expert}.{theirs}.weight"] = HFTensor((ours, "mlp", proj), True, expert)
+            continue
         for proj in ("gate_proj", "up_proj", "down_proj"):
-            names[hf + f"mlp.{proj}.weight"] = ((ours, "mlp", proj, "kernel"), True)
+            names[hf + f"mlp.{proj}.weight"] = HFTensor((ours, "mlp", proj, "kernel"), True)
             if config.mlp_bias:
-                names[hf + f"mlp.{proj}.bias"] = ((ours, "mlp", proj, "bias"), False)
+                names[hf + f"mlp.{proj}.bias"] = HFTensor((ours, "mlp", proj, "bias"), False)
     return names
 
 
@@ -157,8 +180,9 @@ def _int4_tensor_names(names, quantization: Optional[CheckpointQuantization]):
     """(HF weight name -> tensor prefix of each int4 layer, required names, optional names)."""
     quantized = {}
     if quantization is not None:
-        quantized = {name: name[:-len(".weight")] for name, (path, transpose) in names.items()
-                     if transpose and (path[0] != "lm_head" or quantization.quantize_lm_head)}
+        # Linear kernels only: MoE routers and experts stay float.
+        quantized = {name: name[:-len(".weight")] for name, tensor in names.items()
+                     if tensor.path[-1] == "kernel" and (tensor.path[0] != "lm_head" or quantization.quantize_lm_head)}
     required = {n for n in names if n not in quantized}
     optional = set()
     for prefix in quantized.values():
@@ -193,16 +217,22 @@ def _int4_layer(tensors, prefix: str, quantization: CheckpointQuantization, expe
 
 
 def params_from_hf_tensors(tensors: Mapping[str, np.ndarray], config: ModelConfig, dtype,
-                           quantization: Optional[CheckpointQuantization] = None) -> dict:
+                           quantization: Optional[CheckpointQuantization] = None,
+                           sources: Optional[Mapping[str, str]] = None) -> dict:
     """Maps HF tensors onto the parameter tree, checking names and shapes.
+
+    Every float tensor's shape is checked before any parameter is allocated. MoE
+    experts, stored by HF as one tensor per expert, are stacked into [E, ...] arrays.
 
     Args:
       tensors: HF tensor name -> array.
       config: the model shape.
       dtype: dtype of the float parameters (int4 codes, scales and zeros keep theirs).
       quantization: the folder's parsed `quantization_config`, or None for float weights.
+      sources: optional HF tensor name -> file it was read from (named in errors).
     Raises:
-      ValueError: a tensor is missing, unexpected, or has the wrong shape (named).
+      ValueError: a tensor is missing, unexpected, or has the wrong shape (named, with
+        its file when `sources` has it).
     """
     dtype = resolve_dtype(dtype)
     names = _hf_names(config)
@@ -218,26 +248,37 @@ def params_from_hf_tensors(tensors: Mapping[str, np.ndarray], config: ModelConfi
     native_shapes = None
     if quantization is not None and quantization.fmt is not None:
         native_shapes = param_shapes(config, dtype, quantization.fmt)
+    floats = {name: tensor for name, tensor in names.items() if name not in quantized}
+    for name, (path, transpose, expert) in floats.items():
+        expected = tuple(get_path(shapes, path).shape)
+        if expert is not None:
+            expected = expected[1:]  # one expert's slice of the stacked [E, ...] parameter
+        got = tuple(tensors[name].shape)
+        want = expected[::-1] if transpose else expected
+        if got != want:
+            where = f" (in {sources[name]})" if sources and name in sources else ""
+            raise ValueError(f"tensor {name}: shape {got} does not match the config's {want}{where}")
     params: dict = {}
     int4_layers = {}
-    for name, (path, transpose) in names.items():
-        if name in quantized:
-            expected = get_path(native_shapes if native_shapes is not None else shapes, path[:-1])
-            layer = _int4_layer(tensors, quantized[name], quantization, expected)
-            int4_layers[quantized[name]] = layer
-            set_path(params, path[:-1], layer)
-            continue
-        arr = tensors[name]
-        expected = tuple(get_path(shapes, path).shape)
-        got = tuple(arr.shape[::-1]) if transpose else tuple(arr.shape)
-        if got != expected:
-            shown = tuple(arr.shape)
-            want = expected[::-1] if transpose else expected
-            raise ValueError(f"tensor {name}: shape {shown} does not match the config's {want}")
-        value = np.asarray(arr)
+    for name, prefix in quantized.items():
+        path = names[name].path
+        expected = get_path(native_shapes if native_shapes is not None else shapes, path[:-1])
+        layer = _int4_layer(tensors, prefix, quantization, expected)
+        int4_layers[prefix] = layer
+        set_path(params, path[:-1], layer)
+    stacked: dict = {}  # MoE parameter path -> [E, ...] host array being filled
+    for name, (path, transpose, expert) in floats.items():
+        value = np.asarray(tensors[name])
         if transpose:
             value = value.T
-        set_path(params, path, jnp.asarray(value, dtype=dtype))
+        if expert is None:
+            set_path(params, path, jnp.asarray(value, dtype=dtype))
+            continue
+        if path not in stacked:
+            stacked[path] = np.empty(get_path(shapes, path).shape, np.dtype(dtype))
+        stacked[path][expert] = value
+    for path, value in stacked.items():
+        set_path(params, path, jnp.asarray(value))
     if quantization is not None and quantization.checkpoint_format != quant_format.NATIVE:
         quant_format.finalize_gptq_layers(int4_layers)
     for layer in int4_layers.values():
@@ -254,9 +295,9 @@ def hf_tensors_from_params(params: Mapping[str, Any], config: ModelConfig,
     """
     if checkpoint_format not in quant_format.CHECKPOINT_FORMATS:
         raise ValueError(f"checkpoint_format: {checkpoint_format!r} is not one of {quant_format.CHECKPOINT_FORMATS}")
-    tensors = {}
-    for name, (path, transpose) in _hf_names(config).items():
-        if transpose and "packed" in get_path(params, path[:-1]):
+    tensors, host_stacks = {}, {}  # host_stacks: MoE path -> the [E, ...] array, fetched once
+    for name, (path, transpose, expert) in _hf_names(config).items():
+        if path[-1] == "kernel" and "packed" in get_path(params, path[:-1]):
             layer = get_path(params, path[:-1])
             prefix = name[:-len(".weight")]
             host = {k: np.asarray(jax.device_get(v)) for k, v in layer.items() if k != "bias"}
@@ -266,7 +307,12 @@ def hf_tensors_from_params(params: Mapping[str, Any], config: ModelConfig,
                 converted = quant_format.int4_to_gptq(prefix, host, checkpoint_format)
                 tensors.update({f"{prefix}.{k}": v for k, v in converted.items()})
             continue
-        value = np.asarray(jax.device_get(get_path(params, path)))
+        if expert is None:
+            value = np.asarray(jax.device_get(get_path(params, path)))
+        else:
+            if path not in host_stacks:
+                host_stacks[path] = np.asarray(jax.device_get(get_path(params, path)))
+            value = host_stacks[path][expert]
         tensors[name] = np.ascontiguousarray(value.T if transpose else value)
     return tensors
 
@@ -308,13 +354,14 @@ def load_params(path: str, config: ModelConfig, dtype="float32",
                              f"jaxinfer's own int4 layout")
         return load_orbax_params(os.path.join(path, ORBAX_DIR), config, dtype,
                                  quantization.fmt if quantization is not None else None)
-    tensors = {}
+    tensors, sources = {}, {}
     for file in _weight_files(path):
         for name, arr in read_safetensors(file).items():
             if name in tensors:
-                raise ValueError(f"tensor {name} appears in more than one shard")
+                raise ValueError(f"tensor {name} appears in more than one shard ({sources[name]}, {file})")
             tensors[name] = arr
-    return params_from_hf_tensors(tensors, config, dtype, quantization)
+            sources[name] = file
+    return params_from_hf_tensors(tensors, config, dtype, quantization, sources)
 
 
 def load_model(path: str, dtype="float32") -> tuple[ModelConfig, dict, dict]:

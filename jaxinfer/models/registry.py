@@ -2,7 +2,8 @@
 
 Each HF `model_type` maps to a family of jaxinfer.models.transformer with its own
 quirks (Qwen2's q/k/v bias, Gemma's (1 + w) norm and embedding scale, Mistral's sliding
-window). Anything else is refused with an error that names the architecture.
+window, Qwen3's per-head q/k norm, the sparse MoE MLP of Mixtral and Qwen3-MoE).
+Anything else is refused with an error that names the architecture.
 """
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ _ARCHITECTURES = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "gemma": "GemmaForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
 }
 SUPPORTED_MODEL_TYPES = tuple(_ARCHITECTURES)
 
@@ -41,9 +45,11 @@ def _rope(hf: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
 
 def _sliding_windows(hf: Mapping[str, Any], model_type: str, num_layers: int) -> tuple:
     window = hf.get("sliding_window")
-    if model_type == "mistral":
+    if model_type in ("mistral", "mixtral"):
         return (window,) * num_layers if window else ()
-    if model_type == "qwen2":
+    if model_type == "qwen3_moe":  # one window for every layer, behind use_sliding_window
+        return (window,) * num_layers if window and hf.get("use_sliding_window", False) else ()
+    if model_type in ("qwen2", "qwen3"):
         layer_types = hf.get("layer_types")
         if not window or not hf.get("use_sliding_window", False):
             return ()
@@ -53,6 +59,28 @@ def _sliding_windows(hf: Mapping[str, Any], model_type: str, num_layers: int) ->
         windows = tuple(window if t == "sliding_attention" else None for t in layer_types)
         return windows if any(windows) else ()
     return ()
+
+
+def _moe(hf: Mapping[str, Any], model_type: str, num_layers: int) -> dict:
+    """The MoE fields of ModelConfig, as transformers' modeling code decides them."""
+    if model_type == "mixtral":  # every layer sparse; the experts have intermediate_size
+        return dict(num_experts=int(hf.get("num_local_experts", 8)),
+                    num_experts_per_tok=int(hf.get("num_experts_per_tok", 2)),
+                    moe_intermediate_size=int(hf["intermediate_size"]), norm_topk_prob=True)
+    if model_type != "qwen3_moe":
+        return {}
+    # Qwen3MoeDecoderLayer: sparse iff not in mlp_only_layers and (i + 1) % step == 0.
+    num_experts = int(hf.get("num_experts", hf.get("num_local_experts", 128)))
+    if num_experts == 0:
+        return {}
+    step = int(hf.get("decoder_sparse_step", 1))
+    if step < 1:
+        raise ValueError(f"decoder_sparse_step: must be >= 1, got {step}")
+    mlp_only = set(int(i) for i in hf.get("mlp_only_layers") or ())
+    dense = tuple(i for i in range(num_layers) if i in mlp_only or (i + 1) % step)
+    return dict(num_experts=num_experts, num_experts_per_tok=int(hf.get("num_experts_per_tok", 8)),
+                moe_intermediate_size=int(hf.get("moe_intermediate_size", 768)),
+                norm_topk_prob=bool(hf.get("norm_topk_prob", False)), dense_mlp_layers=dense)
 
 
 def _eos_ids(value) -> tuple:
@@ -87,7 +115,8 @@ def model_config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
             num_layers=num_layers,
             num_heads=heads,
             num_kv_heads=int(hf.get("num_key_value_heads") or heads),
-            head_dim=int(hf.get("head_dim") or hidden // heads),
+            # Qwen3Config defaults head_dim to 128, not hidden // heads.
+            head_dim=int(hf.get("head_dim") or (128 if model_type == "qwen3" else hidden // heads)),
             max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             rope_theta=theta,
@@ -96,6 +125,7 @@ def model_config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
             sliding_windows=_sliding_windows(hf, model_type, num_layers),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=_eos_ids(hf.get("eos_token_id")),
+            **_moe(hf, model_type, num_layers),
         )
     except KeyError as e:
         raise ValueError(f"config.json: missing field {e.args[0]!r} for model_type {model_type!r}") from None
@@ -111,7 +141,9 @@ def model_config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
     kwargs["hidden_act"] = acts[act]
     if model_type == "qwen2":
         kwargs["qkv_bias"] = True
-    if model_type == "llama":
+    if model_type in ("qwen3", "qwen3_moe"):
+        kwargs["qk_norm"] = True
+    if model_type in ("llama", "qwen3", "qwen3_moe"):
         kwargs["qkv_bias"] = kwargs["o_bias"] = bool(hf.get("attention_bias", False))
         kwargs["mlp_bias"] = bool(hf.get("mlp_bias", False))
     return ModelConfig(**kwargs)

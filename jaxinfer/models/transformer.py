@@ -1,4 +1,5 @@
-"""The decoder-only transformer of the Llama / Mistral / Qwen2 / Gemma families.
+"""The decoder-only transformer of the Llama / Mistral / Qwen2 / Gemma / Qwen3 families
+and the sparse-MoE Mixtral / Qwen3-MoE families (their MLP: jaxinfer.models.moe).
 
 Path of a request: runner -> **model** -> attention op (jaxinfer.pallas) -> sampler.
 The forward pass works on a flat ragged batch of tokens (prefill chunks and decodes of
@@ -20,6 +21,7 @@ import jax.numpy as jnp
 
 from jaxinfer.config import ModelConfig
 from jaxinfer.models.layers import GatedMLP, Int4Format, Linear, RMSNorm, apply_rope, rope_inv_freq
+from jaxinfer.models.moe import MoE
 from jaxinfer.pallas.attention import AttentionMetadata, PrefixRows, attention
 
 __all__ = ["AttentionMetadata", "PrefixRows", "Transformer", "embed", "init_params", "logical_axes", "param_shapes"]
@@ -48,6 +50,10 @@ class Attention(nn.Module):
         q = q.reshape(num_tokens, cfg.num_heads, cfg.head_dim)  # [T, N, H]
         k = k.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim)  # [T, K, H]
         v = v.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim)  # [T, K, H]
+        if cfg.qk_norm:  # Qwen3: RMSNorm over each head's H dims, before RoPE
+            norm = dict(eps=cfg.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
+            q = RMSNorm(name="q_norm", **norm)(q)
+            k = RMSNorm(name="k_norm", **norm)(k)
         inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
@@ -68,6 +74,7 @@ class DecoderLayer(nn.Module):
     attention_impl: Optional[str] = None
     init_std: float = 0.02
     quant: Optional[Int4Format] = None  # init: int4 projections (see Linear)
+    grouped_matmul_impl: Optional[str] = None  # MoE layers' grouped matmul (None = backend default)
 
     @nn.compact
     def __call__(self, x, positions, kv_cache, metadata):
@@ -80,8 +87,11 @@ class DecoderLayer(nn.Module):
                                                                                     metadata)
         x = x + h
         h = RMSNorm(name="post_attention_layernorm", **norm)(x)
-        x = x + GatedMLP(cfg, self.dtype, self.param_dtype, self.init_std, quant=self.quant, name="mlp")(h)
-        return x, new_cache
+        if cfg.is_moe_layer(self.layer):
+            mlp = MoE(cfg, self.dtype, self.param_dtype, self.init_std, self.grouped_matmul_impl, name="mlp")
+        else:
+            mlp = GatedMLP(cfg, self.dtype, self.param_dtype, self.init_std, quant=self.quant, name="mlp")
+        return x + mlp(h), new_cache
 
 
 class Transformer(nn.Module):
@@ -94,7 +104,9 @@ class Transformer(nn.Module):
       attention_impl: forwarded to the attention op (None = its default for the backend).
       init_std: std of the normal init of linear/embedding weights (init only).
       quant: create int4 linear parameters in this format (init only: at apply time
-        each Linear follows the parameters it is given, float or int4).
+        each Linear follows the parameters it is given, float or int4). MoE experts
+        stay float.
+      grouped_matmul_impl: forwarded to the MoE layers' grouped matmul op.
     """
 
     config: ModelConfig
@@ -103,6 +115,7 @@ class Transformer(nn.Module):
     attention_impl: Optional[str] = None
     init_std: float = 0.02
     quant: Optional[Int4Format] = None
+    grouped_matmul_impl: Optional[str] = None
 
     @nn.compact
     def __call__(self, tokens: jax.Array, positions: jax.Array, kv_caches, metadata: AttentionMetadata,
@@ -130,8 +143,8 @@ class Transformer(nn.Module):
         for i in range(cfg.num_layers):
             cache = None if kv_caches is None else kv_caches[i]
             x, cache = DecoderLayer(cfg, i, self.dtype, self.param_dtype, self.attention_impl,
-                                    self.init_std, quant=self.quant, name=f"layers_{i}")(x, positions, cache,
-                                                                                        metadata)
+                                    self.init_std, quant=self.quant, grouped_matmul_impl=self.grouped_matmul_impl,
+                                    name=f"layers_{i}")(x, positions, cache, metadata)
             new_caches.append(cache)
 
         x = RMSNorm(cfg.rms_norm_eps, cfg.norm_weight_offset, self.dtype, self.param_dtype, name="norm")(x)

@@ -1,12 +1,13 @@
 """The logical-axis rules table (MaxText style) and the shardings it gives on a mesh.
 
-Weights carry logical names ("embed", "mlp", "heads", "kv_heads", "vocab", "expert",
-"norm") through `flax.linen.with_logical_partitioning`; activations and the KV cache
-use the `activation_*` and `cache_*` names below (the cache names shard the KV pages
-today; the activation names are defined for tensor-parallel serving, which does not
-constrain activations yet: no model code calls `with_sharding_constraint`). DEFAULT_RULES is the only place that
-says which mesh axis (jaxinfer.sharding.mesh.MESH_AXES: "data", "tensor", "expert") each
-one is split over; None = replicated.
+Weights carry logical names ("embed", "mlp", "heads", "kv_heads", "vocab", "norm"; MoE
+experts: "expert", "expert_mlp", "router_expert") through
+`flax.linen.with_logical_partitioning`; activations and the KV cache use the
+`activation_*` and `cache_*` names below (the cache names shard the KV pages today; the
+activation names are defined for tensor-parallel serving, which does not constrain
+activations yet: no model code calls `with_sharding_constraint`). DEFAULT_RULES is the
+only place that says which mesh axis (jaxinfer.sharding.mesh.MESH_AXES: "data",
+"tensor", "expert") each one is split over; None = replicated.
 
 Path: ModelRunner -> **param_shardings / kv_cache_sharding / replicated** (this file) ->
 `jax.device_put` / `jax.jit(in_shardings=..., out_shardings=...)`. Models only name
@@ -37,8 +38,13 @@ DEFAULT_RULES = (
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
-    ("expert", "expert"),
     ("norm", None),
+    # MoE weights (jaxinfer.models.moe): stacked experts [E, D, F] / [E, F, D] split over
+    # experts (expert parallel) and each expert's ffn dim (tensor parallel, as "mlp");
+    # the router's per-expert output dim is replicated: every device routes every token.
+    ("expert", "expert"),
+    ("expert_mlp", "tensor"),
+    ("router_expert", None),
     # Activations.
     ("activation_batch", "data"),
     ("activation_length", None),

@@ -29,6 +29,51 @@ REAL = {
 }
 
 
+# Published checkpoints of the Qwen3 and MoE families, checked on one layer (the layers
+# are identical): count = all but the layers + num_layers * one layer's parameters.
+REAL_ONE_LAYER = {
+    "Qwen3-8B": (dict(model_type="qwen3", vocab_size=151936, hidden_size=4096, intermediate_size=12288,
+                      num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                      max_position_embeddings=40960, rope_theta=1000000.0, tie_word_embeddings=False),
+                 8_190_735_360),
+    "Mixtral-8x7B": (dict(model_type="mixtral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                          num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, num_local_experts=8,
+                          num_experts_per_tok=2, max_position_embeddings=32768, rope_theta=1000000.0),
+                     46_702_792_704),
+    "Qwen3-30B-A3B": (dict(model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+                           moe_intermediate_size=768, num_hidden_layers=48, num_attention_heads=32,
+                           num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+                           norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+                           max_position_embeddings=40960, rope_theta=1000000.0, tie_word_embeddings=False),
+                      30_532_122_624),
+}
+
+
+@pytest.mark.parametrize("name", list(REAL_ONE_LAYER))
+def test_real_config_shapes_one_layer(name):
+    hf, expected_params = REAL_ONE_LAYER[name]
+    config = registry.model_config_from_hf(hf | {"num_hidden_layers": 1})
+    shapes = param_shapes(config, jnp.bfloat16)
+    per_layer = sum(x.size for x in jax.tree.leaves(shapes["layers_0"]))
+    total = sum(x.size for x in jax.tree.leaves(shapes)) + (hf["num_hidden_layers"] - 1) * per_layer
+    assert total == expected_params
+    if config.num_experts:
+        mlp = shapes["layers_0"]["mlp"]
+        assert mlp["gate_proj"].shape == (config.num_experts, config.hidden_size, config.moe_intermediate_size)
+        assert mlp["down_proj"].shape == (config.num_experts, config.moe_intermediate_size, config.hidden_size)
+    # A decode step of 8 sequences, shapes only: 8 * top-k token copies through the experts.
+    kv = jax.ShapeDtypeStruct((16, 16, config.num_kv_heads, config.head_dim), jnp.bfloat16)
+    i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)
+    model = Transformer(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+
+    def step(params, caches, tokens, positions, slots, cu, kv_lens, tables):
+        meta = AttentionMetadata(slot_mapping=slots, cu_q_lens=cu, kv_lens=kv_lens, page_tables=tables, max_q_len=1)
+        return model.apply({"params": params}, tokens, positions, caches, meta)
+
+    logits, _ = jax.eval_shape(step, shapes, ((kv, kv),), i32(8), i32(8), i32(8), i32(9), i32(8), i32(8, 2))
+    assert logits.shape == (8, config.vocab_size)
+
+
 @pytest.mark.parametrize("name", list(REAL))
 def test_real_config_shapes(name):
     hf, expected_params = REAL[name]
