@@ -37,8 +37,9 @@ def _install(extras: str = "") -> None:
 def demo(args: list) -> int:
     _install()
     # Seeded sampling: the bundled 6M-parameter model loops under greedy decoding.
-    cmd = [os.path.join(BIN, "jaxinfer"), "generate", "--prompt", DEMO_PROMPT, "--max_tokens", "96",
-           "--temperature", "0.7", "--top_p", "0.95", "--seed", "0"]
+    # No sampling flags: the bundled model's generation_config.json holds the defaults
+    # its held-out sweep chose (jaxinfer/assets/tiny-code/sampling_sweep.json).
+    cmd = [os.path.join(BIN, "jaxinfer"), "generate", "--prompt", DEMO_PROMPT, "--max_tokens", "96", "--seed", "0"]
     _run(*cmd, *args)
     return 0
 
@@ -51,7 +52,8 @@ def test(args: list) -> int:
     # on the 2-core CI machine. `-n 0` (or any -n / -p no:xdist of yours) overrides it.
     workers = [] if any(a == "-n" or a.startswith("-n") or a == "no:xdist" for a in args) else (
         ["-n", str(min(os.cpu_count() or 1, 4))] if (os.cpu_count() or 1) >= 2 else [])
-    cmd = [PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider", *workers, *args]
+    # --durations: the slowest tests in every log, to keep the suite within its budget.
+    cmd = [PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=25", *workers, *args]
     print("+", " ".join(cmd), flush=True)
     return subprocess.run(cmd, cwd=ROOT, env=env).returncode
 
