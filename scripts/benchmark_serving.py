@@ -109,7 +109,10 @@ async def _openai_sender(connections: int):
     headers = {"Authorization": f"Bearer {_API_KEY.value}"} if _API_KEY.value else None
     client = httpx.AsyncClient(base_url=_BASE_URL.value.rstrip("/"), headers=headers,
                                timeout=httpx.Timeout(_TIMEOUT.value),
-                               limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections))
+                               limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections,
+                                                   # below uvicorn's 5 s keep-alive: never reuse a
+                                                   # connection the server is closing
+                                                   keepalive_expiry=2.0))
     model = _MODEL.value
     if not model:
         try:
