@@ -1,10 +1,13 @@
 """scripts/benchmark_server_overhead.py: the pure helpers (no model, no server)."""
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import math
 import os
 import sys
+from unittest import mock
 
 import pytest
 
@@ -19,7 +22,16 @@ def mod():
     spec = importlib.util.spec_from_file_location("benchmark_server_overhead",
                                                   os.path.join(_SCRIPTS, "benchmark_server_overhead.py"))
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # defines absl flags only; parses nothing
+    # Its absl flags go into a private FlagValues: other scripts imported by tests in the
+    # same worker define flags of the same names (--model, --seed) in the global one.
+    from absl import flags
+    private = flags.FlagValues()
+    with contextlib.ExitStack() as stack:
+        for name in dir(flags):
+            if name.startswith("DEFINE"):
+                stack.enter_context(mock.patch.object(
+                    flags, name, functools.partial(getattr(flags, name), flag_values=private)))
+        spec.loader.exec_module(module)  # defines flags only; parses nothing
     return module
 
 
