@@ -268,12 +268,18 @@ class ServingEngine:
     def _admit(self, num: int) -> None:
         with self._lock:
             if self.state != "ready":
-                raise Unavailable("the server is shutting down" if self.state != "starting"
-                                  else "the server is still warming up")
-            if self._in_flight + num > self.capacity:
-                raise Overloaded(f"too many requests: {self._in_flight} in flight, room for {self.capacity} "
-                                 f"(max_num_seqs + max_queued_requests); retry later")
-            self._in_flight += num
+                error = Unavailable("the server is shutting down" if self.state != "starting"
+                                    else "the server is still warming up")
+            elif self._in_flight + num > self.capacity:
+                error = Overloaded(f"too many requests: {self._in_flight} in flight, room for {self.capacity} "
+                                   f"(max_num_seqs + max_queued_requests); retry later")
+            else:
+                self._in_flight += num
+                return
+        # Counted here, once for both front ends (health checks that answer 503 are not refusals).
+        if self.metrics is not None:
+            self.metrics.observe_rejected(type(error).__name__.lower())
+        raise error
 
     def _release(self, num: int) -> None:
         with self._idle:

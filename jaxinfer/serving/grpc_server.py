@@ -39,7 +39,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from jaxinfer.config import MAX_TOP_LOGPROBS, SamplingParams
-from jaxinfer.serving.core import InvalidRequest, Overloaded, ServingEngine, ServingError, Unauthorized, Unavailable
+from jaxinfer.serving.core import InvalidRequest, ServingEngine, ServingError, Unauthorized
 from jaxinfer.serving.protos import jaxinfer_pb2 as pb
 from jaxinfer.serving.protos import jaxinfer_pb2_grpc as pb_grpc
 from jaxinfer.serving.protos import jetstream_pb2 as js
@@ -106,8 +106,6 @@ async def _serve(engine: ServingEngine, method: str, context, body: Callable):
         return await body(call)
     except ServingError as e:
         status, error = e.grpc_code, e
-        if isinstance(e, (Overloaded, Unavailable)) and engine.metrics is not None:
-            engine.metrics.observe_rejected(type(e).__name__.lower())
     except grpc.aio.AbortError:  # the call was ended already
         status = "ABORTED"
         raise

@@ -47,7 +47,7 @@ from starlette.requests import ClientDisconnect
 from jaxinfer.config import MAX_TOP_LOGPROBS
 from jaxinfer.serving import openai_protocol as proto
 from jaxinfer.serving.chat_template import ChatTemplateError, load_chat_template
-from jaxinfer.serving.core import InvalidRequest, NotFound, Overloaded, ServingEngine, ServingError, Unavailable
+from jaxinfer.serving.core import InvalidRequest, NotFound, ServingEngine, ServingError, Unavailable
 from jaxinfer.serving.metrics import CONTENT_TYPE
 
 log = logging.getLogger("jaxinfer.serving.http")
@@ -219,8 +219,6 @@ class _Server:
                     self.engine.check_api_key(_bearer(request))
                 return await handler(request)
             except ServingError as e:
-                if isinstance(e, (Overloaded, Unavailable)) and self.engine.metrics is not None:
-                    self.engine.metrics.observe_rejected("overloaded" if isinstance(e, Overloaded) else "unavailable")
                 request.state.outcome = "refused"
                 return error_response(e)
             except (_ClientGone, ClientDisconnect):
