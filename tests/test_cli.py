@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -14,16 +16,26 @@ def _cli(*args):
                           env=env, timeout=300)
 
 
-def test_generate_streams_and_summarizes(text_model_dir):
-    res = _cli("generate", "--model", text_model_dir[0], "--prompt", "def add(a, b):", "--max_tokens", "12",
-               "--temperature", "0")
+def _generate_args(model):
+    return ("generate", "--model", model, "--prompt", "def add(a, b):", "--max_tokens", "24", "--temperature", "0")
+
+
+@pytest.fixture(scope="module")
+def plain_generate(text_model_dir):
+    """One plain `generate` run, shared by the tests that read it (each run is a process
+    that imports jax, loads the model and compiles its programs)."""
+    return _cli(*_generate_args(text_model_dir[0]))
+
+
+def test_generate_streams_and_summarizes(text_model_dir, plain_generate):
+    res = plain_generate
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("def add(a, b):")
     summary = res.stdout.strip().splitlines()[-1]
     from jaxinfer.models.tokenizer import load_tokenizer
     num_prompt = len(load_tokenizer(text_model_dir[0]).encode("def add(a, b):"))
     assert f"prompt tokens: {num_prompt} |" in summary
-    assert "generated tokens: 12 (length)" in summary
+    assert "generated tokens: 24 (length)" in summary
     assert "time to first token" in summary and "tokens/s" in summary
 
 
@@ -56,11 +68,9 @@ def _decode_rate(summary: str) -> float:
     return float(summary.split("decode: ")[1].split(" tokens/s")[0])
 
 
-def test_decode_rate_does_not_count_compiles_held_back_by_a_stop_string(text_model_dir):
-    args = ("generate", "--model", text_model_dir[0], "--prompt", "def add(a, b):", "--max_tokens", "24",
-            "--temperature", "0")
-    plain = _cli(*args)
-    stopped = _cli(*args, "--stop", "zzzz")  # never matches: holds text back at every step
+def test_decode_rate_does_not_count_compiles_held_back_by_a_stop_string(text_model_dir, plain_generate):
+    plain = plain_generate
+    stopped = _cli(*_generate_args(text_model_dir[0]), "--stop", "zzzz")  # never matches: holds text back
     assert plain.returncode == 0 and stopped.returncode == 0, stopped.stderr
     rates = [_decode_rate(r.stdout.strip().splitlines()[-1]) for r in (plain, stopped)]
     # Counting the decode compiles in gave 40x less (5.0 vs 198.5 tokens/s); timings vary

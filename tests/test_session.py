@@ -156,6 +156,10 @@ def test_output_does_not_depend_on_the_batch(session, needle_params):
     assert outs[3].token_ids == alone
 
 
+# ~30 s of compiles (26 programs over three sessions) for what the default run checks
+# against HF in tests/engine/test_engine.py (test_64_requests_equal_hf: tiny_budget chunks
+# every prompt, tiny_pool preempts): `-m slow`. The admission refusal is the test after it.
+@pytest.mark.slow
 def test_chunked_prefill_and_preemption_give_the_same_greedy_tokens(text_model_dir):
     path = text_model_dir[0]
     prompts = _prompts(12, seed=5, hi=40)
@@ -172,6 +176,15 @@ def test_chunked_prefill_and_preemption_give_the_same_greedy_tokens(text_model_d
     # A request that can never fit is refused at admission, naming the field.
     with pytest.raises(ValueError, match="max_tokens.*never fit"):
         tight.generate([[5] * 60], SamplingParams(max_tokens=30))
+
+
+def test_a_request_that_can_never_fit_the_pool_is_refused_at_admission(text_model_dir):
+    # 20 pages of 4 tokens: 90 tokens never fit; refused before anything is scheduled.
+    tight = InferenceSession.from_pretrained(text_model_dir[0], engine=EngineConfig(num_pages=20, page_size=4))
+    with pytest.raises(ValueError, match="max_tokens.*never fit"):
+        tight.generate([[5] * 60], SamplingParams(max_tokens=30))
+    _assert_idle(tight)
+    assert tight.metrics()["num_steps"] == 0
 
 
 def test_logprobs_and_prompt_logprobs_match_hf(text_model_dir):

@@ -2,6 +2,9 @@
 plain ragged paged attention over all keys, for the reference and every kernel."""
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -12,6 +15,12 @@ from jaxinfer.pallas import ragged_paged_attention as rpa
 IMPLS = ("xla", "pallas_interpret", "pallas_tpu_interpret")
 TOLERANCE = {jnp.dtype(jnp.float32): 2e-5, jnp.dtype(jnp.bfloat16): 3e-2}
 PAGE = 4
+
+
+def _jit(fn, **static):
+    """fn with `static` bound, jitted: one compiled program per call instead of one compile
+    per op (several times faster on CPU; the runner runs the ops under jit too)."""
+    return jax.jit(functools.partial(fn, **static))
 
 
 def _tree_batch(dtype, num_heads=4, num_kv_heads=2, head_dim=16, seed=0):
@@ -84,14 +93,22 @@ def _tree_batch(dtype, num_heads=4, num_kv_heads=2, head_dim=16, seed=0):
     return plain, shared
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("dtype,window,soft_cap", [(jnp.float32, None, None), (jnp.float32, 9, None),
-                                                    (jnp.bfloat16, None, 20.0)])
+# Every impl runs plain float32, bfloat16 with the window and the cap together, and the
+# window and the cap alone; the TPU kernel (interpreted: ~10 s a case on CPU) runs the
+# last two with `-m slow` only.
+PREFIX_CASES = [
+    *((*case, impl) for impl in IMPLS for case in [(jnp.float32, None, None), (jnp.bfloat16, 9, 20.0)]),
+    *((*case, impl) for impl in IMPLS[:-1] for case in [(jnp.float32, 9, None), (jnp.bfloat16, None, 20.0)]),
+    *(pytest.param(*case, "pallas_tpu_interpret", marks=pytest.mark.slow)
+      for case in [(jnp.float32, 9, None), (jnp.bfloat16, None, 20.0)])]
+
+
+@pytest.mark.parametrize("dtype,window,soft_cap,impl", PREFIX_CASES)
 def test_shared_prefix_equals_plain_attention(impl, dtype, window, soft_cap):
     plain, shared = _tree_batch(dtype)
     kwargs = dict(max_q_len=8, sm_scale=0.25, sliding_window=window, soft_cap=soft_cap)
-    want = rpa.ragged_paged_attention(**plain, impl="xla", **kwargs)
-    got = pa.shared_prefix_attention(**shared, impl=impl, **kwargs)
+    want = _jit(rpa.ragged_paged_attention, impl="xla", **kwargs)(**plain)
+    got = _jit(pa.shared_prefix_attention, impl=impl, **kwargs)(**shared)
     assert got.dtype == want.dtype
     err = float(np.abs(np.asarray(got, np.float32) - np.asarray(want, np.float32)).max())
     assert err <= TOLERANCE[jnp.dtype(dtype)]
@@ -101,8 +118,8 @@ def test_shared_prefix_equals_plain_attention(impl, dtype, window, soft_cap):
 def test_decode_rows_with_shared_prefix():
     plain, shared = _tree_batch(jnp.float32)
     # Reorder is not needed: the first sequence is a decode; one decode row.
-    want = rpa.ragged_paged_attention(**plain, max_q_len=8, sm_scale=0.25, num_decode_rows=1, impl="xla")
-    got = pa.shared_prefix_attention(**shared, max_q_len=8, sm_scale=0.25, num_decode_rows=1, impl="xla")
+    want = _jit(rpa.ragged_paged_attention, max_q_len=8, sm_scale=0.25, num_decode_rows=1, impl="xla")(**plain)
+    got = _jit(pa.shared_prefix_attention, max_q_len=8, sm_scale=0.25, num_decode_rows=1, impl="xla")(**shared)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
 
 
@@ -111,14 +128,14 @@ def test_prefix_stage_alone_is_the_prefix_part_of_the_softmax():
     # shared pages: check the root-only sequence 2 against plain attention over a
     # table truncated to the root pages (kv_len = 3 pages).
     plain, shared = _tree_batch(jnp.float32)
-    out, lse = pa.prefix_attention(shared["q"], shared["k_pages"], shared["v_pages"], shared["positions"],
-                                   shared["prefix"], sm_scale=0.25, impl="xla")
+    out, lse = _jit(pa.prefix_attention, sm_scale=0.25, impl="xla")(
+        shared["q"], shared["k_pages"], shared["v_pages"], shared["positions"], shared["prefix"])
     cu = np.asarray(plain["cu_q_lens"])
     token = cu[2]
     tables = plain["page_tables"][2:3, :3]
-    alone = rpa.ragged_paged_attention(plain["q"][token:token + 1], plain["k_pages"], plain["v_pages"],
-                                       jnp.array([0, 1], jnp.int32), jnp.array([3 * PAGE], jnp.int32), tables,
-                                       max_q_len=1, sm_scale=0.25, return_lse=True, impl="xla")
+    alone = _jit(rpa.ragged_paged_attention, max_q_len=1, sm_scale=0.25, return_lse=True, impl="xla")(
+        plain["q"][token:token + 1], plain["k_pages"], plain["v_pages"], jnp.array([0, 1], jnp.int32),
+        jnp.array([3 * PAGE], jnp.int32), tables)
     np.testing.assert_allclose(np.asarray(out[token]), np.asarray(alone[0][0]), atol=2e-6)
     np.testing.assert_allclose(np.asarray(lse[token]), np.asarray(alone[1][0]), atol=2e-6)
     # Sequence 5 is only in the empty node: nothing seen.

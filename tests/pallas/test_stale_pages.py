@@ -15,6 +15,9 @@ runs every implementation; batches hold decode rows, prefill chunks, a padding s
 """
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -58,6 +61,12 @@ def _flat_batch(q_lens, kv_lens, rng):
     return q, jnp.asarray(cu), jnp.asarray(positions)
 
 
+def _jit(fn, **static):
+    """fn with `static` bound, jitted: one program for both caches instead of one compile per
+    op (several times faster on CPU; the runner runs the ops under jit too)."""
+    return jax.jit(functools.partial(fn, **static))
+
+
 def _assert_same_and_finite(stale, zeros):
     for got, want in zip(stale, zeros):
         got, want = np.asarray(got), np.asarray(want)
@@ -93,11 +102,11 @@ def test_ragged_attention_ignores_stale_slots(impl, sliding_window, soft_cap):
     stale, zeros = _caches(num_pages, _owned(num_pages, tables, kv_lens), seed=1)
     q, cu, _ = _flat_batch(q_lens, kv_lens, rng)
 
+    op = _jit(rpa.ragged_paged_attention, max_q_len=8, sm_scale=HEAD_DIM ** -0.5, sliding_window=sliding_window,
+              soft_cap=soft_cap, num_decode_rows=NUM_DECODE_ROWS, return_lse=True, impl=impl)
+
     def run(k_pages, v_pages):
-        return rpa.ragged_paged_attention(
-            q, k_pages, v_pages, cu, jnp.asarray(kv_lens, jnp.int32), jnp.asarray(tables), max_q_len=8,
-            sm_scale=HEAD_DIM ** -0.5, sliding_window=sliding_window, soft_cap=soft_cap,
-            num_decode_rows=NUM_DECODE_ROWS, return_lse=True, impl=impl)
+        return op(q, k_pages, v_pages, cu, jnp.asarray(kv_lens, jnp.int32), jnp.asarray(tables))
 
     out, lse = run(*stale)
     _assert_same_and_finite((out,), (run(*zeros)[0],))
@@ -166,9 +175,10 @@ def test_shared_prefix_attention_ignores_stale_slots(impl):
     args, full, kv_lens, num_pages = _tree_batch(np.random.RandomState(2))
     stale, zeros = _caches(num_pages, _owned(num_pages, full, kv_lens), seed=3)
 
+    op = _jit(pa.shared_prefix_attention, max_q_len=8, sm_scale=HEAD_DIM ** -0.5, num_decode_rows=2, impl=impl)
+
     def run(k_pages, v_pages):
-        return pa.shared_prefix_attention(**args, k_pages=k_pages, v_pages=v_pages, max_q_len=8,
-                                          sm_scale=HEAD_DIM ** -0.5, num_decode_rows=2, impl=impl)
+        return op(**args, k_pages=k_pages, v_pages=v_pages)
 
     out = run(*stale)
     _assert_same_and_finite((out,), (run(*zeros),))
