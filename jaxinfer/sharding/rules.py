@@ -3,15 +3,16 @@
 Weights carry logical names ("embed", "mlp", "heads", "kv_heads", "vocab", "norm"; MoE
 experts: "expert", "expert_mlp", "router_expert") through
 `flax.linen.with_logical_partitioning`; activations and the KV cache use the
-`activation_*` and `cache_*` names below (the cache names shard the KV pages today; the
-activation names are defined for tensor-parallel serving, which does not constrain
-activations yet: no model code calls `with_sharding_constraint`). DEFAULT_RULES is the
+`activation_*` and `cache_*` names below (the cache names shard the KV pages; the
+activation names give the specs of the models' shard_map regions; no model code calls
+`with_sharding_constraint`: XLA propagates activation shardings from the weights). DEFAULT_RULES is the
 only place that says which mesh axis (jaxinfer.sharding.mesh.MESH_AXES: "data",
-"tensor", "expert") each one is split over; None = replicated.
+"pipeline", "expert", "tensor") each one is split over; None = replicated.
 
 Path: ModelRunner -> **param_shardings / kv_cache_sharding / replicated** (this file) ->
-`jax.device_put` / `jax.jit(in_shardings=..., out_shardings=...)`. Models only name
-logical axes; they never see a mesh.
+`jaxinfer.sharding.placement.place` / `jax.jit(in_shardings=..., out_shardings=...)`;
+the models' shard_map regions (attention, int4 matmuls, MoE experts) take their
+partition specs from the same table (`named_sharding`).
 
 Resolving a logical spec on a mesh: each logical name maps to its mesh axis; a mesh
 axis the mesh does not have is dropped (the dim is replicated), and so is a mesh axis
