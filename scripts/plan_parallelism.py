@@ -65,6 +65,7 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from jaxinfer.config import ModelConfig  # noqa: E402
+from jaxinfer.models.parallel import kv_heads_for_tp, padded_vocab_size  # noqa: E402,F401 - the engine's own rules
 from jaxinfer.models.registry import model_config_from_hf  # noqa: E402
 
 _LLAMA3 = dict(architectures=["LlamaForCausalLM"], model_type="llama", attention_bias=False, bos_token_id=128000,
@@ -169,19 +170,6 @@ class PlanSettings:
 
 
 # ------------------------------------------------------------------------------ memory
-
-def padded_vocab_size(vocab: int, tp: int) -> int:
-    """V': V when tp divides it, else the next multiple of lcm(64, tp) (vLLM's padding)."""
-    if vocab % tp == 0:
-        return vocab
-    step = math.lcm(64, tp)
-    return -(-vocab // step) * step
-
-
-def kv_heads_for_tp(num_kv_heads: int, tp: int) -> int:
-    """K': the kv heads the model runs with: K, or tp when tp > K (each head repeated tp / K times)."""
-    return max(num_kv_heads, tp)
-
 
 def layout_error(config: ModelConfig, tp: int, ep: int, pp: int) -> str | None:
     """Why the engine cannot run this layout, or None."""

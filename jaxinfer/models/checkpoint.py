@@ -115,6 +115,23 @@ def _weight_files(path: str) -> list[str]:
     raise FileNotFoundError(f"{path}: no model.safetensors, sharded safetensors or orbax params found")
 
 
+def _map_weight_files(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """(HF tensor name -> memmapped array, name -> its file) over a folder's safetensors.
+
+    Raises:
+      ValueError: a tensor appears in two shards (both named), or only pickle weights.
+      FileNotFoundError: no weights, or a shard the index names is missing.
+    """
+    tensors, sources = {}, {}
+    for file in _weight_files(path):
+        for name, arr in read_safetensors(file).items():
+            if name in tensors:
+                raise ValueError(f"tensor {name} appears in more than one shard ({sources[name]}, {file})")
+            tensors[name] = arr
+            sources[name] = file
+    return tensors, sources
+
+
 # ---------------------------------------------------------------------------- name mapping
 
 class HFTensor(NamedTuple):
@@ -216,6 +233,47 @@ def _int4_layer(tensors, prefix: str, quantization: CheckpointQuantization, expe
     return layer
 
 
+def _check_hf_tensors(tensors: Mapping[str, Any], config: ModelConfig,
+                      quantization: Optional[CheckpointQuantization] = None,
+                      sources: Optional[Mapping[str, str]] = None) -> tuple[dict, Any, dict]:
+    """Checks HF tensor names and float shapes against the config; reads no tensor data.
+
+    Args:
+      tensors: HF tensor name -> array-like with a `.shape` (e.g. a memmap).
+      config: the model shape.
+      quantization: the folder's parsed `quantization_config`, or None for float weights.
+      sources: optional HF tensor name -> file it was read from (named in errors).
+    Returns:
+      (names, shapes, quantized): `_hf_names(config)`, `param_shapes(config)` and the
+      int4 layers' HF weight name -> tensor prefix (empty for float weights).
+    Raises:
+      ValueError: a tensor is missing, unexpected, or has the wrong shape (named, with
+        its file when `sources` has it).
+    """
+    names = _hf_names(config)
+    shapes = param_shapes(config)
+    quantized, required, optional = _int4_tensor_names(names, quantization)
+    unexpected = [n for n in tensors if n not in required and n not in optional and not n.endswith(_IGNORED_SUFFIXES)
+                  and not (n == "lm_head.weight" and config.tie_word_embeddings)]
+    if unexpected:
+        raise ValueError(f"unexpected tensor(s) in checkpoint: {', '.join(sorted(unexpected)[:10])}")
+    missing = sorted(n for n in required if n not in tensors)
+    if missing:
+        raise ValueError(f"missing tensor(s) in checkpoint: {', '.join(missing[:10])}")
+    for name, (path, transpose, expert) in names.items():
+        if name in quantized:
+            continue
+        expected = tuple(get_path(shapes, path).shape)
+        if expert is not None:
+            expected = expected[1:]  # one expert's slice of the stacked [E, ...] parameter
+        got = tuple(tensors[name].shape)
+        want = expected[::-1] if transpose else expected
+        if got != want:
+            where = f" (in {sources[name]})" if sources and name in sources else ""
+            raise ValueError(f"tensor {name}: shape {got} does not match the config's {want}{where}")
+    return names, shapes, quantized
+
+
 def params_from_hf_tensors(tensors: Mapping[str, np.ndarray], config: ModelConfig, dtype,
                            quantization: Optional[CheckpointQuantization] = None,
                            sources: Optional[Mapping[str, str]] = None) -> dict:
@@ -235,29 +293,11 @@ def params_from_hf_tensors(tensors: Mapping[str, np.ndarray], config: ModelConfi
         its file when `sources` has it).
     """
     dtype = resolve_dtype(dtype)
-    names = _hf_names(config)
-    shapes = param_shapes(config)
-    quantized, required, optional = _int4_tensor_names(names, quantization)
-    unexpected = [n for n in tensors if n not in required and n not in optional and not n.endswith(_IGNORED_SUFFIXES)
-                  and not (n == "lm_head.weight" and config.tie_word_embeddings)]
-    if unexpected:
-        raise ValueError(f"unexpected tensor(s) in checkpoint: {', '.join(sorted(unexpected)[:10])}")
-    missing = sorted(n for n in required if n not in tensors)
-    if missing:
-        raise ValueError(f"missing tensor(s) in checkpoint: {', '.join(missing[:10])}")
+    names, shapes, quantized = _check_hf_tensors(tensors, config, quantization, sources)
     native_shapes = None
     if quantization is not None and quantization.fmt is not None:
         native_shapes = param_shapes(config, dtype, quantization.fmt)
     floats = {name: tensor for name, tensor in names.items() if name not in quantized}
-    for name, (path, transpose, expert) in floats.items():
-        expected = tuple(get_path(shapes, path).shape)
-        if expert is not None:
-            expected = expected[1:]  # one expert's slice of the stacked [E, ...] parameter
-        got = tuple(tensors[name].shape)
-        want = expected[::-1] if transpose else expected
-        if got != want:
-            where = f" (in {sources[name]})" if sources and name in sources else ""
-            raise ValueError(f"tensor {name}: shape {got} does not match the config's {want}{where}")
     params: dict = {}
     int4_layers = {}
     for name, prefix in quantized.items():
@@ -354,13 +394,7 @@ def load_params(path: str, config: ModelConfig, dtype="float32",
                              f"jaxinfer's own int4 layout")
         return load_orbax_params(os.path.join(path, ORBAX_DIR), config, dtype,
                                  quantization.fmt if quantization is not None else None)
-    tensors, sources = {}, {}
-    for file in _weight_files(path):
-        for name, arr in read_safetensors(file).items():
-            if name in tensors:
-                raise ValueError(f"tensor {name} appears in more than one shard ({sources[name]}, {file})")
-            tensors[name] = arr
-            sources[name] = file
+    tensors, sources = _map_weight_files(path)
     return params_from_hf_tensors(tensors, config, dtype, quantization, sources)
 
 
