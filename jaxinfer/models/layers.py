@@ -9,15 +9,19 @@ its weight as group-wise int4 instead (see Int4Format and jaxinfer.pallas.int4_m
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from jaxinfer.config import ModelConfig, RopeScaling
 from jaxinfer.pallas.int4_matmul import int4_matmul
+from jaxinfer.sharding import rules
+from jaxinfer.sharding.mesh import shard_map
 
 
 def _init(std: float):
@@ -64,6 +68,11 @@ class Linear(nn.Module):
 
     Each call sows its input into the "intermediates" collection (a no-op unless the
     caller makes that collection mutable): GPTQ calibration reads them.
+
+    On a mesh (`mesh` set), the int4 op runs per shard (shard_map; a Pallas kernel
+    cannot be partitioned by XLA): a column-parallel layer (out dim split) needs no
+    collective, a row-parallel one (in dim split, with its group scales) psums its
+    partial products. Float kernels are left to XLA's partitioner.
     """
 
     features: int
@@ -73,6 +82,7 @@ class Linear(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     init_std: float = 0.02
     quant: Optional[Int4Format] = None  # init: create int4 parameters in this format
+    mesh: Optional[Any] = None  # the runner's jax.sharding.Mesh (int4 runs per shard), or None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -112,8 +122,27 @@ class Linear(nn.Module):
             x = jnp.take(x, perm, axis=-1)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, num_in).astype(self.dtype)  # [T, K]
-        y = int4_matmul(x2, packed, scales, zeros, group_size=group_size, out_dtype=jnp.float32)  # [T, N]
+        matmul = functools.partial(int4_matmul, group_size=group_size, out_dtype=jnp.float32)
+        if self.mesh is None or self.mesh.size == 1:
+            y = matmul(x2, packed, scales, zeros)  # [T, N]
+        else:
+            y = _per_shard_int4(matmul, self.mesh, axes, x2, packed, scales, zeros)
         return y.reshape(*lead, self.features)
+
+
+def _per_shard_int4(matmul, mesh, axes, x, packed, scales, zeros):
+    """int4 `matmul` of x [T, K] per shard of the weights' split (see Linear)."""
+    in_axis, out_axis = rules.named_sharding(mesh, axes).spec  # mesh axis (or None) of K and of N
+    weight = P(in_axis, out_axis)
+    groups = (packed, scales) + (() if zeros is None else (zeros,))
+
+    def local(x, packed, scales, *rest):
+        y = matmul(x, packed, scales, rest[0] if rest else None)
+        return y if in_axis is None else jax.lax.psum(y, in_axis)
+
+    run = shard_map(local, mesh, in_specs=(P(None, in_axis),) + (weight,) * len(groups),
+                    out_specs=P(None, out_axis))
+    return run(x, *groups)
 
 
 class RMSNorm(nn.Module):
@@ -183,12 +212,13 @@ class GatedMLP(nn.Module):
     param_dtype: jnp.dtype
     init_std: float = 0.02
     quant: Optional[Int4Format] = None  # init: int4 projections (see Linear)
+    mesh: Optional[Any] = None  # the runner's mesh (int4 per shard), or None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
         dense = dict(use_bias=cfg.mlp_bias, dtype=self.dtype, param_dtype=self.param_dtype,
-                     init_std=self.init_std, quant=self.quant)
+                     init_std=self.init_std, quant=self.quant, mesh=self.mesh)
         gate = Linear(cfg.intermediate_size, axes=("embed", "mlp"), name="gate_proj", **dense)(x)
         up = Linear(cfg.intermediate_size, axes=("embed", "mlp"), name="up_proj", **dense)(x)
         hidden = activation(cfg.hidden_act, gate) * up  # [T, F]

@@ -35,15 +35,21 @@ float when a model is quantized to int4 (only Linear layers are).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from jaxinfer.config import ModelConfig
 from jaxinfer.models.layers import activation
 from jaxinfer.pallas.grouped_matmul import grouped_matmul
+from jaxinfer.sharding import rules
+from jaxinfer.sharding.mesh import shard_map
+
+EXPERT_IN_AXES = ("expert", "embed", "expert_mlp")  # gate / up [E, D, F]
+EXPERT_OUT_AXES = ("expert", "expert_mlp", "embed")  # down [E, F, D]
 
 
 def route(router_logits: jax.Array, num_experts_per_tok: int, norm_topk_prob: bool):
@@ -73,14 +79,56 @@ def sort_by_expert(experts: jax.Array, num_experts: int):
     return order, inverse, group_sizes
 
 
+def expert_outputs(x: jax.Array, weights: jax.Array, experts: jax.Array, gate_w, up_w, down_w, hidden_act: str,
+                   matmul_impl: Optional[str] = None, first_expert: Optional[jax.Array] = None) -> jax.Array:
+    """sum_k p_k * expert_k(x) in float32 [T, D] over the experts of `gate_w` / `up_w` / `down_w`.
+
+    Args:
+      x: [T, D] tokens; weights, experts: [T, k] routing (all E experts' ids).
+      gate_w, up_w: [El, D, F]; down_w: [El, F, D]: the experts held here.
+      first_expert: None when these are all E experts; else the global id of the first
+        (expert parallel: El = E / ep consecutive experts per device). Copies routed
+        elsewhere go to a dummy group El past the real ones, which the grouped matmul
+        leaves at zero (rows past the group sizes' sum), and get weight 0: the sum over
+        the expert axis (psum) adds each copy exactly once.
+    """
+    num_local, top_k = gate_w.shape[0], experts.shape[1]
+    num_tokens, hidden = x.shape
+    if first_expert is None:
+        order, inverse, group_sizes = sort_by_expert(experts, num_local)
+    else:
+        local = experts - first_expert
+        mine = (local >= 0) & (local < num_local)  # [T, k]
+        order, inverse, group_sizes = sort_by_expert(jnp.where(mine, local, num_local), num_local + 1)
+        group_sizes = group_sizes[:num_local]  # the dummy group is never computed
+        weights = jnp.where(mine, weights, 0.0)
+    copies = jnp.take(x, order // top_k, axis=0)  # [C, D] sorted by expert
+
+    def matmul(lhs, w):
+        return grouped_matmul(lhs, w.astype(x.dtype), group_sizes, impl=matmul_impl)
+
+    h = activation(hidden_act, matmul(copies, gate_w)) * matmul(copies, up_w)  # [C, F]
+    out = matmul(h, down_w)  # [C, D] sorted by expert
+    out = jnp.take(out, inverse, axis=0).reshape(num_tokens, top_k, hidden)  # [T, k, D] token order
+    return jnp.sum(out.astype(jnp.float32) * weights[:, :, None], axis=1)  # [T, D]
+
+
 class MoE(nn.Module):
-    """Sparse MoE MLP: sum_k p_k * down_e(act(gate_e(x)) * up_e(x)) over the top-k experts e."""
+    """Sparse MoE MLP: sum_k p_k * down_e(act(gate_e(x)) * up_e(x)) over the top-k experts e.
+
+    On a mesh (`mesh` set, more than one device), the experts run per shard: each
+    device holds E / ep experts (the "expert" axis) with their ffn dim split over the
+    "tensor" axis, computes the copies routed to its experts (routing is replicated:
+    every device routes every token), and one psum over ("expert", "tensor") adds the
+    partial [T, D] sums. See BUILD.md for why a psum rather than an all-to-all.
+    """
 
     config: ModelConfig
     dtype: jnp.dtype
     param_dtype: jnp.dtype
     init_std: float = 0.02
     matmul_impl: Optional[str] = None  # grouped_matmul impl; None = the backend's default
+    mesh: Optional[Any] = None  # jax.sharding.Mesh of the runner, or None (one device)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -93,22 +141,24 @@ class MoE(nn.Module):
             return self.param(name, nn.with_logical_partitioning(init, axes), shape, self.param_dtype)
 
         router = weight("router", ("embed", "router_expert"), (hidden, num_experts))  # [D, E]
-        gate_w = weight("gate_proj", ("expert", "embed", "expert_mlp"), (num_experts, hidden, ffn))  # [E, D, F]
-        up_w = weight("up_proj", ("expert", "embed", "expert_mlp"), (num_experts, hidden, ffn))  # [E, D, F]
-        down_w = weight("down_proj", ("expert", "expert_mlp", "embed"), (num_experts, ffn, hidden))  # [E, F, D]
+        gate_w = weight("gate_proj", EXPERT_IN_AXES, (num_experts, hidden, ffn))  # [E, D, F]
+        up_w = weight("up_proj", EXPERT_IN_AXES, (num_experts, hidden, ffn))  # [E, D, F]
+        down_w = weight("down_proj", EXPERT_OUT_AXES, (num_experts, ffn, hidden))  # [E, F, D]
 
         x = x.astype(self.dtype)
-        num_tokens = x.shape[0]
         logits = jnp.dot(x, router.astype(self.dtype), preferred_element_type=jnp.float32)  # [T, E]
         weights, experts = route(logits, top_k, cfg.norm_topk_prob)  # [T, k] each
-        order, inverse, group_sizes = sort_by_expert(experts, num_experts)
-        copies = jnp.take(x, order // top_k, axis=0)  # [C, D] sorted by expert
+        self.sow("intermediates", "experts", experts)  # router statistics (the runner counts them)
+        if self.mesh is None or self.mesh.size == 1:
+            out = expert_outputs(x, weights, experts, gate_w, up_w, down_w, cfg.hidden_act, self.matmul_impl)
+            return out.astype(self.dtype)
 
-        def matmul(lhs, w):
-            return grouped_matmul(lhs, w.astype(self.dtype), group_sizes, impl=self.matmul_impl)
+        def local(x, weights, experts, gate_w, up_w, down_w):
+            first = jax.lax.axis_index("expert") * gate_w.shape[0]
+            out = expert_outputs(x, weights, experts, gate_w, up_w, down_w, cfg.hidden_act, self.matmul_impl,
+                                 first_expert=first)
+            return jax.lax.psum(out, ("expert", "tensor"))
 
-        h = activation(cfg.hidden_act, matmul(copies, gate_w)) * matmul(copies, up_w)  # [C, F]
-        out = matmul(h, down_w)  # [C, D] sorted by expert
-        out = jnp.take(out, inverse, axis=0).reshape(num_tokens, top_k, hidden)  # [T, k, D] token order
-        out = jnp.sum(out.astype(jnp.float32) * weights[:, :, None], axis=1)  # [T, D]
-        return out.astype(self.dtype)
+        in_w, out_w = (rules.named_sharding(self.mesh, axes).spec for axes in (EXPERT_IN_AXES, EXPERT_OUT_AXES))
+        run = shard_map(local, self.mesh, in_specs=(P(), P(), P(), in_w, in_w, out_w), out_specs=P())
+        return run(x, weights, experts, gate_w, up_w, down_w).astype(self.dtype)

@@ -13,16 +13,20 @@ dim, V vocab, P pages, L page size.
 """
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from jaxinfer.config import ModelConfig
 from jaxinfer.models.layers import GatedMLP, Int4Format, Linear, RMSNorm, apply_rope, rope_inv_freq
 from jaxinfer.models.moe import MoE
 from jaxinfer.pallas.attention import AttentionMetadata, PrefixRows, attention
+from jaxinfer.sharding import rules
+from jaxinfer.sharding.mesh import shard_map
 
 __all__ = ["AttentionMetadata", "PrefixRows", "Transformer", "embed", "init_params", "logical_axes", "param_shapes"]
 
@@ -35,11 +39,13 @@ class Attention(nn.Module):
     attention_impl: Optional[str] = None
     init_std: float = 0.02
     quant: Optional[Int4Format] = None  # init: int4 projections (see Linear)
+    mesh: Optional[Any] = None  # the runner's jax.sharding.Mesh: attention runs per shard (shard_map)
 
     @nn.compact
     def __call__(self, x, positions, kv_cache, metadata: AttentionMetadata):
         cfg = self.config
-        dense = dict(dtype=self.dtype, param_dtype=self.param_dtype, init_std=self.init_std, quant=self.quant)
+        dense = dict(dtype=self.dtype, param_dtype=self.param_dtype, init_std=self.init_std, quant=self.quant,
+                     mesh=self.mesh)
         num_tokens = x.shape[0]
         q = Linear(cfg.num_heads * cfg.head_dim, use_bias=cfg.qkv_bias, axes=("embed", "heads"),
                    name="q_proj", **dense)(x)
@@ -58,12 +64,28 @@ class Attention(nn.Module):
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
 
-        out, new_cache = attention(q, k, v, positions, kv_cache, metadata, sm_scale=cfg.head_dim ** -0.5,
-                                   sliding_window=cfg.sliding_window(self.layer), impl=self.attention_impl)
+        run = functools.partial(attention, sm_scale=cfg.head_dim ** -0.5, sliding_window=cfg.sliding_window(self.layer),
+                                impl=self.attention_impl)
+        if self.mesh is not None and self.mesh.size > 1 and kv_cache is not None:
+            run = _per_shard_attention(run, self.mesh, metadata)
+        out, new_cache = run(q, k, v, positions, kv_cache, metadata)
         out = out.reshape(num_tokens, cfg.num_heads * cfg.head_dim)  # [T, N * H]
         out = Linear(cfg.hidden_size, use_bias=cfg.o_bias, axes=("heads", "embed"), name="o_proj",
                      **dense)(out)
         return out, new_cache
+
+
+def _per_shard_attention(run, mesh, metadata: AttentionMetadata):
+    """`run` (the attention op) per shard of `mesh`: each device attends with its own
+    query heads, KV heads and KV pages (all split over "tensor" by the rules table), so
+    the Pallas kernels see one device's heads and no collective is needed; the step's
+    metadata and positions are replicated. The o_proj after it (row parallel) sums."""
+    heads = rules.named_sharding(mesh, ("activation_length", "activation_heads", None)).spec
+    kv_heads = rules.named_sharding(mesh, ("activation_length", "activation_kv_heads", None)).spec
+    pages = rules.kv_cache_sharding(mesh).spec
+    meta = jax.tree.map(lambda _: P(), metadata)
+    return shard_map(run, mesh, in_specs=(heads, kv_heads, kv_heads, P(), (pages, pages), meta),
+                     out_specs=(heads, (pages, pages)))
 
 
 class DecoderLayer(nn.Module):
@@ -75,6 +97,7 @@ class DecoderLayer(nn.Module):
     init_std: float = 0.02
     quant: Optional[Int4Format] = None  # init: int4 projections (see Linear)
     grouped_matmul_impl: Optional[str] = None  # MoE layers' grouped matmul (None = backend default)
+    mesh: Optional[Any] = None  # the runner's mesh (per-shard attention and experts)
 
     @nn.compact
     def __call__(self, x, positions, kv_cache, metadata):
@@ -83,14 +106,16 @@ class DecoderLayer(nn.Module):
                     param_dtype=self.param_dtype)
         h = RMSNorm(name="input_layernorm", **norm)(x)
         h, new_cache = Attention(cfg, self.layer, self.dtype, self.param_dtype, self.attention_impl,
-                                 self.init_std, quant=self.quant, name="self_attn")(h, positions, kv_cache,
-                                                                                    metadata)
+                                 self.init_std, quant=self.quant, mesh=self.mesh,
+                                 name="self_attn")(h, positions, kv_cache, metadata)
         x = x + h
         h = RMSNorm(name="post_attention_layernorm", **norm)(x)
         if cfg.is_moe_layer(self.layer):
-            mlp = MoE(cfg, self.dtype, self.param_dtype, self.init_std, self.grouped_matmul_impl, name="mlp")
+            mlp = MoE(cfg, self.dtype, self.param_dtype, self.init_std, self.grouped_matmul_impl, self.mesh,
+                      name="mlp")
         else:
-            mlp = GatedMLP(cfg, self.dtype, self.param_dtype, self.init_std, quant=self.quant, name="mlp")
+            mlp = GatedMLP(cfg, self.dtype, self.param_dtype, self.init_std, quant=self.quant, mesh=self.mesh,
+                           name="mlp")
         return x + mlp(h), new_cache
 
 
@@ -107,6 +132,10 @@ class Transformer(nn.Module):
         each Linear follows the parameters it is given, float or int4). MoE experts
         stay float.
       grouped_matmul_impl: forwarded to the MoE layers' grouped matmul op.
+      mesh: the runner's jax.sharding.Mesh when it has more than one device: attention
+        and the MoE experts then run per shard (shard_map, partition specs from the
+        logical-axis rules); everything else is partitioned by XLA from the parameters'
+        shardings. The model still names logical axes only.
     """
 
     config: ModelConfig
@@ -116,6 +145,7 @@ class Transformer(nn.Module):
     init_std: float = 0.02
     quant: Optional[Int4Format] = None
     grouped_matmul_impl: Optional[str] = None
+    mesh: Optional[Any] = None
 
     @nn.compact
     def __call__(self, tokens: jax.Array, positions: jax.Array, kv_caches, metadata: AttentionMetadata,
@@ -144,7 +174,7 @@ class Transformer(nn.Module):
             cache = None if kv_caches is None else kv_caches[i]
             x, cache = DecoderLayer(cfg, i, self.dtype, self.param_dtype, self.attention_impl,
                                     self.init_std, quant=self.quant, grouped_matmul_impl=self.grouped_matmul_impl,
-                                    name=f"layers_{i}")(x, positions, cache, metadata)
+                                    mesh=self.mesh, name=f"layers_{i}")(x, positions, cache, metadata)
             new_caches.append(cache)
 
         x = RMSNorm(cfg.rms_norm_eps, cfg.norm_weight_offset, self.dtype, self.param_dtype, name="norm")(x)
@@ -156,7 +186,7 @@ class Transformer(nn.Module):
             head_quant = self.quant if self.quant is not None and self.quant.quantize_lm_head else None
             logits = Linear(cfg.vocab_size, use_bias=False, axes=("embed", "vocab"), dtype=self.dtype,
                             param_dtype=self.param_dtype, init_std=self.init_std, quant=head_quant,
-                            name="lm_head")(x)
+                            mesh=self.mesh, name="lm_head")(x)
         return logits.astype(jnp.float32), (None if kv_caches is None else tuple(new_caches))
 
 
