@@ -2,6 +2,7 @@
 
     jaxinfer generate --prompt "def fib(n):" [--model PATH|NAME] [--max_tokens N] [--temperature T]
     jaxinfer generate --prompt "def fib(n):" --quantization int4 [--quant_group_size 128]
+    jaxinfer generate --prompt "def fib(n):" --tensor_parallel_size 4 [--expert_parallel_size 2]
     jaxinfer serve [--model PATH|NAME] [--host 127.0.0.1] [--port 8000] [--grpc_port 9000] [--api_key K]
 
 `generate` streams the completion to stdout, then prints a one-line summary: prompt
@@ -56,6 +57,12 @@ _COMPILATION_CACHE_DIR = flags.DEFINE_string(
     "compilation_cache_dir", None,
     "Persistent XLA compilation cache folder (default: $JAXINFER_COMPILATION_CACHE_DIR, else "
     "~/.cache/jaxinfer/xla); an empty string turns it off.")
+_TENSOR_PARALLEL_SIZE = flags.DEFINE_integer("tensor_parallel_size", 1, "Devices that split each layer's heads, "
+                                            "MLP width and vocabulary (Megatron tensor parallelism).")
+_EXPERT_PARALLEL_SIZE = flags.DEFINE_integer("expert_parallel_size", 1, "Devices that split the experts of "
+                                            "mixture-of-experts layers.")
+_PIPELINE_PARALLEL_SIZE = flags.DEFINE_integer("pipeline_parallel_size", 1, "Pipeline stages (layers split "
+                                              "over devices).")
 
 # Server flags (serve).
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to bind (serve).")
@@ -94,7 +101,10 @@ def _engine_config():
                         max_num_batched_tokens=_MAX_NUM_BATCHED_TOKENS.value, max_num_seqs=_MAX_NUM_SEQS.value,
                         max_model_len=_MAX_MODEL_LEN.value, attention_impl=_ATTENTION_IMPL.value,
                         enable_prefix_caching=_ENABLE_PREFIX_CACHING.value,
-                        compilation_cache_dir=_COMPILATION_CACHE_DIR.value)
+                        compilation_cache_dir=_COMPILATION_CACHE_DIR.value,
+                        tensor_parallel_size=_TENSOR_PARALLEL_SIZE.value,
+                        expert_parallel_size=_EXPERT_PARALLEL_SIZE.value,
+                        pipeline_parallel_size=_PIPELINE_PARALLEL_SIZE.value)
 
 
 def _load_session():
@@ -142,8 +152,16 @@ def generate() -> int:
           f"({out.finish_reason}) | time to first token: {ttft * 1000:.1f} ms | decode: {rate_text} "
           f"| load: {load_seconds:.2f} s | compiles: {metrics['num_compiles']} "
           f"({metrics['compile_seconds']:.2f} s, not in decode tokens/s) "
-          f"| weights: {metrics['weight_bytes'] / 1e6:.2f} MB")
+          f"| weights: {metrics['weight_bytes'] / 1e6:.2f} MB" + _mesh_summary(metrics))
     return 0
+
+
+def _mesh_summary(metrics) -> str:
+    if metrics["num_devices"] == 1:
+        return ""
+    layout = " x ".join(f"{axis} {size}" for axis, size in metrics["mesh_shape"].items() if size > 1)
+    return (f" | devices: {metrics['num_devices']} ({layout}), per device: weights "
+            f"{metrics['weight_bytes_per_device'] / 1e6:.2f} MB, KV {metrics['kv_cache_bytes_per_device'] / 1e6:.2f} MB")
 
 
 def serve() -> int:

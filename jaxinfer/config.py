@@ -335,6 +335,12 @@ class EngineConfig:
     # $JAXINFER_COMPILATION_CACHE_DIR environment variable if set, else
     # ~/.cache/jaxinfer/xla; "" = off (jax's own settings are left alone).
     compilation_cache_dir: Optional[str] = None
+    # Device mesh of the runner (jaxinfer/sharding/mesh.py): the first tp * ep * pp
+    # devices of jax.devices(). Tensor: Megatron split of heads, MLP width and vocab;
+    # expert: MoE experts split over devices; pipeline: layers split into stages.
+    tensor_parallel_size: int = 1
+    expert_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
 
     def __post_init__(self):
         _require(self.compilation_cache_dir is None or isinstance(self.compilation_cache_dir, str),
@@ -345,7 +351,8 @@ class EngineConfig:
                  and self.shared_prefix_min_seqs >= 2, "shared_prefix_min_seqs",
                  f"must be an int >= 2, got {self.shared_prefix_min_seqs!r}")
         for name in ("page_size", "max_num_batched_tokens", "max_num_seqs", "max_kv_cache_bytes",
-                     "shared_prefix_min_tokens"):
+                     "shared_prefix_min_tokens", "tensor_parallel_size", "expert_parallel_size",
+                     "pipeline_parallel_size"):
             value = getattr(self, name)
             _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name,
                      f"must be an int >= 1, got {value!r}")

@@ -32,10 +32,11 @@ from jaxinfer.config import EngineConfig, ModelConfig, SamplingParams
 from jaxinfer.engine.async_engine import AsyncEngine, RequestStream
 from jaxinfer.engine.engine import Engine
 from jaxinfer.engine.validation import NewRequest, resolve_max_model_len
-from jaxinfer.models import checkpoint
+from jaxinfer.models import checkpoint, lazy_checkpoint, parallel, registry
 from jaxinfer.models.tokenizer import load_tokenizer
 from jaxinfer.runtime import compile_cache
 from jaxinfer.runtime.model_runner import ModelRunner
+from jaxinfer.sharding.mesh import mesh_for_engine
 from jaxinfer.types import RequestOutput
 
 Prompt = Union[str, Sequence[int]]
@@ -61,7 +62,12 @@ class InferenceSession:
         self.generation_defaults = dict(generation_defaults or {})
         max_model_len = resolve_max_model_len(model_config, engine)
         self.max_model_len = max_model_len
-        runner = ModelRunner.from_config(model_config, params, engine, dtype=dtype, max_model_len=max_model_len)
+        parallel.check_parallel_sizes(model_config, engine.tensor_parallel_size, engine.expert_parallel_size,
+                                      engine.pipeline_parallel_size)
+        mesh = mesh_for_engine(engine.tensor_parallel_size, engine.expert_parallel_size,
+                               engine.pipeline_parallel_size)
+        runner = ModelRunner.from_config(model_config, params, engine, dtype=dtype, max_model_len=max_model_len,
+                                         mesh=mesh)
         eos = tuple(eos_token_ids) or tuple(model_config.eos_token_ids) or (
             tuple(tokenizer.eos_token_ids) if tokenizer is not None else ())
         # Owned by the loop thread of `async_engine` once a request was made: call it
@@ -106,7 +112,21 @@ class InferenceSession:
         if not os.path.isdir(path):
             raise FileNotFoundError(f"path: {path!r} is neither a model folder nor a bundled model name")
         tokenizer = load_tokenizer(path)
-        if quantization is None:
+        engine = engine or EngineConfig()
+        hf_config = checkpoint.read_hf_config(path)
+        model_config = registry.model_config_from_hf(hf_config)
+        # Before any weight is read: a layout the model cannot take, or too few devices.
+        quantized = quantization is not None or checkpoint.checkpoint_quantization(hf_config) is not None
+        if quantization_config is not None and not isinstance(quantization_config, quant.QuantConfig):
+            raise ValueError(f"quantization_config: expected a QuantConfig, got {type(quantization_config).__name__}")
+        group = (quantization_config or quant.QuantConfig()).group_size if quantization is not None else None
+        parallel.check_parallel_sizes(model_config, engine.tensor_parallel_size, engine.expert_parallel_size,
+                                      engine.pipeline_parallel_size, int4_group_size=group)
+        mesh_for_engine(engine.tensor_parallel_size, engine.expert_parallel_size, engine.pipeline_parallel_size)
+        if not quantized and lazy_checkpoint.is_lazy_loadable(path):
+            # Read per device shard by the runner, straight from the safetensors memmap.
+            params = lazy_checkpoint.lazy_hf_params(path, model_config, dtype)
+        elif quantization is None:
             model_config, params, _ = checkpoint.load_model(path, dtype)
         else:
             # Quantize from float32 weights; the leaves left float are cast to dtype after.

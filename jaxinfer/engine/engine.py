@@ -32,6 +32,8 @@ import random
 import time
 from typing import Optional, Sequence
 
+import numpy as np
+
 from jaxinfer.config import EngineConfig, ModelConfig, SamplingParams
 from jaxinfer.engine.block_manager import BlockManager
 from jaxinfer.engine.output_processor import OutputProcessor
@@ -125,6 +127,7 @@ class Engine:
         self._counters = _Counters()
         self._weight_bytes = runner.weight_bytes
         self._kv_cache_bytes = runner.kv_cache_bytes
+        self._device_info = runner.device_info()
 
     # ------------------------------------------------------------------ requests
 
@@ -284,4 +287,17 @@ class Engine:
             "weight_bytes": self._weight_bytes,
             "kv_cache_bytes": self._kv_cache_bytes,
             "max_model_len": self.max_model_len,
+            **self._device_info,
+            **_router_metrics(getattr(self.runner, "expert_token_counts", None)),
         }
+
+
+def _router_metrics(counts) -> dict:
+    """Router statistics of a MoE model from its [MoE layers, experts] token counts:
+    tokens per expert summed over layers, and the load imbalance (the busiest expert's
+    tokens over the mean, averaged over layers; 1.0 = perfectly even)."""
+    if counts is None or counts.size == 0:
+        return {}
+    means = counts.mean(axis=1)
+    imbalance = float(np.mean(np.where(means > 0, counts.max(axis=1) / np.maximum(means, 1e-9), 1.0)))
+    return {"expert_tokens": counts.sum(axis=0).tolist(), "router_load_imbalance": imbalance}

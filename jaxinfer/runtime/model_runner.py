@@ -8,11 +8,19 @@ ragged batch, paged-KV write, attention, logit processing (penalties, biases; on
 when a row asks) and on-device sampling -- and unpacks the results by request id,
 with the step's StepStats.
 
-Mesh. The runner runs on a jax.sharding.Mesh (one device unless given one): the
-parameters get NamedShardings from their logical axis names through the rules table
-of jaxinfer.sharding.rules, the KV pages `kv_cache_sharding` (split over KV heads),
-and the step's inputs and outputs are replicated. The jit is built with these
-explicit in/out shardings on one device too, so a bigger mesh changes sizes, not code.
+Mesh. The runner runs on a jax.sharding.Mesh (one device unless given one). The model
+runs as `mesh_model_config(config, tp)` (jaxinfer.models.parallel: vocabulary padded
+when tp does not divide it, KV heads repeated when tp exceeds them); the parameters are
+expanded to it and placed shard by shard (jaxinfer.sharding.placement: lazy checkpoint
+sources are read per shard, never whole) with NamedShardings from their logical axis
+names through the rules table of jaxinfer.sharding.rules; the KV pages get
+`kv_cache_sharding` (split over KV heads); the step's inputs and outputs are
+replicated, and logits are cut back to the real vocabulary inside the step. The jit is
+built with these explicit in/out shardings on one device too, so a bigger mesh changes
+sizes, not code. Attention and MoE experts run per shard (shard_map) inside the model.
+
+Router statistics (MoE models): each step also returns, per MoE layer, the tokens
+routed to each expert (padding tokens excluded); the runner sums them over the run.
 
 Compilation. XLA compiles once per StepBatch.shape_key; a long mixed workload therefore
 compiles a bounded number of programs. A step whose key is new reports
@@ -21,21 +29,24 @@ updates them in place.
 """
 from __future__ import annotations
 
+import collections
 import functools
 import time
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 
 from jaxinfer.config import EngineConfig, ModelConfig
+from jaxinfer.models import parallel
 from jaxinfer.models.quant_format import int4_format_of
 from jaxinfer.models.transformer import AttentionMetadata, PrefixRows, Transformer, logical_axes
 from jaxinfer.runtime import input_batch, kv_cache, sampler
 from jaxinfer.runtime.input_batch import BatchConfig, DeviceBatch
 from jaxinfer.sharding import mesh as mesh_lib
-from jaxinfer.sharding import rules
+from jaxinfer.sharding import placement, rules
 from jaxinfer.types import StepInput, StepOutput, StepStats
 
 jax.tree_util.register_dataclass(DeviceBatch, data_fields=list(DeviceBatch.ARRAY_FIELDS),
@@ -46,8 +57,9 @@ class ModelRunner:
     """Runs steps of a model over a paged KV cache it owns.
 
     Args:
-      config: model shape.
-      params: parameter tree (already in `dtype`; int4 linear layers allowed).
+      config: model shape (as in the checkpoint: real vocabulary and KV heads).
+      params: parameter tree of `config` (already in `dtype`; int4 linear layers
+        allowed); leaves may be lazy jaxinfer.sharding.placement sources, read per shard.
       page_size: tokens per KV page (L).
       num_pages: pages in the pool (P).
       dtype: activation and KV-cache dtype.
@@ -64,30 +76,51 @@ class ModelRunner:
         self.mesh = mesh if mesh is not None else mesh_lib.make_mesh()
         self.batch_config = BatchConfig(page_size=page_size, num_pages=num_pages, vocab_size=config.vocab_size,
                                         max_positions=config.max_position_embeddings)
-        self.model = Transformer(config, dtype=self.dtype, param_dtype=self.dtype, attention_impl=attention_impl)
+        tp = mesh_lib.mesh_size(self.mesh, "tensor")
+        parallel.check_parallel_sizes(config, tp, mesh_lib.mesh_size(self.mesh, "expert"),
+                                      mesh_lib.mesh_size(self.mesh, "pipeline"))
+        self.model_config = parallel.mesh_model_config(config, tp)  # what the sharded model runs with
+        self.model = Transformer(self.model_config, dtype=self.dtype, param_dtype=self.dtype,
+                                 attention_impl=attention_impl, mesh=self.mesh if self.mesh.size > 1 else None)
 
+        params = parallel.expand_params(config, params, tp)
         shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-        param_shardings = rules.param_shardings(self.mesh, logical_axes(config, int4_format_of(params)), shapes)
-        self.params = jax.device_put(params, param_shardings)
+        param_shardings = rules.param_shardings(self.mesh, logical_axes(self.model_config, int4_format_of(params)),
+                                                shapes)
+        self.params = placement.place(params, param_shardings)
         spec = kv_cache.KVCacheSpec(num_layers=config.num_layers, num_pages=num_pages, page_size=page_size,
-                                    num_kv_heads=config.num_kv_heads, head_dim=config.head_dim, dtype=self.dtype)
+                                    num_kv_heads=self.model_config.num_kv_heads, head_dim=config.head_dim,
+                                    dtype=self.dtype)
         self.kv_caches = kv_cache.allocate(spec, self.mesh)
         cache_shardings = jax.tree.map(lambda x: x.sharding, self.kv_caches)
         replicated = rules.replicated(self.mesh)
-        self._step = jax.jit(functools.partial(_step_fn, self.model),
+        self._moe_layers = tuple(i for i in range(config.num_layers) if config.is_moe_layer(i))
+        # Tokens routed to each expert over the run, per MoE layer [M, E] (router statistics).
+        self.expert_token_counts = np.zeros((len(self._moe_layers), config.num_experts), np.int64)
+        self._step = jax.jit(functools.partial(_step_fn, self.model, config.vocab_size, self._moe_layers),
                              in_shardings=(param_shardings, cache_shardings, replicated),
                              out_shardings=(replicated, cache_shardings),
                              donate_argnums=(1,))
         self._shape_keys: set = set()
         self.weight_bytes = int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self.params)))
         self.kv_cache_bytes = kv_cache.cache_bytes(self.kv_caches)
+        self.weight_bytes_per_device = _max_bytes_per_device(self.params)
+        self.kv_cache_bytes_per_device = _max_bytes_per_device(self.kv_caches)
+
+    def device_info(self) -> dict:
+        """The mesh and the largest per-device shares of the weights and the KV pages."""
+        return {"num_devices": int(self.mesh.size), "mesh_shape": mesh_lib.mesh_shape(self.mesh),
+                "weight_bytes_per_device": self.weight_bytes_per_device,
+                "kv_cache_bytes_per_device": self.kv_cache_bytes_per_device}
 
     @classmethod
     def from_config(cls, config: ModelConfig, params, engine_config: EngineConfig, *, dtype, max_model_len: int,
                     mesh: Optional[Mesh] = None) -> "ModelRunner":
         """A runner whose page pool is sized by kv_cache.num_pages_for (EngineConfig, device memory)."""
         mesh = mesh if mesh is not None else mesh_lib.make_mesh()
-        num_pages = kv_cache.num_pages_for(config, engine_config, dtype=dtype, max_model_len=max_model_len,
+        # Pages are sized by the heads each device really holds (K' / tp, see parallel).
+        mesh_config = parallel.mesh_model_config(config, mesh_lib.mesh_size(mesh, "tensor"))
+        num_pages = kv_cache.num_pages_for(mesh_config, engine_config, dtype=dtype, max_model_len=max_model_len,
                                            mesh=mesh)
         return cls(config, params, page_size=engine_config.page_size, num_pages=num_pages, dtype=dtype,
                    attention_impl=engine_config.attention_impl, mesh=mesh)
@@ -103,6 +136,9 @@ class ModelRunner:
         device_start = time.perf_counter()
         results, self.kv_caches = self._step(self.params, self.kv_caches, batch.device)
         results = jax.device_get(results)
+        results, expert_counts = results[:-1], results[-1]
+        if self._moe_layers:
+            self.expert_token_counts += expert_counts
         device_seconds = time.perf_counter() - device_start
         is_compile = batch.shape_key not in self._shape_keys
         self._shape_keys.add(batch.shape_key)
@@ -116,22 +152,53 @@ class ModelRunner:
         return StepOutput(outputs=outputs, stats=stats)
 
 
-def _step_fn(model: Transformer, params, kv_caches, batch: DeviceBatch):
-    """One compiled step: forward + KV write + attention + sampling (+ log-probs)."""
+def _max_bytes_per_device(tree) -> int:
+    """Bytes of `tree`'s shards on its fullest device (replicas counted on each device)."""
+    per_device: dict = collections.Counter()
+    for leaf in jax.tree.leaves(tree):
+        for shard in leaf.addressable_shards:
+            per_device[shard.device] += shard.data.nbytes
+    return int(max(per_device.values(), default=0))
+
+
+def _expert_counts(state, moe_layers: tuple, num_experts: int, valid: jax.Array) -> jax.Array:
+    """[M, E] int32 tokens routed to each expert of each MoE layer, padding excluded."""
+    counts = []
+    for i in moe_layers:
+        (experts,) = state["intermediates"][f"layers_{i}"]["mlp"]["experts"]  # [T, k]
+        weight = jnp.broadcast_to(valid[:, None], experts.shape).astype(jnp.int32)
+        counts.append(jnp.zeros((num_experts,), jnp.int32).at[experts.reshape(-1)].add(weight.reshape(-1)))
+    return jnp.stack(counts)
+
+
+def _step_fn(model: Transformer, vocab_size: int, moe_layers: tuple, params, kv_caches, batch: DeviceBatch):
+    """One compiled step: forward + KV write + attention + sampling (+ log-probs).
+
+    Logits are cut to the real `vocab_size` (the mesh model's may be padded) before
+    anything reads them, so a padded id is never sampled or counted."""
     prefix = None if batch.prefix is None else PrefixRows(*batch.prefix)
     metadata = AttentionMetadata(slot_mapping=batch.slot_mapping, cu_q_lens=batch.cu_q_lens, kv_lens=batch.kv_lens,
                                  page_tables=batch.page_tables, max_q_len=batch.max_q_len,
                                  num_decode_rows=batch.num_decode_rows, kv_starts=batch.kv_starts, prefix=prefix)
     variables = {"params": params}
+    apply = functools.partial(model.apply, variables, mutable=["intermediates"]) if moe_layers else \
+        functools.partial(_apply_stateless, model, variables)
     if batch.all_logits:
-        all_rows, kv_caches = model.apply(variables, batch.tokens, batch.positions, kv_caches, metadata)  # [T, V]
+        (all_rows, kv_caches), state = apply(batch.tokens, batch.positions, kv_caches, metadata)  # [T, V']
+        all_rows = all_rows[:, :vocab_size]  # [T, V]
         logits = all_rows[batch.logits_indices]  # [S, V]
         log_probs = jax.nn.log_softmax(all_rows, axis=-1)
         prompt_lp = jnp.take_along_axis(log_probs, batch.targets[:, None], axis=-1)[:, 0]  # [T]
     else:
-        logits, kv_caches = model.apply(variables, batch.tokens, batch.positions, kv_caches, metadata,
-                                        batch.logits_indices)  # [S, V]
+        (logits, kv_caches), state = apply(batch.tokens, batch.positions, kv_caches, metadata,
+                                           batch.logits_indices)  # [S, V']
+        logits = logits[:, :vocab_size]  # [S, V]
         prompt_lp = jnp.zeros((0,), jnp.float32)
+    if moe_layers:
+        num_slots = kv_caches[0][0].shape[0] * kv_caches[0][0].shape[1]  # P * L: padding tokens' slot
+        counts = _expert_counts(state, moe_layers, model.config.num_experts, batch.slot_mapping < num_slots)
+    else:
+        counts = jnp.zeros((0, 0), jnp.int32)
     keys = sampler.request_keys(batch.seed_hi, batch.seed_lo, batch.sample_pos)
     # Penalties, then logit biases and bans: traced only when a row of the step has them.
     processed = logits
@@ -142,5 +209,9 @@ def _step_fn(model: Transformer, params, kv_caches, batch: DeviceBatch):
     sampled, logprobs = sampler.sample(processed, batch.temperature, batch.top_k, batch.top_p, batch.min_p, keys,
                                        all_greedy=batch.all_greedy, raw_logits=logits)
     top_ids, top_lps = sampler.top_logprobs(logits, batch.num_top_logprobs)  # raw distribution
-    return (sampled, logprobs, top_ids, top_lps, prompt_lp), kv_caches
+    return (sampled, logprobs, top_ids, top_lps, prompt_lp, counts), kv_caches
+
+
+def _apply_stateless(model: Transformer, variables, *args):
+    return model.apply(variables, *args), None
 

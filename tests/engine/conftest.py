@@ -40,6 +40,9 @@ class ScriptedRunner:
         self.default = default
         self.steps = []
 
+    def device_info(self):
+        return {}
+
     def execute(self, step_input):
         from jaxinfer.types import SequenceOutput, StepOutput, StepStats
         self.steps.append(step_input)
