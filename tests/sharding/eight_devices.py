@@ -3,7 +3,9 @@
 jax fixes its device count when the backend starts, and the pytest process already has
 one CPU device, so test_mesh.py runs this file with
 XLA_FLAGS=--xla_force_host_platform_device_count=8. Each check prints one line,
-"PASS <name>" or "FAIL <name>: <traceback>", and the test reads its own line.
+"PASS <name>" or "FAIL <name>: <traceback>", and the test reads its own line. The
+engine-level checks (tensor / expert parallel sessions against HF) are in
+engine_checks.py, per-shard checkpoint loading in placement_checks.py.
 
 Model: a tiny Llama (vocab 256, hidden 64, ffn 128, 2 layers, 4 heads, 4 kv heads,
 head dim 16), float and int4 (group size 32).
@@ -24,6 +26,9 @@ from jaxinfer.models.transformer import AttentionMetadata, Transformer, init_par
 from jaxinfer.quant import QuantConfig, quantize
 from jaxinfer.runtime import kv_cache
 from jaxinfer.sharding import kv_cache_sharding, make_mesh, param_shardings, replicated
+
+import engine_checks  # noqa: E402 - this folder is on sys.path when run as a script
+import placement_checks  # noqa: E402
 
 CONFIG = ModelConfig(family="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
                      num_heads=4, num_kv_heads=4, head_dim=16, max_position_embeddings=128)
@@ -58,10 +63,10 @@ def _dense_forward(params, tokens, positions):
 
 def check_meshes():
     mesh = make_mesh(data=2, tensor=4)
-    assert dict(mesh.shape) == {"data": 2, "tensor": 4, "expert": 1}, mesh.shape
+    assert dict(mesh.shape) == {"data": 2, "pipeline": 1, "expert": 1, "tensor": 4}, mesh.shape
     assert [d.id for d in mesh.devices.flat] == list(range(8))
     mesh = make_mesh(tensor=2, expert=4)
-    assert dict(mesh.shape) == {"data": 1, "tensor": 2, "expert": 4}, mesh.shape
+    assert dict(mesh.shape) == {"data": 1, "pipeline": 1, "expert": 4, "tensor": 2}, mesh.shape
     # Two meshes over disjoint devices (prefill / decode).
     decode = make_mesh(tensor=4, devices=jax.devices()[4:])
     assert sorted(d.id for d in decode.devices.flat) == [4, 5, 6, 7]
@@ -238,7 +243,8 @@ def check_paged_forward():
 
 
 CHECKS = [check_meshes, check_float_leaves, check_int4_leaves, check_divisibility_error, check_float_forward,
-          check_int4_forward, check_kv_allocate, check_paged_forward]
+          check_int4_forward, check_kv_allocate, check_paged_forward, placement_checks.check_per_shard_loading,
+          *engine_checks.CHECKS]
 
 
 def main() -> int:
@@ -246,7 +252,8 @@ def main() -> int:
         print(f"FAIL setup: expected 8 devices, got {jax.devices()}")
         return 1
     failed = 0
-    for check in CHECKS:
+    # `--slow`: only the layouts kept for `-m slow` runs.
+    for check in engine_checks.SLOW_CHECKS if "--slow" in sys.argv else CHECKS:
         try:
             check()
         except Exception:  # noqa: BLE001 - every failure is reported with its traceback

@@ -1,8 +1,9 @@
 """Meshes and the logical-axis rules: one device in this process, 8 in a subprocess.
 
 The pytest process has already started jax with one CPU device, so the multi-device
-checks live in eight_devices.py, run once per session with 8 fake CPU devices; each
-`test_eight_devices[...]` reads the line its check printed.
+checks live in eight_devices.py, run once by `test_eight_devices` with 8 fake CPU
+devices; every check prints a PASS / FAIL line and the test names each one that failed
+or did not run.
 """
 from __future__ import annotations
 
@@ -25,15 +26,19 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIG = ModelConfig(family="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
                      num_heads=4, num_kv_heads=4, head_dim=16, max_position_embeddings=128)
 EIGHT_DEVICE_CHECKS = ["check_meshes", "check_float_leaves", "check_int4_leaves", "check_divisibility_error",
-                       "check_float_forward", "check_int4_forward", "check_kv_allocate", "check_paged_forward"]
+                       "check_float_forward", "check_int4_forward", "check_kv_allocate", "check_paged_forward",
+                       "check_per_shard_loading", "check_llama_tensor_parallel",
+                       "check_memory_per_device_agrees_with_the_planner", "check_moe_expert_parallel",
+                       "check_int4_and_shared_prefix_under_tensor_parallel", "check_sizes_are_refused_before_loading"]
+SLOW_EIGHT_DEVICE_CHECKS = ["check_pallas_attention_per_shard", "check_moe_more_layouts"]
 
 
 def test_one_device_mesh():
     mesh = make_mesh()
-    assert mesh.axis_names == MESH_AXES and dict(mesh.shape) == {"data": 1, "tensor": 1, "expert": 1}
+    assert mesh.axis_names == MESH_AXES and dict(mesh.shape) == {"data": 1, "pipeline": 1, "expert": 1, "tensor": 1}
     assert list(mesh.devices.flat) == [jax.devices()[0]]
     if hasattr(jax.sharding, "AxisType"):
-        assert tuple(mesh.axis_types) == (jax.sharding.AxisType.Auto,) * 3
+        assert tuple(mesh.axis_types) == (jax.sharding.AxisType.Auto,) * 4
     assert mesh_size(mesh, "tensor") == 1 and mesh_size(mesh, "pipeline") == 1
     # Auto axes: with_sharding_constraint works in a jitted function.
     out = jax.jit(lambda x: jax.lax.with_sharding_constraint(x + 1, named_sharding(mesh, ("embed", "mlp"))))(
@@ -43,7 +48,7 @@ def test_one_device_mesh():
 
 @pytest.mark.parametrize("sizes, field", [
     (dict(tensor=0), "tensor"), (dict(data=-1), "data"), (dict(expert=1.5), "expert"), (dict(tensor=True), "tensor"),
-    (dict(data=2), "data \\* tensor \\* expert"),
+    (dict(data=2), "data \\* pipeline \\* expert \\* tensor"), (dict(pipeline=0), "pipeline"),
 ])
 def test_make_mesh_errors(sizes, field):
     with pytest.raises(ValueError, match=field):
@@ -58,7 +63,8 @@ def test_named_sharding_and_rules():
     assert named_sharding(mesh, (None, "vocab")).spec == P(None, "tensor")
     # A mesh axis is used by one dim only; an axis the mesh lacks is dropped.
     assert named_sharding(mesh, ("heads", "mlp")).spec == P("tensor", None)
-    assert named_sharding(mesh, ("embed",), rules=(("embed", "pipeline"),)).spec == P(None)
+    assert named_sharding(mesh, ("embed",), rules=(("embed", "pipeline"),)).spec == P("pipeline")
+    assert named_sharding(mesh, ("embed",), rules=(("embed", "sequence"),)).spec == P(None)
     assert named_sharding(mesh, ("embed",), rules=(("embed", ("data", "tensor")),)).spec == P(("data", "tensor"))
     assert kv_cache_sharding(mesh).spec == P(None, None, "tensor", None)
     assert replicated(mesh).spec == P() and isinstance(replicated(mesh), NamedSharding)
@@ -112,12 +118,11 @@ def test_shape_errors_name_the_parameter():
     assert param_shardings(make_mesh(), tree, odd)["dense"]["kernel"].spec == P(None, "tensor")
 
 
-@pytest.fixture(scope="module")
-def eight_device_report():
+def _run_eight_devices(*args):
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip())
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "eight_devices.py")], env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "eight_devices.py"), *args], env=env,
+                          capture_output=True, text=True, timeout=900)
     lines = {}
     for line in proc.stdout.splitlines():
         if line.startswith(("PASS ", "FAIL ")):
@@ -126,14 +131,20 @@ def eight_device_report():
     return proc, lines
 
 
-@pytest.mark.parametrize("check", EIGHT_DEVICE_CHECKS)
-def test_eight_devices(eight_device_report, check):
-    proc, lines = eight_device_report
+@pytest.mark.slow
+def test_more_layouts_on_eight_devices():
+    proc, lines = _run_eight_devices("--slow")
+    assert sorted(lines) == sorted(SLOW_EIGHT_DEVICE_CHECKS), proc.stdout + proc.stderr[-4000:]
+    assert all(line.startswith("PASS") for line in lines.values()), proc.stdout + proc.stderr[-4000:]
+
+
+def test_eight_devices():
+    # One test, one subprocess: a parametrized test over a module fixture would start
+    # the subprocess once per pytest-xdist worker (2 minutes of CPU each, cold).
+    proc, lines = _run_eight_devices()
     detail = f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
-    assert check in lines, f"{check} did not run (rc {proc.returncode})\n{detail}"
-    assert lines[check].startswith("PASS"), detail
-
-
-def test_eight_device_checks_all_listed(eight_device_report):
-    _, lines = eight_device_report
-    assert sorted(lines) == sorted(EIGHT_DEVICE_CHECKS)
+    missing = sorted(set(EIGHT_DEVICE_CHECKS) - set(lines))
+    assert not missing, f"did not run (rc {proc.returncode}): {missing}\n{detail}"
+    assert sorted(lines) == sorted(EIGHT_DEVICE_CHECKS), detail  # every check is listed
+    failed = [line for line in lines.values() if not line.startswith("PASS")]
+    assert not failed, "\n".join(failed) + "\n" + detail
