@@ -289,6 +289,8 @@ class Engine:
             "max_model_len": self.max_model_len,
             **self._device_info,
             **_router_metrics(getattr(self.runner, "expert_token_counts", None)),
+            # A pipelined runner's figures (pipeline_bubble_fraction, ...); none otherwise.
+            **(self.runner.pipeline_metrics() if hasattr(self.runner, "pipeline_metrics") else {}),
         }
 
 

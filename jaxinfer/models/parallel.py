@@ -1,5 +1,6 @@
-"""What a model needs to run over a tensor / expert parallel mesh: the size checks, the
-padded vocabulary, the replicated KV heads, and the parameter expansion for both.
+"""What a model needs to run over a tensor / expert / pipeline parallel mesh: the size
+checks, the padded vocabulary, the replicated KV heads, and the parameter expansion for
+both (the pipeline's split of layers into stages is jaxinfer.models.pipeline).
 
 Path: session -> **check_parallel_sizes** (before any weight is read) -> checkpoint
 (lazy or loaded) -> **expand_params** -> sharding.placement.place -> runner, which
@@ -83,11 +84,8 @@ def check_parallel_sizes(config: ModelConfig, tensor_parallel_size: int = 1, exp
     elif ep > 1:
         errors.append(f"expert_parallel_size: {ep} needs a mixture-of-experts model; this {config.family} "
                       f"model has no experts")
-    if pp > 1:
-        if config.num_layers % pp:
-            errors.append(f"pipeline_parallel_size: {pp} does not divide num_layers {config.num_layers}")
-        else:
-            errors.append(f"pipeline_parallel_size: {pp}: pipeline parallelism is not built yet; use 1")
+    if pp > 1 and config.num_layers % pp:  # layer i lives on stage i // (L / pp): stages hold equal layers
+        errors.append(f"pipeline_parallel_size: {pp} does not divide num_layers {config.num_layers}")
     if int4_group_size and tp > 1:
         for name, width in (("hidden of o_proj", config.num_heads * config.head_dim),
                             ("intermediate_size of down_proj", config.intermediate_size if dense else 0)):

@@ -28,7 +28,8 @@ from jaxinfer.pallas.attention import AttentionMetadata, PrefixRows, attention
 from jaxinfer.sharding import rules
 from jaxinfer.sharding.mesh import shard_map
 
-__all__ = ["AttentionMetadata", "PrefixRows", "Transformer", "embed", "init_params", "logical_axes", "param_shapes"]
+__all__ = ["AttentionMetadata", "DecoderLayer", "PrefixRows", "Transformer", "embed", "embedding_param", "final_logits",
+           "init_params", "logical_axes", "param_shapes"]
 
 
 class Attention(nn.Module):
@@ -164,9 +165,7 @@ class Transformer(nn.Module):
           (logits [T or S, V] float32, new kv_caches or None).
         """
         cfg = self.config
-        embedding = self.param("embed_tokens", nn.with_logical_partitioning(
-            nn.initializers.normal(stddev=self.init_std), ("vocab", "embed")),
-            (cfg.vocab_size, cfg.hidden_size), self.param_dtype)
+        embedding = embedding_param(self, cfg)  # [V, D]
         x = embed(cfg, embedding, tokens, self.dtype)  # [T, D]
 
         new_caches = []
@@ -177,17 +176,47 @@ class Transformer(nn.Module):
                                     mesh=self.mesh, name=f"layers_{i}")(x, positions, cache, metadata)
             new_caches.append(cache)
 
-        x = RMSNorm(cfg.rms_norm_eps, cfg.norm_weight_offset, self.dtype, self.param_dtype, name="norm")(x)
-        if logits_indices is not None:
-            x = x[logits_indices]  # [S, D]
-        if cfg.tie_word_embeddings:
-            logits = jnp.dot(x, embedding.astype(self.dtype).T, preferred_element_type=jnp.float32)
-        else:
-            head_quant = self.quant if self.quant is not None and self.quant.quantize_lm_head else None
-            logits = Linear(cfg.vocab_size, use_bias=False, axes=("embed", "vocab"), dtype=self.dtype,
-                            param_dtype=self.param_dtype, init_std=self.init_std, quant=head_quant,
-                            mesh=self.mesh, name="lm_head")(x)
-        return logits.astype(jnp.float32), (None if kv_caches is None else tuple(new_caches))
+        logits = final_logits(self, cfg, x, embedding, logits_indices)
+        return logits, (None if kv_caches is None else tuple(new_caches))
+
+
+def embedding_param(module: nn.Module, config: ModelConfig) -> jax.Array:
+    """The "embed_tokens" [V, D] parameter of `module` (Transformer or a pipeline stage).
+
+    Call it inside the module's compact `__call__`; it reads the module's `init_std`
+    and `param_dtype`.
+    """
+    return module.param("embed_tokens", nn.with_logical_partitioning(
+        nn.initializers.normal(stddev=module.init_std), ("vocab", "embed")),
+        (config.vocab_size, config.hidden_size), module.param_dtype)
+
+
+def final_logits(module: nn.Module, config: ModelConfig, x: jax.Array, embedding: Optional[jax.Array],
+                 logits_indices: Optional[jax.Array]) -> jax.Array:
+    """Final norm, then the LM head (the embedding when tied): [T or S, V] float32.
+
+    Call it inside the compact `__call__` of `module` (Transformer or the last pipeline
+    stage): the "norm" and "lm_head" submodules it creates become the caller's, with
+    the caller's dtype, param_dtype, init_std, quant and mesh.
+
+    Args:
+      module: the calling module.
+      config: the model shape.
+      x: [T, D] residual stream after the last decoder layer.
+      embedding: [V, D] the embedding table (read when the embeddings are tied).
+      logits_indices: optional [S] rows to compute logits for; None = every token.
+    """
+    x = RMSNorm(config.rms_norm_eps, config.norm_weight_offset, module.dtype, module.param_dtype, name="norm")(x)
+    if logits_indices is not None:
+        x = x[logits_indices]  # [S, D]
+    if config.tie_word_embeddings:
+        logits = jnp.dot(x, embedding.astype(module.dtype).T, preferred_element_type=jnp.float32)
+    else:
+        head_quant = module.quant if module.quant is not None and module.quant.quantize_lm_head else None
+        logits = Linear(config.vocab_size, use_bias=False, axes=("embed", "vocab"), dtype=module.dtype,
+                        param_dtype=module.param_dtype, init_std=module.init_std, quant=head_quant,
+                        mesh=module.mesh, name="lm_head")(x)
+    return logits.astype(jnp.float32)
 
 
 def embed(config: ModelConfig, embedding: jax.Array, tokens: jax.Array, dtype) -> jax.Array:

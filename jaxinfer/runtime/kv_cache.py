@@ -14,6 +14,8 @@ split, and every "data" / "expert" replica holds the whole pool.
 Sizes are per device: `max_kv_cache_bytes` is what ONE device may spend on KV pages,
 so a tensor-parallel mesh holds more pages in the same budget, and the two pools of a
 disaggregated engine (prefill mesh, decode mesh) are sized each on its own devices.
+A pipeline stage's devices hold only its L / pp layers' pages (`num_layers=`), so a
+pipeline of pp stages holds pp times the pages of one stage's budget for all L layers.
 """
 from __future__ import annotations
 
@@ -84,8 +86,9 @@ def kv_heads_per_device(num_kv_heads: int, mesh: Optional[Mesh] = None) -> int:
     return num_kv_heads // math.prod(mesh_size(mesh, a) for a in axes)
 
 
-def bytes_per_page(model_config: ModelConfig, page_size: int, dtype, mesh: Optional[Mesh] = None) -> int:
-    """Bytes ONE device holds for one page: every layer, K and V.
+def bytes_per_page(model_config: ModelConfig, page_size: int, dtype, mesh: Optional[Mesh] = None, *,
+                   num_layers: Optional[int] = None) -> int:
+    """Bytes ONE device holds for one page: every layer it holds, K and V.
 
     Args:
       model_config: the model (layers, KV heads, head dim).
@@ -93,6 +96,7 @@ def bytes_per_page(model_config: ModelConfig, page_size: int, dtype, mesh: Optio
       dtype: cache dtype (name or dtype).
       mesh: the runner's mesh; None = one device. KV heads are split over its "tensor"
         axis when that divides them, else replicated (each device holds all of them).
+      num_layers: layers one device holds (a pipeline stage's L / pp); None = all.
     Returns:
       2 * L * (K per device) * H * itemsize * num_layers.
     """
@@ -100,7 +104,8 @@ def bytes_per_page(model_config: ModelConfig, page_size: int, dtype, mesh: Optio
         raise ValueError(f"page_size: must be an int >= 1, got {page_size!r}")
     itemsize = _to_dtype(dtype).itemsize
     heads = kv_heads_per_device(model_config.num_kv_heads, mesh)
-    return 2 * page_size * heads * model_config.head_dim * itemsize * model_config.num_layers
+    layers = model_config.num_layers if num_layers is None else num_layers
+    return 2 * page_size * heads * model_config.head_dim * itemsize * layers
 
 
 def free_device_bytes(devices: Sequence[Any]) -> Optional[int]:
@@ -117,7 +122,7 @@ def free_device_bytes(devices: Sequence[Any]) -> Optional[int]:
 
 
 def num_pages_for(model_config: ModelConfig, engine_config: EngineConfig, *, dtype, max_model_len: int,
-                  mesh: Optional[Mesh] = None) -> int:
+                  mesh: Optional[Mesh] = None, num_layers: Optional[int] = None) -> int:
     """Pages in the pool: `engine_config.num_pages`, or as many as the budget allows.
 
     Without `num_pages`: min(max_kv_cache_bytes // bytes_per_page, ceil(max_model_len /
@@ -132,6 +137,7 @@ def num_pages_for(model_config: ModelConfig, engine_config: EngineConfig, *, dty
       dtype: cache dtype (name or dtype).
       max_model_len: longest sequence (prompt + output) in tokens.
       mesh: the runner's mesh; None = the default device (`jax.devices()[0]`).
+      num_layers: layers one device holds (a pipeline stage's L / pp); None = all.
     Returns:
       The number of pages, >= 1.
     """
@@ -140,7 +146,7 @@ def num_pages_for(model_config: ModelConfig, engine_config: EngineConfig, *, dty
     if not isinstance(max_model_len, int) or isinstance(max_model_len, bool) or max_model_len < 1:
         raise ValueError(f"max_model_len: must be an int >= 1, got {max_model_len!r}")
     page_size = engine_config.page_size
-    page_bytes = bytes_per_page(model_config, page_size, dtype, mesh)
+    page_bytes = bytes_per_page(model_config, page_size, dtype, mesh, num_layers=num_layers)
     pages_per_seq = -(-max_model_len // page_size)
     num_pages = min(engine_config.max_kv_cache_bytes // page_bytes, pages_per_seq * engine_config.max_num_seqs)
     devices = [jax.devices()[0]] if mesh is None else list(mesh.devices.flat)

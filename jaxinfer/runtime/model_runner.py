@@ -18,6 +18,9 @@ names through the rules table of jaxinfer.sharding.rules; the KV pages get
 replicated, and logits are cut back to the real vocabulary inside the step. The jit is
 built with these explicit in/out shardings on one device too, so a bigger mesh changes
 sizes, not code. Attention and MoE experts run per shard (shard_map) inside the model.
+A mesh whose pipeline axis is > 1 is not run here: `from_config` returns a
+runtime/pipeline_runner.PipelineRunner, which runs this module's step pieces
+(step_metadata, logits_of_step, sample_rows) once per stage.
 
 Router statistics (MoE models): each step also returns, per MoE layer, the tokens
 routed to each expert (padding tokens excluded); the runner sums them over the run.
@@ -76,6 +79,9 @@ class ModelRunner:
         self.mesh = mesh if mesh is not None else mesh_lib.make_mesh()
         self.batch_config = BatchConfig(page_size=page_size, num_pages=num_pages, vocab_size=config.vocab_size,
                                         max_positions=config.max_position_embeddings)
+        if mesh_lib.mesh_size(self.mesh, "pipeline") > 1:
+            raise ValueError(f"mesh: pipeline axis of {mesh_lib.mesh_size(self.mesh, 'pipeline')}: ModelRunner runs "
+                             f"one stage; use ModelRunner.from_config or runtime.pipeline_runner.PipelineRunner")
         tp = mesh_lib.mesh_size(self.mesh, "tensor")
         parallel.check_parallel_sizes(config, tp, mesh_lib.mesh_size(self.mesh, "expert"),
                                       mesh_lib.mesh_size(self.mesh, "pipeline"))
@@ -116,8 +122,15 @@ class ModelRunner:
     @classmethod
     def from_config(cls, config: ModelConfig, params, engine_config: EngineConfig, *, dtype, max_model_len: int,
                     mesh: Optional[Mesh] = None) -> "ModelRunner":
-        """A runner whose page pool is sized by kv_cache.num_pages_for (EngineConfig, device memory)."""
+        """A runner whose page pool is sized by kv_cache.num_pages_for (EngineConfig, device memory).
+
+        A mesh with a pipeline axis > 1 gets a runtime.pipeline_runner.PipelineRunner
+        (same interface: execute, num_pages, page_size, device_info, ...)."""
         mesh = mesh if mesh is not None else mesh_lib.make_mesh()
+        if mesh_lib.mesh_size(mesh, "pipeline") > 1:
+            from jaxinfer.runtime.pipeline_runner import PipelineRunner  # it imports this module
+            return PipelineRunner.from_config(config, params, engine_config, dtype=dtype,
+                                              max_model_len=max_model_len, mesh=mesh)
         # Pages are sized by the heads each device really holds (K' / tp, see parallel).
         mesh_config = parallel.mesh_model_config(config, mesh_lib.mesh_size(mesh, "tensor"))
         num_pages = kv_cache.num_pages_for(mesh_config, engine_config, dtype=dtype, max_model_len=max_model_len,
@@ -176,29 +189,65 @@ def _step_fn(model: Transformer, vocab_size: int, moe_layers: tuple, params, kv_
 
     Logits are cut to the real `vocab_size` (the mesh model's may be padded) before
     anything reads them, so a padded id is never sampled or counted."""
+    metadata = step_metadata(batch)
+    apply = stage_apply(model, params, moe_layers)
+    logits, prompt_lp, kv_caches, state = logits_of_step(apply, batch, vocab_size, batch.tokens, kv_caches, metadata)
+    counts = stage_expert_counts(state, moe_layers, model.config.num_experts, kv_caches, batch)
+    return (*sample_rows(logits, batch), prompt_lp, counts), kv_caches
+
+
+def step_metadata(batch: DeviceBatch) -> AttentionMetadata:
+    """The AttentionMetadata of a step's DeviceBatch (inside the jitted step)."""
     prefix = None if batch.prefix is None else PrefixRows(*batch.prefix)
-    metadata = AttentionMetadata(slot_mapping=batch.slot_mapping, cu_q_lens=batch.cu_q_lens, kv_lens=batch.kv_lens,
-                                 page_tables=batch.page_tables, max_q_len=batch.max_q_len,
-                                 num_decode_rows=batch.num_decode_rows, kv_starts=batch.kv_starts, prefix=prefix)
+    return AttentionMetadata(slot_mapping=batch.slot_mapping, cu_q_lens=batch.cu_q_lens, kv_lens=batch.kv_lens,
+                             page_tables=batch.page_tables, max_q_len=batch.max_q_len,
+                             num_decode_rows=batch.num_decode_rows, kv_starts=batch.kv_starts, prefix=prefix)
+
+
+def stage_apply(model, params, moe_layers: tuple):
+    """`model.apply` bound to `params`, returning (outputs, state); state holds the MoE
+    layers' sown intermediates (None for a model, or pipeline stage, without MoE layers)."""
     variables = {"params": params}
-    apply = functools.partial(model.apply, variables, mutable=["intermediates"]) if moe_layers else \
-        functools.partial(_apply_stateless, model, variables)
+    if moe_layers:
+        return functools.partial(model.apply, variables, mutable=["intermediates"])
+    return functools.partial(_apply_stateless, model, variables)
+
+
+def logits_of_step(apply, batch: DeviceBatch, vocab_size: int, inputs, kv_caches, metadata: AttentionMetadata):
+    """Runs `apply` (a whole model or a last pipeline stage) and cuts its logits to V.
+
+    Returns:
+      (logits [S, V] of the sample rows, prompt log-probs [T] (empty unless
+      all_logits), new kv_caches, the apply's state).
+    """
     if batch.all_logits:
-        (all_rows, kv_caches), state = apply(batch.tokens, batch.positions, kv_caches, metadata)  # [T, V']
+        (all_rows, kv_caches), state = apply(inputs, batch.positions, kv_caches, metadata)  # [T, V']
         all_rows = all_rows[:, :vocab_size]  # [T, V]
         logits = all_rows[batch.logits_indices]  # [S, V]
         log_probs = jax.nn.log_softmax(all_rows, axis=-1)
         prompt_lp = jnp.take_along_axis(log_probs, batch.targets[:, None], axis=-1)[:, 0]  # [T]
     else:
-        (logits, kv_caches), state = apply(batch.tokens, batch.positions, kv_caches, metadata,
+        (logits, kv_caches), state = apply(inputs, batch.positions, kv_caches, metadata,
                                            batch.logits_indices)  # [S, V']
         logits = logits[:, :vocab_size]  # [S, V]
         prompt_lp = jnp.zeros((0,), jnp.float32)
-    if moe_layers:
-        num_slots = kv_caches[0][0].shape[0] * kv_caches[0][0].shape[1]  # P * L: padding tokens' slot
-        counts = _expert_counts(state, moe_layers, model.config.num_experts, batch.slot_mapping < num_slots)
-    else:
-        counts = jnp.zeros((0, 0), jnp.int32)
+    return logits, prompt_lp, kv_caches, state
+
+
+def stage_expert_counts(state, moe_layers: tuple, num_experts: int, kv_caches, batch: DeviceBatch) -> jax.Array:
+    """[M, E] tokens routed to each expert of `moe_layers` in this step ([0, 0] without them)."""
+    if not moe_layers:
+        return jnp.zeros((0, 0), jnp.int32)
+    num_slots = kv_caches[0][0].shape[0] * kv_caches[0][0].shape[1]  # P * L: padding tokens' slot
+    return _expert_counts(state, moe_layers, num_experts, batch.slot_mapping < num_slots)
+
+
+def sample_rows(logits: jax.Array, batch: DeviceBatch) -> tuple:
+    """Penalties, biases, sampling and log-probs of the sample rows' logits [S, V].
+
+    Returns:
+      (sampled [S], logprobs [S], top_ids [S, n], top_logprobs [S, n]).
+    """
     keys = sampler.request_keys(batch.seed_hi, batch.seed_lo, batch.sample_pos)
     # Penalties, then logit biases and bans: traced only when a row of the step has them.
     processed = logits
@@ -209,7 +258,7 @@ def _step_fn(model: Transformer, vocab_size: int, moe_layers: tuple, params, kv_
     sampled, logprobs = sampler.sample(processed, batch.temperature, batch.top_k, batch.top_p, batch.min_p, keys,
                                        all_greedy=batch.all_greedy, raw_logits=logits)
     top_ids, top_lps = sampler.top_logprobs(logits, batch.num_top_logprobs)  # raw distribution
-    return (sampled, logprobs, top_ids, top_lps, prompt_lp, counts), kv_caches
+    return sampled, logprobs, top_ids, top_lps
 
 
 def _apply_stateless(model: Transformer, variables, *args):

@@ -5,7 +5,8 @@ one CPU device, so test_mesh.py runs this file with
 XLA_FLAGS=--xla_force_host_platform_device_count=8. Each check prints one line,
 "PASS <name>" or "FAIL <name>: <traceback>", and the test reads its own line. The
 engine-level checks (tensor / expert parallel sessions against HF) are in
-engine_checks.py, per-shard checkpoint loading in placement_checks.py.
+engine_checks.py, pipeline-parallel sessions in pipeline_checks.py, per-shard
+checkpoint loading in placement_checks.py.
 
 Model: a tiny Llama (vocab 256, hidden 64, ffn 128, 2 layers, 4 heads, 4 kv heads,
 head dim 16), float and int4 (group size 32).
@@ -28,6 +29,7 @@ from jaxinfer.runtime import kv_cache
 from jaxinfer.sharding import kv_cache_sharding, make_mesh, param_shardings, replicated
 
 import engine_checks  # noqa: E402 - this folder is on sys.path when run as a script
+import pipeline_checks  # noqa: E402
 import placement_checks  # noqa: E402
 
 CONFIG = ModelConfig(family="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
@@ -244,7 +246,8 @@ def check_paged_forward():
 
 CHECKS = [check_meshes, check_float_leaves, check_int4_leaves, check_divisibility_error, check_float_forward,
           check_int4_forward, check_kv_allocate, check_paged_forward, placement_checks.check_per_shard_loading,
-          *engine_checks.CHECKS]
+          *engine_checks.CHECKS, *pipeline_checks.CHECKS]
+SLOW_CHECKS = [*engine_checks.SLOW_CHECKS, *pipeline_checks.SLOW_CHECKS]
 
 
 def main() -> int:
@@ -253,7 +256,7 @@ def main() -> int:
         return 1
     failed = 0
     # `--slow`: only the layouts kept for `-m slow` runs.
-    for check in engine_checks.SLOW_CHECKS if "--slow" in sys.argv else CHECKS:
+    for check in SLOW_CHECKS if "--slow" in sys.argv else CHECKS:
         try:
             check()
         except Exception:  # noqa: BLE001 - every failure is reported with its traceback

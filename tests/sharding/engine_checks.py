@@ -179,7 +179,7 @@ def check_sizes_are_refused_before_loading():
     path, _ = _model("llama")
     cases = [(dict(tensor_parallel_size=3), "tensor_parallel_size: 3 does not divide num_heads 8"),
              (dict(expert_parallel_size=2), "expert_parallel_size: 2 needs a mixture-of-experts model"),
-             (dict(pipeline_parallel_size=2), "pipeline_parallel_size")]
+             (dict(pipeline_parallel_size=4), "pipeline_parallel_size: 4 does not divide num_layers 2")]
     for sizes, message in cases:
         try:
             InferenceSession.from_pretrained(path, engine=EngineConfig(**sizes))

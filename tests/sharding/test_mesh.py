@@ -29,8 +29,10 @@ EIGHT_DEVICE_CHECKS = ["check_meshes", "check_float_leaves", "check_int4_leaves"
                        "check_float_forward", "check_int4_forward", "check_kv_allocate", "check_paged_forward",
                        "check_per_shard_loading", "check_llama_tensor_parallel",
                        "check_memory_per_device_agrees_with_the_planner", "check_moe_expert_parallel",
-                       "check_int4_and_shared_prefix_under_tensor_parallel", "check_sizes_are_refused_before_loading"]
-SLOW_EIGHT_DEVICE_CHECKS = ["check_pallas_attention_per_shard", "check_moe_more_layouts"]
+                       "check_int4_and_shared_prefix_under_tensor_parallel", "check_sizes_are_refused_before_loading",
+                       "check_qwen3_pipeline_parallel", "check_pipeline_sizes_refused"]
+SLOW_EIGHT_DEVICE_CHECKS = ["check_pallas_attention_per_shard", "check_moe_more_layouts", "check_pipeline_more_layouts",
+                            "check_moe_pipeline_parallel"]
 
 
 def test_one_device_mesh():
