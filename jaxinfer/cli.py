@@ -4,6 +4,7 @@
     jaxinfer generate --prompt "def fib(n):" --quantization int4 [--quant_group_size 128]
     jaxinfer generate --prompt "def fib(n):" --tensor_parallel_size 4 [--expert_parallel_size 2]
     jaxinfer serve [--model PATH|NAME] [--host 127.0.0.1] [--port 8000] [--grpc_port 9000] [--api_key K]
+    jaxinfer generate ... --tensor_parallel_size 16 --coordinator_address HOST0:PORT --num_processes 2 --process_id I
 
 `generate` streams the completion to stdout, then prints a one-line summary: prompt
 tokens, generated tokens, time to first token and decode tokens/s. `serve` starts the
@@ -11,9 +12,16 @@ OpenAI-compatible HTTP API and the gRPC services (jaxinfer/serving/server.py) an
 prints their addresses once the warm-up is done; SIGTERM drains and exits 0. Without
 --model the bundled default model is used. Sampling flags left out take the model
 folder's generation_config.json values; both commands take the engine flags.
+
+Several processes (docs/multiprocess.md): the same command runs on every host with its
+own --process_id; jax.distributed joins them (before jax touches a device) into one
+engine over all their devices. Process 0 runs the engine and prints; the others follow
+its steps silently and exit 0 when it is done. A failure there (e.g. a lost process)
+prints one error line and exits 1 at once, without jax's exit barrier.
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -64,6 +72,16 @@ _EXPERT_PARALLEL_SIZE = flags.DEFINE_integer("expert_parallel_size", 1, "Devices
 _PIPELINE_PARALLEL_SIZE = flags.DEFINE_integer("pipeline_parallel_size", 1, "Pipeline stages (layers split "
                                               "over devices).")
 
+# Several processes (generate and serve).
+_COORDINATOR_ADDRESS = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 for a multi-process engine (jax.distributed); 'auto' "
+    "lets jax detect it (TPU pods, SLURM). Every process runs the same command with its --process_id.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes of a multi-process engine (default 1).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, --num_processes); process 0 "
+                                   "runs the engine and prints.")
+_HEARTBEAT_TIMEOUT_S = flags.DEFINE_integer("heartbeat_timeout_s", 100, "Multi-process: seconds without a heartbeat "
+                                            "after which a process counts as dead and jax ends the others.")
+
 # Server flags (serve).
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to bind (serve).")
 _PORT = flags.DEFINE_integer("port", 8000, "HTTP port: the OpenAI-compatible API (serve).")
@@ -107,14 +125,47 @@ def _engine_config():
                         pipeline_parallel_size=_PIPELINE_PARALLEL_SIZE.value)
 
 
+_LOADED = []  # a session was built in this process (the job's processes exit together after that)
+
+
 def _load_session():
     from jaxinfer.session import InferenceSession
     quant_config = None
     if _QUANTIZATION.value is not None:
         from jaxinfer.quant import QuantConfig
         quant_config = QuantConfig(group_size=_QUANT_GROUP_SIZE.value)
-    return InferenceSession.from_pretrained(_MODEL.value, dtype=_DTYPE.value, quantization=_QUANTIZATION.value,
-                                            quantization_config=quant_config, engine=_engine_config())
+    session = InferenceSession.from_pretrained(_MODEL.value, dtype=_DTYPE.value, quantization=_QUANTIZATION.value,
+                                               quantization_config=quant_config, engine=_engine_config())
+    _LOADED.append(True)
+    return session
+
+
+def _start_processes() -> bool:
+    """Joins the multi-process job when the flags ask for one; True in a follower process.
+
+    jax.distributed must start before jax touches a device: nothing before this did.
+    In a job, native prints (gloo's connection lines) go to stderr so that stdout holds
+    the completion only, and a follower's Python stdout is dropped.
+    """
+    from jaxinfer.sharding import distributed
+    if not distributed.initialize(_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                  heartbeat_timeout_s=_HEARTBEAT_TIMEOUT_S.value):
+        return False
+    if not distributed.is_multiprocess():
+        return False
+    sys.stdout.flush()
+    real_stdout = os.dup(1)
+    os.dup2(2, 1)
+    leader = distributed.process_index() == 0
+    sys.stdout = os.fdopen(real_stdout, "w", closefd=True) if leader else open(os.devnull, "w")
+    return not leader
+
+
+def _follow() -> int:
+    """A follower process: builds the same session, runs process 0's steps until it is done."""
+    session = _load_session()
+    session.run_follower()
+    return 0
 
 
 def generate() -> int:
@@ -123,6 +174,8 @@ def generate() -> int:
     if _STOP.value and any(not s for s in _STOP.value):
         raise app.UsageError("stop: entries must be non-empty strings")
     _engine_config()  # flag errors before the (slow) load
+    if _start_processes():
+        return _follow()
     load_start = time.perf_counter()
     session = _load_session()
     load_seconds = time.perf_counter() - load_start
@@ -185,6 +238,8 @@ def serve() -> int:
     listen = Listen(host=_HOST.value, port=_PORT.value, grpc_port=None if _GRPC_PORT.value < 0 else _GRPC_PORT.value,
                     tls_cert=_TLS_CERT.value, tls_key=_TLS_KEY.value)
     _engine_config()  # flag errors before the (slow) load
+    if _start_processes():
+        return _follow()
     start = time.perf_counter()
     session = _load_session()
     logger.info("loaded %s in %.2f s (%.2f MB of weights)", _MODEL.value, time.perf_counter() - start,
@@ -206,10 +261,36 @@ def main(argv):
     if len(argv) > 2:
         raise app.UsageError(f"unexpected arguments: {argv[2:]}")
     try:
-        return generate() if argv[1] == "generate" else serve()
+        code = generate() if argv[1] == "generate" else serve()
     except (ValueError, FileNotFoundError) as e:
+        if _COORDINATOR_ADDRESS.value is not None and not _LOADED:  # the others may wait for this process
+            _leave_job(f"jaxinfer: error: {_job_name()}: {e}", 2)
         print(f"jaxinfer: error: {e}", file=sys.stderr)
-        return 2
+        code = 2
+    except app.UsageError:
+        raise
+    except Exception as e:  # noqa: BLE001 - in a job: report and leave without jax's exit barrier
+        if _COORDINATOR_ADDRESS.value is None:
+            raise
+        _leave_job(f"jaxinfer: error: {_job_name()}: {type(e).__name__}: {e}", 1)
+    sys.stdout.flush()
+    return code
+
+
+def _job_name() -> str:
+    from jaxinfer.sharding import distributed
+    if distributed.is_initialized():
+        import jax
+        return f"process {jax.process_index()} of {jax.process_count()}"
+    return f"process {_PROCESS_ID.value} of {_NUM_PROCESSES.value}"
+
+
+def _leave_job(message: str, code: int) -> None:
+    """Prints `message`, then ends the process now: jax's exit barrier would wait for the
+    lost process (up to its shutdown timeout) and then abort."""
+    print(message, file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(code)
 
 
 def _adopt_flags_for_help() -> None:

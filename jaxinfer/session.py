@@ -13,6 +13,11 @@ validates every prompt and parameter before any of them is queued (so a bad prom
 never disturbs the others). `generate` and `stream` are clients of the loop thread:
 any number of threads (or asyncio tasks, `agenerate` / `astream`) may call them at once.
 
+Several processes (jax.distributed, docs/multiprocess.md): every process builds the
+same session over the global mesh; process 0 runs the engine and its runner sends each
+step to the others (runtime/step_broadcast.py), which call `run_follower()` and take
+no requests. Closing process 0's session stops them.
+
 Design note: the session always goes through the loop thread, also for a single
 caller, rather than stepping the engine inline when no other thread is active. One
 path means one set of races to reason about (none: only the loop thread touches the
@@ -22,6 +27,7 @@ scripts/benchmark_latency.py (see BUILD.md).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Optional, Sequence, Union
@@ -34,8 +40,9 @@ from jaxinfer.engine.engine import Engine
 from jaxinfer.engine.validation import NewRequest, resolve_max_model_len
 from jaxinfer.models import checkpoint, lazy_checkpoint, parallel, registry
 from jaxinfer.models.tokenizer import load_tokenizer
-from jaxinfer.runtime import compile_cache
+from jaxinfer.runtime import compile_cache, step_broadcast
 from jaxinfer.runtime.model_runner import ModelRunner
+from jaxinfer.sharding import distributed
 from jaxinfer.sharding.mesh import mesh_for_engine
 from jaxinfer.types import RequestOutput
 
@@ -66,8 +73,33 @@ class InferenceSession:
                                       engine.pipeline_parallel_size)
         mesh = mesh_for_engine(engine.tensor_parallel_size, engine.expert_parallel_size,
                                engine.pipeline_parallel_size)
+        multiprocess = distributed.is_multiprocess()
+        if multiprocess:  # every process must build the same runner: same pages, same settings
+            if engine.pipeline_parallel_size > 1:  # its stages move activations with device_put: local only
+                raise ValueError(f"pipeline_parallel_size: {engine.pipeline_parallel_size} > 1 is not supported "
+                                 f"over several processes yet; use tensor / expert parallelism")
+            distributed.check_mesh_spans_processes(mesh)
+            num_pages = step_broadcast.agreed_num_pages(
+                parallel.mesh_model_config(model_config, engine.tensor_parallel_size), engine, dtype=dtype,
+                max_model_len=max_model_len, mesh=mesh)
+            engine = dataclasses.replace(engine, num_pages=num_pages)
+            step_broadcast.check_same_setup(
+                {**{f"model.{k}": v for k, v in dataclasses.asdict(model_config).items()},
+                 **{f"engine.{k}": v for k, v in dataclasses.asdict(engine).items() if k != "compilation_cache_dir"},
+                 "dtype": str(dtype)})
         runner = ModelRunner.from_config(model_config, params, engine, dtype=dtype, max_model_len=max_model_len,
                                          mesh=mesh)
+        # Several processes: process 0 runs the engine and sends each step; the others
+        # only follow (run_follower) and take no requests.
+        self._follower_runner = None
+        self._channel = distributed.StepChannel() if multiprocess else None
+        if multiprocess and distributed.process_index() != 0:
+            self._follower_runner = runner
+            self.engine = None
+            self.async_engine = None
+            return
+        if multiprocess:
+            runner = step_broadcast.BroadcastingRunner(runner, self._channel)
         eos = tuple(eos_token_ids) or tuple(model_config.eos_token_ids) or (
             tuple(tokenizer.eos_token_ids) if tokenizer is not None else ())
         # Owned by the loop thread of `async_engine` once a request was made: call it
@@ -158,7 +190,18 @@ class InferenceSession:
             return list(self.tokenizer.encode(prompt))
         return prompt  # token ids: validated by the engine with the other fields
 
+    def _leader(self, what: str):
+        """The AsyncEngine; raises on a follower process or a closed multi-process session."""
+        if self.async_engine is None:
+            raise RuntimeError(f"{what}: process {distributed.process_index()} follows process 0's steps "
+                               f"(run_follower); only process 0 takes requests")
+        runner = self.engine.runner
+        if isinstance(runner, step_broadcast.BroadcastingRunner) and runner.closed:
+            raise RuntimeError(f"{what}: the session was closed and the other processes have exited")
+        return self.async_engine
+
     def _add(self, prompts: Sequence[Prompt], params, priority=0, cache_salt=None) -> list:
+        self._leader("generate")
         if isinstance(prompts, str):
             raise ValueError("prompts: expected a list of prompts, got a single string (wrap it in a list)")
         prompts = list(prompts)
@@ -245,8 +288,33 @@ class InferenceSession:
             stream.abort()
 
     def close(self) -> None:
-        """Stops the engine's loop thread (aborting what runs); a later request restarts it."""
+        """Stops the engine's loop thread (aborting what runs); a later request restarts it.
+
+        With several processes (process 0), also tells the followers to stop: the
+        session takes no requests after that.
+        """
+        if self.async_engine is None:
+            return
         self.async_engine.shutdown()
+        if isinstance(self.engine.runner, step_broadcast.BroadcastingRunner):
+            self.engine.runner.close()
+
+    def run_follower(self, idle_timeout_s: Optional[float] = None) -> int:
+        """Processes > 0 of a multi-process job: runs process 0's steps until it closes its session.
+
+        Args:
+          idle_timeout_s: give up after this long without a step (None = while process 0 lives).
+        Returns:
+          The number of steps run.
+        Raises:
+          RuntimeError: called in process 0, or in a single process.
+          TimeoutError / jaxinfer.sharding.distributed.PeerLost: no step in time, or
+            process 0 is gone.
+        """
+        if self._follower_runner is None:
+            raise RuntimeError(f"run_follower: process {distributed.process_index()} runs the engine; only "
+                               f"processes > 0 of a multi-process job follow")
+        return step_broadcast.follow(self._follower_runner, self._channel, idle_timeout_s=idle_timeout_s)
 
     def __enter__(self) -> "InferenceSession":
         return self
@@ -258,13 +326,18 @@ class InferenceSession:
         engine = getattr(self, "async_engine", None)
         if engine is not None:
             engine.shutdown(timeout=5.0)
+            runner = self.engine.runner
+            if isinstance(runner, step_broadcast.BroadcastingRunner):
+                runner.close()
 
     def reset_prefix_cache(self) -> None:
         """Drops every cached prefix page, e.g. between a warm-up and a timed run."""
-        self.async_engine.reset_prefix_cache()
+        self._leader("reset_prefix_cache").reset_prefix_cache()
 
     def metrics(self) -> dict:
         """Engine counters: steps, preemptions, compiles, pages, weight bytes (thread-safe)."""
+        if self.async_engine is None:
+            self._leader("metrics")
         return {**self.async_engine.metrics(), "compilation_cache_dir": self.compilation_cache_dir}
 
 
