@@ -154,12 +154,15 @@ class InferenceSession:
         group = (quantization_config or quant.QuantConfig()).group_size if quantization is not None else None
         parallel.check_parallel_sizes(model_config, engine.tensor_parallel_size, engine.expert_parallel_size,
                                       engine.pipeline_parallel_size, int4_group_size=group)
-        mesh_for_engine(engine.tensor_parallel_size, engine.expert_parallel_size, engine.pipeline_parallel_size)
+        mesh = mesh_for_engine(engine.tensor_parallel_size, engine.expert_parallel_size,
+                               engine.pipeline_parallel_size)
         if not quantized and lazy_checkpoint.is_lazy_loadable(path):
             # Read per device shard by the runner, straight from the safetensors memmap.
             params = lazy_checkpoint.lazy_hf_params(path, model_config, dtype)
         elif quantization is None:
-            model_config, params, _ = checkpoint.load_model(path, dtype)
+            # An int4 (or orbax) folder: on several devices the leaves stay on the host
+            # (numpy over the memmap) and the runner puts each device's shard there.
+            model_config, params, _ = checkpoint.load_model(path, dtype, on_host=mesh.size > 1)
         else:
             # Quantize from float32 weights; the leaves left float are cast to dtype after.
             model_config, params, _ = checkpoint.load_model(path, "float32")

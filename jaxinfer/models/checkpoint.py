@@ -276,7 +276,7 @@ def _check_hf_tensors(tensors: Mapping[str, Any], config: ModelConfig,
 
 def params_from_hf_tensors(tensors: Mapping[str, np.ndarray], config: ModelConfig, dtype,
                            quantization: Optional[CheckpointQuantization] = None,
-                           sources: Optional[Mapping[str, str]] = None) -> dict:
+                           sources: Optional[Mapping[str, str]] = None, on_host: bool = False) -> dict:
     """Maps HF tensors onto the parameter tree, checking names and shapes.
 
     Every float tensor's shape is checked before any parameter is allocated. MoE
@@ -288,11 +288,14 @@ def params_from_hf_tensors(tensors: Mapping[str, np.ndarray], config: ModelConfi
       dtype: dtype of the float parameters (int4 codes, scales and zeros keep theirs).
       quantization: the folder's parsed `quantization_config`, or None for float weights.
       sources: optional HF tensor name -> file it was read from (named in errors).
+      on_host: numpy leaves instead of jax arrays on the default device, so that a
+        multi-device runner places each device's shard without a whole copy on one device.
     Raises:
       ValueError: a tensor is missing, unexpected, or has the wrong shape (named, with
         its file when `sources` has it).
     """
     dtype = resolve_dtype(dtype)
+    put = (lambda value, dt=None: np.asarray(value, dtype=dt)) if on_host else jnp.asarray
     names, shapes, quantized = _check_hf_tensors(tensors, config, quantization, sources)
     native_shapes = None
     if quantization is not None and quantization.fmt is not None:
@@ -312,18 +315,18 @@ def params_from_hf_tensors(tensors: Mapping[str, np.ndarray], config: ModelConfi
         if transpose:
             value = value.T
         if expert is None:
-            set_path(params, path, jnp.asarray(value, dtype=dtype))
+            set_path(params, path, put(value, dtype))
             continue
         if path not in stacked:
             stacked[path] = np.empty(get_path(shapes, path).shape, np.dtype(dtype))
         stacked[path][expert] = value
     for path, value in stacked.items():
-        set_path(params, path, jnp.asarray(value))
+        set_path(params, path, put(value))
     if quantization is not None and quantization.checkpoint_format != quant_format.NATIVE:
         quant_format.finalize_gptq_layers(int4_layers)
     for layer in int4_layers.values():
         for key in [k for k in layer if k != "bias"]:
-            layer[key] = jnp.asarray(layer[key])
+            layer[key] = put(layer[key])
     return params
 
 
@@ -383,7 +386,7 @@ def checkpoint_quantization(hf_config: Mapping[str, Any]) -> Optional[Checkpoint
 
 
 def load_params(path: str, config: ModelConfig, dtype="float32",
-                quantization: Optional[CheckpointQuantization] = None) -> dict:
+                quantization: Optional[CheckpointQuantization] = None, on_host: bool = False) -> dict:
     """Loads the parameters of an HF folder or of a folder converted to orbax.
 
     `quantization` (from `checkpoint_quantization`) says how int4 layers are stored.
@@ -395,17 +398,18 @@ def load_params(path: str, config: ModelConfig, dtype="float32",
         return load_orbax_params(os.path.join(path, ORBAX_DIR), config, dtype,
                                  quantization.fmt if quantization is not None else None)
     tensors, sources = _map_weight_files(path)
-    return params_from_hf_tensors(tensors, config, dtype, quantization, sources)
+    return params_from_hf_tensors(tensors, config, dtype, quantization, sources, on_host)
 
 
-def load_model(path: str, dtype="float32") -> tuple[ModelConfig, dict, dict]:
+def load_model(path: str, dtype="float32", on_host: bool = False) -> tuple[ModelConfig, dict, dict]:
     """Returns (ModelConfig, params, the raw HF config dict) of a model folder.
 
-    A quantized folder (int4 `quantization_config`) gives the int4 parameter tree.
+    A quantized folder (int4 `quantization_config`) gives the int4 parameter tree;
+    `on_host` keeps an HF folder's leaves in numpy (orbax folders restore to the device).
     """
     hf_config = read_hf_config(path)
     config = registry.model_config_from_hf(hf_config)
-    return config, load_params(path, config, dtype, checkpoint_quantization(hf_config)), hf_config
+    return config, load_params(path, config, dtype, checkpoint_quantization(hf_config), on_host), hf_config
 
 
 def save_hf_folder(path: str, params: Mapping[str, Any], config: ModelConfig, hf_config: Mapping[str, Any],

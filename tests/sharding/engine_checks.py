@@ -141,13 +141,24 @@ def check_int4_and_shared_prefix_under_tensor_parallel():
     from jaxinfer import InferenceSession
     from jaxinfer.config import EngineConfig, SamplingParams
     from jaxinfer.quant import QuantConfig
+    import jax
+    from jaxinfer.models import checkpoint
     path, _ = _model("llama")
+    saved = os.path.join(tempfile.mkdtemp(), "int4")  # an int4 folder, loaded at TP 2 with host leaves
     runs = {}
     for tp in (1, 2):
         engine = EngineConfig(page_size=4, num_pages=48, tensor_parallel_size=tp, shared_prefix_min_tokens=4)
         with InferenceSession.from_pretrained(path, quantization="int4", quantization_config=QuantConfig(group_size=16),
                                               engine=engine) as session:
             int4 = [o.token_ids for o in session.generate(PROMPTS, _greedy())]
+            if tp == 1:
+                checkpoint.save_hf_folder(saved, session.engine.runner.params, session.model_config,
+                                          checkpoint.read_hf_config(path))
+        if tp == 2:
+            _, host, _ = checkpoint.load_model(saved, on_host=True)
+            assert all(isinstance(leaf, np.ndarray) for leaf in jax.tree.leaves(host))
+            with InferenceSession.from_pretrained(saved, engine=engine) as session:
+                assert [o.token_ids for o in session.generate(PROMPTS, _greedy())] == int4
         with InferenceSession.from_pretrained(path, engine=engine) as session:
             shared = [1] + list(range(10, 26))
             session.generate([shared], SamplingParams(max_tokens=1, temperature=0.0))  # cache the prefix pages
