@@ -128,7 +128,8 @@ def num_pages_for(model_config: ModelConfig, engine_config: EngineConfig, *, dty
     Without `num_pages`: min(max_kv_cache_bytes // bytes_per_page, ceil(max_model_len /
     page_size) * max_num_seqs), at least 1, with `max_kv_cache_bytes` read as a
     per-device budget. Where the devices report their memory (GPU, TPU), also at most
-    MAX_FREE_MEMORY_FRACTION of the free memory of the mesh's most loaded device: call
+    MAX_FREE_MEMORY_FRACTION of the free memory of the mesh's most loaded device (of
+    this process): call
     it after the parameters are on the devices.
 
     Args:
@@ -149,7 +150,10 @@ def num_pages_for(model_config: ModelConfig, engine_config: EngineConfig, *, dty
     page_bytes = bytes_per_page(model_config, page_size, dtype, mesh, num_layers=num_layers)
     pages_per_seq = -(-max_model_len // page_size)
     num_pages = min(engine_config.max_kv_cache_bytes // page_bytes, pages_per_seq * engine_config.max_num_seqs)
-    devices = [jax.devices()[0]] if mesh is None else list(mesh.devices.flat)
+    # This process's devices only: another process's device cannot be asked (several
+    # processes agree on the smallest pool, runtime/step_broadcast.agreed_num_pages).
+    devices = [jax.devices()[0]] if mesh is None else [
+        d for d in mesh.devices.flat if d.process_index == jax.process_index()]
     free = free_device_bytes(devices)
     if free is not None:
         num_pages = min(num_pages, int(free * MAX_FREE_MEMORY_FRACTION) // page_bytes)

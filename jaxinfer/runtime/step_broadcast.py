@@ -22,11 +22,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import threading
 from typing import Optional
-
-import jax
 
 from jaxinfer.config import EngineConfig, ModelConfig
 from jaxinfer.runtime import kv_cache
@@ -193,10 +190,10 @@ def agreed_num_pages(model_config: ModelConfig, engine_config: EngineConfig, *, 
                      mesh) -> int:
     """The page pool every process can hold: `num_pages`, or min over processes of its budget.
 
-    Each process sizes the pool with kv_cache.num_pages_for's formula (one pipeline
-    stage: the session refuses more over several processes), but from the free memory
-    of its own devices of `mesh` only (a device of another process cannot be asked),
-    then all take the smallest, so every process allocates the same pool.
+    Each process sizes the pool with kv_cache.num_pages_for (one pipeline stage: the
+    session refuses more over several processes), which asks only its own devices of
+    `mesh` for free memory (a device of another process cannot be asked); then all
+    take the smallest, so every process allocates the same pool.
 
     Args:
       model_config: the mesh model config (KV heads as the devices hold them).
@@ -204,17 +201,8 @@ def agreed_num_pages(model_config: ModelConfig, engine_config: EngineConfig, *, 
     Returns:
       The number of pages, >= 1, equal in every process.
     """
-    if engine_config.num_pages is not None:
-        num_pages = engine_config.num_pages
-    else:
-        page_bytes = kv_cache.bytes_per_page(model_config, engine_config.page_size, dtype, mesh)
-        num_pages = min(engine_config.max_kv_cache_bytes // page_bytes,
-                        math.ceil(max_model_len / engine_config.page_size) * engine_config.max_num_seqs)
-        local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
-        free = kv_cache.free_device_bytes(local)
-        if free is not None:
-            num_pages = min(num_pages, int(free * kv_cache.MAX_FREE_MEMORY_FRACTION) // page_bytes)
-        num_pages = max(1, num_pages)
+    num_pages = kv_cache.num_pages_for(model_config, engine_config, dtype=dtype, max_model_len=max_model_len,
+                                       mesh=mesh)
     return min(int(v) for v in distributed.agree("num_pages", str(num_pages)))
 
 
