@@ -69,6 +69,8 @@ _TENSOR_PARALLEL_SIZE = flags.DEFINE_integer("tensor_parallel_size", 1, "Devices
                                             "MLP width and vocabulary (Megatron tensor parallelism).")
 _EXPERT_PARALLEL_SIZE = flags.DEFINE_integer("expert_parallel_size", 1, "Devices that split the experts of "
                                             "mixture-of-experts layers.")
+_PIPELINE_MICROBATCHES = flags.DEFINE_integer("pipeline_microbatches", None, "Pipeline: the most microbatches "
+                                             "a step is cut into (default: the number of stages).")
 _PIPELINE_PARALLEL_SIZE = flags.DEFINE_integer("pipeline_parallel_size", 1, "Pipeline stages (layers split "
                                               "over devices).")
 
@@ -122,7 +124,8 @@ def _engine_config():
                         compilation_cache_dir=_COMPILATION_CACHE_DIR.value,
                         tensor_parallel_size=_TENSOR_PARALLEL_SIZE.value,
                         expert_parallel_size=_EXPERT_PARALLEL_SIZE.value,
-                        pipeline_parallel_size=_PIPELINE_PARALLEL_SIZE.value)
+                        pipeline_parallel_size=_PIPELINE_PARALLEL_SIZE.value,
+                        pipeline_microbatches=_PIPELINE_MICROBATCHES.value)
 
 
 _LOADED = []  # a session was built in this process (the job's processes exit together after that)

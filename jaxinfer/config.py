@@ -341,6 +341,9 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     expert_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    # Pipeline only: the most microbatches a step is cut into (near-equal token counts,
+    # docs/pipeline.md); None = pipeline_parallel_size.
+    pipeline_microbatches: Optional[int] = None
 
     def __post_init__(self):
         _require(self.compilation_cache_dir is None or isinstance(self.compilation_cache_dir, str),
@@ -356,6 +359,9 @@ class EngineConfig:
             value = getattr(self, name)
             _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name,
                      f"must be an int >= 1, got {value!r}")
+        _require(self.pipeline_microbatches is None or (_is_int(self.pipeline_microbatches)
+                                                        and self.pipeline_microbatches >= 1),
+                 "pipeline_microbatches", f"must be None or an int >= 1, got {self.pipeline_microbatches!r}")
         _require(self.num_pages is None or (_is_int(self.num_pages) and self.num_pages >= 1),
                  "num_pages", f"must be None or an int >= 1, got {self.num_pages!r}")
         _require(self.max_model_len is None or (_is_int(self.max_model_len) and self.max_model_len >= 1),

@@ -145,3 +145,16 @@ def test_engine_config_rejects_bools(field):
     from jaxinfer import EngineConfig
     with pytest.raises(ValueError, match=field):
         EngineConfig(**{field: True})
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(tensor_parallel_size=0), "tensor_parallel_size: must be an int >= 1, got 0"),
+    (dict(expert_parallel_size=True), "expert_parallel_size: must be an int >= 1, got True"),
+    (dict(pipeline_parallel_size=1.5), "pipeline_parallel_size: must be an int >= 1, got 1.5"),
+    (dict(pipeline_microbatches=0), "pipeline_microbatches: must be None or an int >= 1, got 0"),
+])
+def test_engine_config_parallel_sizes_are_checked(kwargs, message):
+    from jaxinfer import EngineConfig
+    with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+        EngineConfig(**kwargs)
+    assert EngineConfig(pipeline_microbatches=4).pipeline_microbatches == 4

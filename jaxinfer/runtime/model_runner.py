@@ -130,7 +130,8 @@ class ModelRunner:
         if mesh_lib.mesh_size(mesh, "pipeline") > 1:
             from jaxinfer.runtime.pipeline_runner import PipelineRunner  # it imports this module
             return PipelineRunner.from_config(config, params, engine_config, dtype=dtype,
-                                              max_model_len=max_model_len, mesh=mesh)
+                                              max_model_len=max_model_len, mesh=mesh,
+                                              num_microbatches=engine_config.pipeline_microbatches)
         # Pages are sized by the heads each device really holds (K' / tp, see parallel).
         mesh_config = parallel.mesh_model_config(config, mesh_lib.mesh_size(mesh, "tensor"))
         num_pages = kv_cache.num_pages_for(mesh_config, engine_config, dtype=dtype, max_model_len=max_model_len,

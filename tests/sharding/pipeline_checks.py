@@ -116,6 +116,10 @@ def check_pipeline_sizes_refused():
         assert "pipeline_parallel_size: 3 does not divide num_layers 4" in str(err), str(err)
     else:
         raise AssertionError("pipeline_parallel_size=3 on 4 layers must be refused")
+    # EngineConfig.pipeline_microbatches reaches the runner (construction only, no step).
+    with InferenceSession.from_pretrained(path, engine=EngineConfig(pipeline_parallel_size=2, pipeline_microbatches=3,
+                                                                    num_pages=8)) as session:
+        assert session.engine.runner.num_microbatches == 3
     # The runners check their mesh before placing anything.
     from jaxinfer.runtime.model_runner import ModelRunner
     from jaxinfer.runtime.pipeline_runner import PipelineRunner
