@@ -208,12 +208,17 @@ def _run_job(commands, timeout_s=JOB_TIMEOUT_S, wait_for=None):
                 results.append((status, files[2 * i].read(), files[2 * i + 1].read()))
             return results, seconds
         finally:
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
-            for f in files:
-                f.close()
+            _stop(procs, files)
+
+
+def _stop(procs, files) -> None:
+    """Kills what still runs and closes the output files (every test's `finally`)."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    for f in files:
+        f.close()
 
 
 def _worker_job(model, *extra, wait_for=None):
@@ -329,12 +334,7 @@ def test_serve_over_two_processes_answers_and_drains(text8):
             procs[0].terminate()
             assert [p.wait(timeout=60) for p in procs] == [0, 0], [open(o.name).read()[-2000:] for o in outs]
         finally:
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
-            for f in outs:
-                f.close()
+            _stop(procs, outs)
 
 
 def _ended_by_a_lost_peer(result) -> bool:
