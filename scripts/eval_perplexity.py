@@ -9,6 +9,11 @@ over every predicted token). The computation lives in scripts/stdlib_corpus.py
 (`heldout_token_ids`, `make_windows`, `perplexity`), so tests can score the same
 windows with HF transformers.
 
+With --kv_cache_dtype the windows run through the paged KV cache instead (each window
+one prefill row, K/V written into pages, int8 / fp8 quantized or float, and read back
+by ragged paged attention): `--kv_cache_dtype auto` and `--kv_cache_dtype int8` on the
+same windows measure what quantizing the KV cache costs.
+
 With --quantization the linear layers are quantized to int4 first (jaxinfer.quant:
 round to nearest, or GPTQ calibrated on the built-in calibration text, which takes
 only files of the folder's data_split.json "train" list); the quantized parameters
@@ -18,6 +23,7 @@ Usage:
   python scripts/eval_perplexity.py --model tiny-code
   python scripts/eval_perplexity.py --model /path/to/hf_folder --dtype bfloat16 --max_tokens 20000
   python scripts/eval_perplexity.py --model tiny-code --quantization int4-gptq --quant_group_size 64
+  python scripts/eval_perplexity.py --model tiny-code --kv_cache_dtype int8
 """
 from __future__ import annotations
 
@@ -32,7 +38,8 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from stdlib_corpus import heldout_token_ids, jaxinfer_nll_fn, make_windows, perplexity  # noqa: E402,F401
+from stdlib_corpus import (heldout_token_ids, jaxinfer_nll_fn, jaxinfer_paged_nll_fn, make_windows,  # noqa: E402,F401
+                           perplexity)
 
 _MODEL = flags.DEFINE_string("model", "tiny-code",
                              "Model folder, or the name of a bundled model under jaxinfer/assets/.")
@@ -47,6 +54,10 @@ _QUANTIZATION = flags.DEFINE_enum("quantization", None, ["int4", "int4-gptq"],
 _QUANT_GROUP_SIZE = flags.DEFINE_integer("quant_group_size", 128, "Input rows per int4 scale.")
 _QUANT_SYMMETRIC = flags.DEFINE_bool("quant_symmetric", True, "Symmetric int4 (zero point 8); else min/max.")
 _QUANT_ACT_ORDER = flags.DEFINE_bool("quant_act_order", False, "GPTQ: quantize rows by decreasing Hessian diagonal.")
+_KV_CACHE_DTYPE = flags.DEFINE_enum(
+    "kv_cache_dtype", None, ["auto", "int8", "fp8"],
+    "Score through the paged KV cache, as the engine runs prompts (K/V written to pages and read back by "
+    "paged attention), stored in this format ('auto' = the activation dtype). Unset: a dense batch, no cache.")
 
 
 def resolve_model_dir(name: str) -> str:
@@ -72,11 +83,13 @@ def quantize_params(model_dir: str, config, params, quantization: str, quant_con
 
 
 def evaluate(model_dir: str, dtype: str = "float32", max_files: int = 0, max_tokens: int = 0,
-             context: int = 256, batch_size: int = 8, quantization=None, quant_config=None) -> dict:
+             context: int = 256, batch_size: int = 8, quantization=None, quant_config=None,
+             kv_cache_dtype=None) -> dict:
     """Held-out perplexity of `model_dir` scored by jaxinfer; the figures of the report.
 
     `quantization` ("int4" / "int4-gptq") with a jaxinfer.quant.QuantConfig scores the
-    int4 model instead.
+    int4 model instead. `kv_cache_dtype` ("auto" / "int8" / "fp8") scores through the
+    paged KV cache in that format instead of a dense batch.
     """
     from jaxinfer.models.checkpoint import load_model
 
@@ -89,7 +102,8 @@ def evaluate(model_dir: str, dtype: str = "float32", max_files: int = 0, max_tok
                          f"({config.max_position_embeddings})")
     docs = heldout_token_ids(model_dir, max_files or None, max_tokens or None)
     windows = make_windows(docs, context)
-    nll_fn = jaxinfer_nll_fn(config, params, dtype)
+    nll_fn = (jaxinfer_nll_fn(config, params, dtype) if kv_cache_dtype is None
+              else jaxinfer_paged_nll_fn(config, params, dtype, kv_cache_dtype))
     perplexity(nll_fn, make_windows([docs[0][:2]], context), batch_size)  # compiles the one batch shape
     start = time.perf_counter()
     result = perplexity(nll_fn, windows, batch_size)
@@ -101,7 +115,8 @@ def evaluate(model_dir: str, dtype: str = "float32", max_files: int = 0, max_tok
         quant_info = {"method": quantization, "group_size": quant_config.group_size,
                       "symmetric": quant_config.symmetric, "act_order": quant_config.act_order,
                       "seconds": quant_seconds}
-    return {"model": os.path.abspath(model_dir), "dtype": dtype, "quantization": quant_info, "files": len(docs),
+    return {"model": os.path.abspath(model_dir), "dtype": dtype, "quantization": quant_info,
+            "kv_cache_dtype": kv_cache_dtype, "files": len(docs),
             "context": context, "batch_size": batch_size, **result,
             "bits_per_token": result["mean_nll"] / 0.6931471805599453, "weight_bytes": weight_bytes,
             "seconds": seconds, "tokens_per_s": result["tokens"] / seconds}
@@ -117,7 +132,7 @@ def main(argv):
         quant_config = QuantConfig(group_size=_QUANT_GROUP_SIZE.value, symmetric=_QUANT_SYMMETRIC.value,
                                    act_order=_QUANT_ACT_ORDER.value)
     result = evaluate(resolve_model_dir(_MODEL.value), _DTYPE.value, _MAX_FILES.value, _MAX_TOKENS.value,
-                      _CONTEXT.value, _BATCH_SIZE.value, _QUANTIZATION.value, quant_config)
+                      _CONTEXT.value, _BATCH_SIZE.value, _QUANTIZATION.value, quant_config, _KV_CACHE_DTYPE.value)
     result["device"] = f"{jax.devices()[0].device_kind} x{jax.device_count()}"
     result["versions"] = {"python": sys.version.split()[0], "jax": jax.__version__}
     quant_info = result["quantization"]
@@ -125,7 +140,8 @@ def main(argv):
         f"{quant_info['method']}, group {quant_info['group_size']}, "
         f"{'symmetric' if quant_info['symmetric'] else 'asymmetric'}"
         f"{', act order' if quant_info['act_order'] else ''} ({quant_info['seconds']:.1f} s)")
-    rows = [("model", result["model"]), ("dtype", result["dtype"]), ("quantization", quant_row),
+    kv_row = "none (dense batch)" if result["kv_cache_dtype"] is None else f"paged, {result['kv_cache_dtype']}"
+    rows = [("model", result["model"]), ("dtype", result["dtype"]), ("quantization", quant_row), ("KV cache", kv_row),
             ("weight bytes", f"{result['weight_bytes']:,}"), ("held-out files", result["files"]),
             ("tokens scored", result["tokens"]), ("windows x context", f"{result['windows']} x {result['context']}"),
             ("mean NLL (nats/token)", f"{result['mean_nll']:.4f}"), ("bits/token", f"{result['bits_per_token']:.4f}"),

@@ -280,3 +280,46 @@ def jaxinfer_nll_fn(config, params, dtype="float32") -> NllFn:
         return -picked.reshape(batch, length)
 
     return lambda inputs, targets: np.asarray(nll(params, jnp.asarray(inputs), jnp.asarray(targets)))
+
+
+def jaxinfer_paged_nll_fn(config, params, dtype="float32", kv_cache_dtype="auto", page_size=16) -> NllFn:
+    """NllFn of jaxinfer's Transformer run through the paged KV cache, as the engine runs
+    a prompt: each window is one prefill row whose K/V are written into pages (int8 /
+    fp8 quantized when kv_cache_dtype says so) and read back by ragged paged attention.
+    The same windows scored with kv_cache_dtype "auto" give the float cache's NLL, so
+    the difference is the KV quantization's alone."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxinfer.models.checkpoint import resolve_dtype
+    from jaxinfer.models.transformer import AttentionMetadata, Transformer
+    from jaxinfer.pallas.ragged_paged_attention.quantized import QuantizedPages
+
+    act = resolve_dtype(dtype)
+    model = Transformer(config, dtype=act, param_dtype=act, attention_impl="xla")
+
+    def empty_caches(num_pages):
+        shape = (num_pages, page_size, config.num_kv_heads, config.head_dim)
+        if kv_cache_dtype == "auto":
+            return [(jnp.zeros(shape, act), jnp.zeros(shape, act)) for _ in range(config.num_layers)]
+        return [(QuantizedPages.zeros(shape, kv_cache_dtype), QuantizedPages.zeros(shape, kv_cache_dtype))
+                for _ in range(config.num_layers)]
+
+    @jax.jit
+    def nll(params, inputs, targets):
+        batch, length = inputs.shape
+        pages_per_row = -(-length // page_size)
+        positions = jnp.tile(jnp.arange(length, dtype=jnp.int32), batch)  # [B * C]
+        tables = jnp.arange(batch * pages_per_row, dtype=jnp.int32).reshape(batch, pages_per_row)
+        slots = tables[:, positions[:length] // page_size] * page_size + positions[:length] % page_size  # [B, C]
+        metadata = AttentionMetadata(slot_mapping=slots.reshape(-1),
+                                     cu_q_lens=jnp.arange(batch + 1, dtype=jnp.int32) * length,
+                                     kv_lens=jnp.full((batch,), length, jnp.int32), page_tables=tables,
+                                     max_q_len=length)
+        logits, _ = model.apply({"params": params}, inputs.reshape(-1), positions,
+                                empty_caches(batch * pages_per_row), metadata)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        picked = jnp.take_along_axis(logp, targets.reshape(-1, 1), axis=-1)[:, 0]
+        return -picked.reshape(batch, length)
+
+    return lambda inputs, targets: np.asarray(nll(params, jnp.asarray(inputs), jnp.asarray(targets)))

@@ -83,10 +83,15 @@ def _per_shard_attention(run, mesh, metadata: AttentionMetadata):
     metadata and positions are replicated. The o_proj after it (row parallel) sums."""
     heads = rules.named_sharding(mesh, ("activation_length", "activation_heads", None)).spec
     kv_heads = rules.named_sharding(mesh, ("activation_length", "activation_kv_heads", None)).spec
-    pages = rules.kv_cache_sharding(mesh).spec
+    pages = tuple(rules.kv_cache_sharding(mesh).spec)
     meta = jax.tree.map(lambda _: P(), metadata)
-    return shard_map(run, mesh, in_specs=(heads, kv_heads, kv_heads, P(), (pages, pages), meta),
-                     out_specs=(heads, (pages, pages)))
+
+    def per_shard(q, k, v, positions, kv_cache, metadata):
+        # [P, L, K, H] pages and, for a quantized cache, their [P, L, K] scales: split alike.
+        cache_specs = jax.tree.map(lambda x: P(*pages[:x.ndim]), kv_cache)
+        return shard_map(run, mesh, in_specs=(heads, kv_heads, kv_heads, P(), cache_specs, meta),
+                         out_specs=(heads, cache_specs))(q, k, v, positions, kv_cache, metadata)
+    return per_shard
 
 
 class DecoderLayer(nn.Module):

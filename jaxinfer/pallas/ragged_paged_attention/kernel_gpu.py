@@ -23,6 +23,10 @@ Work skipped: a row's page loop starts at the first page its window can see and 
 at the last page its queries can see, so decode rows read only their own pages and
 sliding-window layers only the window.
 
+Quantized pages (quantized.py): the kernel reads the int8 / float8 values and their
+[P, L] scales of the kv head, and folds the scales into the scores (s = q . k * k_scale)
+and the probabilities (P @ V = (P * v_scale) @ v), so a page is never dequantized.
+
 Triton needs power-of-two tiles of at least 16 for dots: bm is padded here, and the op
 requires a power-of-two page size and head dim on a real GPU (bk = ppb * L >= 16).
 """
@@ -37,6 +41,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
 from jaxinfer.pallas.ragged_paged_attention import reference
+from jaxinfer.pallas.ragged_paged_attention.quantized import QuantizedPages
 
 BLOCK_KEYS = 64  # keys per compute block (ppb = BLOCK_KEYS // L pages, at least 1)
 SPLIT_KEYS = 512  # keys per split-K partition
@@ -49,9 +54,9 @@ def _block_m(num_rows: int) -> int:
     return min(MAX_BLOCK_M, max(16, pl.next_power_of_2(num_rows)))
 
 
-def _kernel(meta_ref, pos_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, sm_scale: float,
+def _kernel(meta_ref, pos_ref, tables_ref, q_ref, k_ref, v_ref, *refs, sm_scale: float,
             sliding_window: Optional[int], soft_cap: Optional[float], pages_per_block: int,
-            pages_per_split: int):
+            pages_per_split: int, quantized: bool):
     # meta_ref:   [4]      (kv_start, kv_end) of this row, (first page, end page) this M
     #                      tile's queries can see, relative to the row's table
     # pos_ref:    [bm]     positions of this tile's query rows
@@ -59,8 +64,13 @@ def _kernel(meta_ref, pos_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, 
     # q_ref:      [bm, H]  query rows of this (row, kv head, M tile)
     # k_ref:      [P, L, H] the whole K cache of this kv head (pages gathered by id)
     # v_ref:      [P, L, H]
+    # (quantized only) ks_ref, vs_ref: [P, L] float32 scales of this kv head's K / V
     # o_ref:      [bm, H]  float32 normalized output of this split
     # lse_ref:    [bm]     float32 log-sum-exp of this split (-inf: no key seen)
+    if quantized:
+        ks_ref, vs_ref, o_ref, lse_ref = refs
+    else:
+        o_ref, lse_ref = refs
     split = pl.program_id(3)
     page_size, head_dim = k_ref.shape[1], k_ref.shape[2]
     block_keys = pages_per_block * page_size
@@ -82,7 +92,13 @@ def _kernel(meta_ref, pos_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, 
         v_pos = kv_start + first * page_size + jax.lax.broadcasted_iota(jnp.int32, (block_keys,), 0)  # [bk]
         owned = (v_pos < kv_end) & (v_pos < kv_start + hi * page_size)
         v = jnp.where(owned[:, None], v, jnp.zeros_like(v))
+        if quantized:
+            k_scale = ks_ref[pages].reshape(1, block_keys)  # [1, bk]
+            v_scale = jnp.where(owned, vs_ref[pages].reshape(block_keys), 0.0)[None, :]  # [1, bk]
+            k, v = k.astype(q.dtype), v.astype(q.dtype)
         s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * sm_scale  # [bm, bk]
+        if quantized:
+            s = s * k_scale
         if soft_cap is not None:
             s = soft_cap * jnp.tanh(s / soft_cap)
         k_pos = kv_start + first * page_size + jax.lax.broadcasted_iota(jnp.int32, (1, block_keys), 1)
@@ -94,7 +110,8 @@ def _kernel(meta_ref, pos_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, 
         correction = jnp.exp(m - m_new)
         p = jnp.exp(s - m_new[:, None])
         l = correction * l + p.sum(axis=1)
-        acc = correction[:, None] * acc + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        pv = p * v_scale if quantized else p
+        acc = correction[:, None] * acc + jnp.dot(pv.astype(v.dtype), v, preferred_element_type=jnp.float32)
         return acc, m_new, l
 
     num_blocks = pl.cdiv(jnp.maximum(hi - lo, 0), pages_per_block)
@@ -137,8 +154,15 @@ def row_attention(q_rows, k_pages, v_pages, q_pos, kv_starts, kv_ends, page_tabl
 
     grid = (num_rows, num_kv_heads, num_tiles, num_splits)
     kv_spec = pl.BlockSpec((k_pages.shape[0], page_size, None, head_dim), lambda r, k, t, s: (0, 0, k, 0))
+    quantized = isinstance(k_pages, QuantizedPages)
+    kv_operands, kv_specs = [k_pages, v_pages], [kv_spec, kv_spec]  # [P, L, H] of kv head k
+    if quantized:
+        scale_spec = pl.BlockSpec((k_pages.shape[0], page_size, None), lambda r, k, t, s: (0, 0, k))
+        kv_operands = [k_pages.values, v_pages.values, k_pages.scales, v_pages.scales]
+        kv_specs = [kv_spec, kv_spec, scale_spec, scale_spec]  # + the [P, L] scales of kv head k
     kernel = functools.partial(_kernel, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
-                               pages_per_block=pages_per_block, pages_per_split=pages_per_split)
+                               pages_per_block=pages_per_block, pages_per_split=pages_per_split,
+                               quantized=quantized)
     o_parts, lse_parts = pl.pallas_call(
         kernel,
         out_shape=(jax.ShapeDtypeStruct((num_rows, num_kv_heads, num_splits, padded_m, head_dim), jnp.float32),
@@ -149,8 +173,7 @@ def row_attention(q_rows, k_pages, v_pages, q_pos, kv_starts, kv_ends, page_tabl
             pl.BlockSpec((None, block_m), lambda r, k, t, s: (r, t)),  # q_pos: [bm]
             pl.BlockSpec((None, tables.shape[1]), lambda r, k, t, s: (r, 0)),  # page table: [Pt]
             pl.BlockSpec((None, None, block_m, head_dim), lambda r, k, t, s: (r, k, t, 0)),  # q: [bm, H]
-            kv_spec,  # k_pages: [P, L, H] of kv head k
-            kv_spec,  # v_pages: [P, L, H] of kv head k
+            *kv_specs,
         ],
         out_specs=(
             pl.BlockSpec((None, None, None, block_m, head_dim), lambda r, k, t, s: (r, k, s, t, 0)),  # o: [bm, H]
@@ -159,6 +182,6 @@ def row_attention(q_rows, k_pages, v_pages, q_pos, kv_starts, kv_ends, page_tabl
         compiler_params=pltr.CompilerParams(num_warps=4 if block_m <= 32 else 8, num_stages=2),
         interpret=interpret,
         name="paged_row_attention_gpu",
-    )(meta, q_pos, tables, q_rows, k_pages, v_pages)
+    )(meta, q_pos, tables, q_rows, *kv_operands)
     out, lse = reference.merge_partials(o_parts, lse_parts, axis=2)
     return out[:, :, :rows_per_head], lse[:, :, :rows_per_head]

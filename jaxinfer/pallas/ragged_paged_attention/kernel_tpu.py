@@ -52,6 +52,12 @@ pages (the grid has R * T programs; split-K as in kernel_gpu.py would add a grid
 and a merge), and each program's first DMA is not overlapped with anything (prefetching
 across programs would need "arbitrary" grid semantics and cross-program state).
 
+Quantized pages (quantized.py): the kernel DMAs each page's int8 / float8 values and its
+[L, K] float32 scales (two more copies per page, into their own double buffers) and folds
+the scales into the scores (s = q . k * k_scale) and the probabilities (P @ V =
+(P * v_scale) @ v); a page is never dequantized. Not yet compiled for a TPU: the [L, K]
+scale tiles pad K to 128 lanes in VMEM.
+
 Written for what the TPU interpreter supports: no reshape of a
 ref (loaded values are reshaped), no strided ref slicing, no masked store (scratch and
 output blocks are written whole).
@@ -67,6 +73,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from jaxinfer.pallas.ragged_paged_attention import reference
+from jaxinfer.pallas.ragged_paged_attention.quantized import QuantizedPages
 
 BLOCK_KEYS = 128  # keys per compute block (ppb = BLOCK_KEYS // L pages, at least 1)
 MAX_BLOCK_M = 128  # query rows per program; larger rows are tiled (VMEM budget below)
@@ -97,11 +104,9 @@ def _block_m(rows_per_head: int, max_block_m: int) -> int:
 
 
 def _kernel(kv_starts_ref, kv_ends_ref, first_pages_ref, end_pages_ref, tables_ref,
-            q_ref, pos_ref, k_hbm, v_hbm,
-            o_ref, lse_ref,
-            k_buf, v_buf, sems, m_ref, l_ref, acc_ref,
-            *, sm_scale: float, sliding_window: Optional[int], soft_cap: Optional[float],
-            pages_per_block: int, pages_per_row: int):
+            q_ref, pos_ref, k_hbm, v_hbm, *refs,
+            sm_scale: float, sliding_window: Optional[int], soft_cap: Optional[float],
+            pages_per_block: int, pages_per_row: int, quantized: bool):
     # Scalar prefetch (SMEM, int32):
     # kv_starts_ref:   [R]       first key position of each row
     # kv_ends_ref:     [R]       keys at positions >= kv_end are not attended
@@ -123,6 +128,12 @@ def _kernel(kv_starts_ref, kv_ends_ref, first_pages_ref, end_pages_ref, tables_r
     # m_ref:   [K, bm, 1]     float32 running max
     # l_ref:   [K, bm, 1]     float32 running softmax denominator
     # acc_ref: [K, bm, H]     float32 running unnormalized output
+    # Quantized caches add two inputs after v_hbm (ks_hbm, vs_hbm: [P, L, K] float32
+    # scales, in HBM) and two scratch buffers after v_buf (ks_buf, vs_buf: [2, ppb, L, K]).
+    if quantized:
+        ks_hbm, vs_hbm, o_ref, lse_ref, k_buf, v_buf, ks_buf, vs_buf, sems, m_ref, l_ref, acc_ref = refs
+    else:
+        o_ref, lse_ref, k_buf, v_buf, sems, m_ref, l_ref, acc_ref = refs
     row, tile = pl.program_id(0), pl.program_id(1)
     meta = row * pl.num_programs(1) + tile
     kv_start, kv_end = kv_starts_ref[row], kv_ends_ref[row]
@@ -135,8 +146,12 @@ def _kernel(kv_starts_ref, kv_ends_ref, first_pages_ref, end_pages_ref, tables_r
     def page_copies(block, slot, i):
         """The K and V copy descriptors of page i of `block` into buffer `slot`."""
         page = tables_ref[row * pages_per_row + first + block * pages_per_block + i]
-        return (pltpu.make_async_copy(k_hbm.at[page], k_buf.at[slot, i], sems.at[0, slot]),
-                pltpu.make_async_copy(v_hbm.at[page], v_buf.at[slot, i], sems.at[1, slot]))
+        copies = (pltpu.make_async_copy(k_hbm.at[page], k_buf.at[slot, i], sems.at[0, slot]),
+                  pltpu.make_async_copy(v_hbm.at[page], v_buf.at[slot, i], sems.at[1, slot]))
+        if quantized:
+            copies += (pltpu.make_async_copy(ks_hbm.at[page], ks_buf.at[slot, i], sems.at[2, slot]),
+                       pltpu.make_async_copy(vs_hbm.at[page], vs_buf.at[slot, i], sems.at[3, slot]))
+        return copies
 
     def for_each_page(block, slot, action):
         # Pages past the row's end page are neither fetched nor waited for.
@@ -183,9 +198,11 @@ def _kernel(kv_starts_ref, kv_ends_ref, first_pages_ref, end_pages_ref, tables_r
             # [ppb, L, H] -> [bk, H]: head `head` of every key of the block.
             k = k_buf[slot, :, :, head, :].reshape(block_keys, head_dim)
             v = v_buf[slot, :, :, head, :].reshape(block_keys, head_dim)
-            dtype = jnp.promote_types(q.dtype, k.dtype)
+            dtype = q.dtype if quantized else jnp.promote_types(q.dtype, k.dtype)
             s = jax.lax.dot_general(q.astype(dtype), k.astype(dtype), (((1,), (1,)), ((), ())),
                                     preferred_element_type=jnp.float32) * sm_scale  # [bm, bk]
+            if quantized:  # [ppb, L] scales of head `head` -> [1, bk]
+                s = s * ks_buf[slot, :, :, head].reshape(1, block_keys)
             if soft_cap is not None:
                 s = soft_cap * jnp.tanh(s / soft_cap)
             s = jnp.where(visible, s, -jnp.inf)
@@ -196,6 +213,9 @@ def _kernel(kv_starts_ref, kv_ends_ref, first_pages_ref, end_pages_ref, tables_r
             l_ref[head] = correction * l_ref[head] + p.sum(axis=1, keepdims=True)
             m_ref[head] = m_next
             v = jnp.where(owned, v, jnp.zeros_like(v))
+            if quantized:  # P @ (v * v_scale) = (P * v_scale) @ v; unfetched keys' scales -> 0
+                v_scale = jnp.where(owned.reshape(1, block_keys), vs_buf[slot, :, :, head].reshape(1, block_keys), 0.0)
+                p, v = p * v_scale, v.astype(q.dtype)
             pv = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)  # [bm, H]
             acc_ref[head] = correction * acc_ref[head] + pv
         return carry
@@ -240,9 +260,16 @@ def row_attention(q_rows, k_pages, v_pages, q_pos, kv_starts, kv_ends, page_tabl
     first_pages = jnp.minimum(bounds[:, 0], end_pages)
     tables = page_tables.astype(jnp.int32).reshape(-1)  # [R * Pr]
 
+    quantized = isinstance(k_pages, QuantizedPages)
     kernel = functools.partial(_kernel, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
-                               pages_per_block=pages_per_block, pages_per_row=pages_per_row)
+                               pages_per_block=pages_per_block, pages_per_row=pages_per_row, quantized=quantized)
     buf_shape = (2, pages_per_block, page_size, num_kv_heads, head_dim)
+    kv_operands = [k_pages, v_pages]
+    scale_specs, scale_buffers = [], []
+    if quantized:
+        kv_operands = [k_pages.values, v_pages.values, k_pages.scales, v_pages.scales]
+        scale_specs = [pl.BlockSpec(memory_space=pl.ANY)] * 2  # [P, L, K] scales in HBM
+        scale_buffers = [pltpu.VMEM(buf_shape[:-1], jnp.float32)] * 2  # [2, ppb, L, K]
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=5,
         grid=(num_rows, num_tiles),
@@ -251,6 +278,7 @@ def row_attention(q_rows, k_pages, v_pages, q_pos, kv_starts, kv_ends, page_tabl
             pl.BlockSpec((None, block_m, 1), lambda r, t, *_: (r, t, 0)),  # q_pos: [bm, 1]
             pl.BlockSpec(memory_space=pl.ANY),  # k_pages: [P, L, K, H] in HBM
             pl.BlockSpec(memory_space=pl.ANY),  # v_pages: [P, L, K, H] in HBM
+            *scale_specs,
         ],
         out_specs=(
             pl.BlockSpec((None, num_kv_heads, block_m, head_dim), lambda r, t, *_: (r, 0, t, 0)),  # o: [K, bm, H]
@@ -259,7 +287,8 @@ def row_attention(q_rows, k_pages, v_pages, q_pos, kv_starts, kv_ends, page_tabl
         scratch_shapes=[
             pltpu.VMEM(buf_shape, k_pages.dtype),  # k_buf: [2, ppb, L, K, H]
             pltpu.VMEM(buf_shape, v_pages.dtype),  # v_buf: [2, ppb, L, K, H]
-            pltpu.SemaphoreType.DMA((2, 2)),  # sems: [K / V, slot]
+            *scale_buffers,
+            pltpu.SemaphoreType.DMA((4 if quantized else 2, 2)),  # sems: [K / V (/ K, V scales), slot]
             pltpu.VMEM((num_kv_heads, block_m, 1), jnp.float32),  # m: [K, bm, 1]
             pltpu.VMEM((num_kv_heads, block_m, 1), jnp.float32),  # l: [K, bm, 1]
             pltpu.VMEM((num_kv_heads, block_m, head_dim), jnp.float32),  # acc: [K, bm, H]
@@ -273,7 +302,7 @@ def row_attention(q_rows, k_pages, v_pages, q_pos, kv_starts, kv_ends, page_tabl
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
         name="paged_row_attention_tpu",
     )(kv_starts, kv_ends, first_pages, end_pages, tables,
-      q_rows, q_pos[:, :, None], k_pages, v_pages)
+      q_rows, q_pos[:, :, None], *kv_operands)
     return out[:, :, :rows_per_head], lse[:, :, :rows_per_head, 0]
 
 

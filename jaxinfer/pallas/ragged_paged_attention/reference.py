@@ -28,16 +28,18 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from jaxinfer.pallas.ragged_paged_attention.quantized import QuantizedPages, dequantize, quantize_tokens
+
 # Position of a padding query row: below every key, so it sees nothing (l = 0).
 PAD_POSITION = -1
 
 
-def write_kv(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array,
-             slot_mapping: jax.Array) -> tuple[jax.Array, jax.Array]:
+def write_kv(k_pages, v_pages, k: jax.Array, v: jax.Array, slot_mapping: jax.Array) -> tuple:
     """Writes the K/V of each token into its slot.
 
     Args:
-      k_pages, v_pages: [P, L, K, H] cache of one layer.
+      k_pages, v_pages: [P, L, K, H] cache of one layer: arrays, or QuantizedPages
+        (quantized.py), into which each token is written quantized with its scales.
       k, v: [T, K, H] new keys / values.
       slot_mapping: [T] int32 flat slot (page * L + offset); a slot outside [0, P * L)
         (the runner uses P * L for padding tokens) is dropped.
@@ -49,9 +51,26 @@ def write_kv(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array,
     # cache whenever the result was also read (2.9 s per step for a 1 GiB cache).
     page_size = k_pages.shape[1]
     pages, offsets = slot_mapping // page_size, slot_mapping % page_size
-    k_pages = k_pages.at[pages, offsets].set(k.astype(k_pages.dtype), mode="drop")
-    v_pages = v_pages.at[pages, offsets].set(v.astype(v_pages.dtype), mode="drop")
-    return k_pages, v_pages
+
+    def write(cache, x):
+        if isinstance(cache, QuantizedPages):
+            values, scales = quantize_tokens(x, cache.values.dtype)
+            return QuantizedPages(cache.values.at[pages, offsets].set(values, mode="drop"),
+                                  cache.scales.at[pages, offsets].set(scales, mode="drop"))
+        return cache.at[pages, offsets].set(x.astype(cache.dtype), mode="drop")
+    return write(k_pages, k), write(v_pages, v)
+
+
+def gather_pages(pages, page_tables: jax.Array) -> jax.Array:
+    """[P, L, K, H] pages (float or QuantizedPages) at page_tables [R, Pr] -> float32
+    [R, Pr * L, K, H] (dequantized)."""
+    num_rows, pages_per_row = page_tables.shape
+    _, page_size, num_kv_heads, head_dim = pages.shape
+    if isinstance(pages, QuantizedPages):
+        out = dequantize(pages.values[page_tables], pages.scales[page_tables])
+    else:
+        out = pages[page_tables].astype(jnp.float32)
+    return out.reshape(num_rows, pages_per_row * page_size, num_kv_heads, head_dim)
 
 
 def row_attention(q_rows: jax.Array, k_pages: jax.Array, v_pages: jax.Array, q_pos: jax.Array,
@@ -63,7 +82,7 @@ def row_attention(q_rows: jax.Array, k_pages: jax.Array, v_pages: jax.Array, q_p
     Args:
       q_rows: [R, K, M, H] queries; row r, kv head k holds M query rows (of the G query
         heads of kv head k, in any order the caller likes).
-      k_pages, v_pages: [P, L, K, H].
+      k_pages, v_pages: [P, L, K, H], arrays or QuantizedPages.
       q_pos: [R, M] int32 position of each query row; it sees keys at positions <= it
         (PAD_POSITION: sees nothing).
       kv_starts: [R] int32 first key position of the row, a multiple of L:
@@ -78,17 +97,16 @@ def row_attention(q_rows: jax.Array, k_pages: jax.Array, v_pages: jax.Array, q_p
       denominator, -inf where a query row saw no key (its out is 0)).
     """
     num_rows, pages_per_row = page_tables.shape
-    _, page_size, num_kv_heads, head_dim = k_pages.shape
-    num_keys = pages_per_row * page_size
-    ks = k_pages[page_tables].reshape(num_rows, num_keys, num_kv_heads, head_dim)  # [R, C, K, H]
-    vs = v_pages[page_tables].reshape(num_rows, num_keys, num_kv_heads, head_dim)  # [R, C, K, H]
+    num_keys = pages_per_row * k_pages.shape[1]
+    ks = gather_pages(k_pages, page_tables)  # [R, C, K, H] float32
+    vs = gather_pages(v_pages, page_tables)  # [R, C, K, H] float32
     k_pos = kv_starts[:, None] + jnp.arange(num_keys, dtype=jnp.int32)[None, :]  # [R, C]
     # NOTE: keys at or past kv_end (the unwritten tail of the last page, the pages that
     # padding table entries point to) are masked out of the softmax, but their V rows
     # may hold anything, NaN included, and 0 * NaN = NaN in P @ V: zero them.
     owned = (k_pos < kv_ends[:, None])[:, :, None, None]  # [R, C, 1, 1]
     vs = jnp.where(owned, vs, jnp.zeros((), vs.dtype))
-    scores = jnp.einsum("rkmh,rckh->rkmc", q_rows.astype(jnp.float32), ks.astype(jnp.float32)) * sm_scale
+    scores = jnp.einsum("rkmh,rckh->rkmc", q_rows.astype(jnp.float32), ks) * sm_scale
     if soft_cap is not None:
         scores = soft_cap * jnp.tanh(scores / soft_cap)
     visible = (k_pos[:, None, :] <= q_pos[:, :, None]) & (k_pos < kv_ends[:, None])[:, None, :]  # [R, M, C]
@@ -100,7 +118,7 @@ def row_attention(q_rows: jax.Array, k_pages: jax.Array, v_pages: jax.Array, q_p
     row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
     probs = jnp.where(visible, jnp.exp(scores - row_max), 0.0)
     denom = jnp.sum(probs, axis=-1)  # [R, K, M]
-    out = jnp.einsum("rkmc,rckh->rkmh", probs, vs.astype(jnp.float32))
+    out = jnp.einsum("rkmc,rckh->rkmh", probs, vs)
     out = out / jnp.where(denom > 0, denom, 1.0)[..., None]
     lse = jnp.where(denom > 0, row_max[..., 0] + jnp.log(jnp.where(denom > 0, denom, 1.0)), -jnp.inf)
     return out, lse
