@@ -3,6 +3,7 @@
 
     python3 tasks.py demo   # venv + install + generate with the bundled model
     python3 tasks.py test   # venv + install with test extras + the whole test suite
+    python3 tasks.py notebooks   # venv + test extras + every notebook in notebooks/ run headless on CPU
 
 Each creates (or reuses) the virtual environment `.venv` beside this file, installs
 jaxinfer into it, and runs the job with that environment's interpreter. Extra
@@ -58,7 +59,19 @@ def test(args: list) -> int:
     return subprocess.run(cmd, cwd=ROOT, env=env).returncode
 
 
-TASKS = {"demo": demo, "test": test}
+def notebooks(args: list) -> int:
+    """Executes every notebook headless on CPU (tests/notebooks, marker `notebooks`)."""
+    _install("[test]")
+    env = dict(os.environ)
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    # One notebook at a time: each one starts its own kernel (and 06 a server).
+    cmd = [PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0", "--durations=10", "-m", "notebooks",
+           "tests/notebooks", *args]
+    print("+", " ".join(cmd), flush=True)
+    return subprocess.run(cmd, cwd=ROOT, env=env).returncode
+
+
+TASKS = {"demo": demo, "test": test, "notebooks": notebooks}
 
 
 def main() -> int:

@@ -100,6 +100,11 @@ _TLS_CERT = flags.DEFINE_string("tls_cert", None, "PEM certificate chain: TLS on
 _TLS_KEY = flags.DEFINE_string("tls_key", None, "PEM private key for --tls_cert (serve).")
 _DRAIN_TIMEOUT_S = flags.DEFINE_float("drain_timeout_s", 30.0,
                                       "On SIGTERM / SIGINT: seconds in-flight requests may finish (serve).")
+_MAX_GENERATED_TOKENS_PER_REQUEST = flags.DEFINE_integer(
+    "max_generated_tokens_per_request", 1 << 16, "n x max_tokens of one request at most; more is refused with "
+    "400 before any work (serve).")
+_LOG_PROMPTS = flags.DEFINE_bool("log_prompts", False, "Write each request's prompt text in the log (serve; off "
+                                 "by default: prompts may be private, and neither they nor API keys are logged).")
 _SERVED_MODEL_NAME = flags.DEFINE_string("served_model_name", None,
                                          "Model id clients send (default: the --model value).")
 
@@ -237,7 +242,9 @@ def serve() -> int:
     config = ServingConfig(model_name=_SERVED_MODEL_NAME.value or _MODEL.value, api_key=api_key,
                            max_queued_requests=_MAX_QUEUED_REQUESTS.value,
                            max_request_body_bytes=_MAX_REQUEST_BODY_BYTES.value,
-                           drain_timeout_s=_DRAIN_TIMEOUT_S.value)
+                           drain_timeout_s=_DRAIN_TIMEOUT_S.value,
+                           max_generated_tokens_per_request=_MAX_GENERATED_TOKENS_PER_REQUEST.value,
+                           log_prompts=_LOG_PROMPTS.value)
     listen = Listen(host=_HOST.value, port=_PORT.value, grpc_port=None if _GRPC_PORT.value < 0 else _GRPC_PORT.value,
                     tls_cert=_TLS_CERT.value, tls_key=_TLS_KEY.value)
     _engine_config()  # flag errors before the (slow) load

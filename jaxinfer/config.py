@@ -7,6 +7,7 @@ field and its allowed range, so bad input is rejected on the host before any wor
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import numbers
 import operator
@@ -21,11 +22,40 @@ ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
+# Upper bounds of sizes: token ids, positions and KV slots are int32 on the device, and a
+# config.json claiming more layers than any model has is refused before anything is built.
+MAX_MODEL_DIM = 2**31 - 1
+MAX_NUM_LAYERS = 4096
+
+
 def _require(cond: bool, field: str, message: str) -> None:
     if not cond:
         raise ValueError(f"{field}: {message}")
 
 
+class UnknownFieldError(ValueError, TypeError):
+    """A keyword that is not a field of the config class (a TypeError too, like Python's own)."""
+
+
+def _strict_init(cls):
+    """Makes `cls(...)` raise UnknownFieldError naming an unknown keyword or positional args."""
+    init = cls.__init__
+    fields = tuple(f.name for f in dataclasses.fields(cls) if f.init)
+
+    def __init__(self, *args, **kwargs):
+        if args:
+            raise UnknownFieldError(f"{cls.__name__}: takes keyword arguments only, got {len(args)} positional")
+        unknown = [k for k in kwargs if k not in fields]
+        if unknown:
+            raise UnknownFieldError(f"{unknown[0]}: not a field of {cls.__name__} (fields: {', '.join(fields)})")
+        init(self, **kwargs)
+
+    __init__.__doc__, __init__.__wrapped__ = init.__doc__, init
+    cls.__init__ = __init__
+    return cls
+
+
+@_strict_init
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RopeScaling:
     """RoPE frequency scaling, as in HF `rope_parameters` / `rope_scaling`."""
@@ -39,15 +69,18 @@ class RopeScaling:
     def __post_init__(self):
         _require(self.rope_type in ("linear", "llama3"), "rope_scaling.rope_type",
                  f"unsupported rope type {self.rope_type!r}; supported: linear, llama3")
-        _require(self.factor > 0, "rope_scaling.factor", f"must be > 0, got {self.factor}")
+        _require(_is_number(self.factor) and self.factor > 0, "rope_scaling.factor",
+                 f"must be a finite number > 0, got {self.factor!r}")
         if self.rope_type == "llama3":
-            _require(self.high_freq_factor > self.low_freq_factor > 0,
-                     "rope_scaling.high_freq_factor",
+            _require(_is_number(self.high_freq_factor) and _is_number(self.low_freq_factor)
+                     and self.high_freq_factor > self.low_freq_factor > 0, "rope_scaling.high_freq_factor",
                      "llama3 needs high_freq_factor > low_freq_factor > 0")
-            _require(self.original_max_position_embeddings > 0,
-                     "rope_scaling.original_max_position_embeddings", "must be > 0")
+            _require(_is_int(self.original_max_position_embeddings)
+                     and 0 < self.original_max_position_embeddings <= MAX_MODEL_DIM,
+                     "rope_scaling.original_max_position_embeddings", f"must be an int in [1, {MAX_MODEL_DIM}]")
 
 
+@_strict_init
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """Shape and numerics of a decoder-only transformer of one of FAMILIES."""
@@ -85,33 +118,52 @@ class ModelConfig:
     dense_mlp_layers: tuple = ()  # layers with the dense MLP (intermediate_size) in a MoE model
 
     def __post_init__(self):
+        _python_ints(self)
         _require(self.family in FAMILIES, "family", f"{self.family!r} not in {FAMILIES}")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
                      "num_heads", "num_kv_heads", "head_dim", "max_position_embeddings"):
             value = getattr(self, name)
-            _require(isinstance(value, int) and value > 0, name, f"must be a positive int, got {value!r}")
+            high = MAX_NUM_LAYERS if name == "num_layers" else MAX_MODEL_DIM
+            _require(_is_int(value) and 0 < value <= high, name, f"must be an int in [1, {high}], got {value!r}")
         _require(self.num_heads % self.num_kv_heads == 0, "num_kv_heads",
                  f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
         _require(self.head_dim % 2 == 0, "head_dim", f"must be even for RoPE, got {self.head_dim}")
         _require(self.hidden_act in ACTIVATIONS, "hidden_act", f"{self.hidden_act!r} not in {ACTIVATIONS}")
-        _require(self.rms_norm_eps > 0, "rms_norm_eps", "must be > 0")
-        _require(self.rope_theta > 0, "rope_theta", "must be > 0")
+        _require(_is_number(self.rms_norm_eps) and self.rms_norm_eps > 0, "rms_norm_eps",
+                 f"must be a finite number > 0, got {self.rms_norm_eps!r}")
+        _require(_is_number(self.rope_theta) and 0 < self.rope_theta <= 1e38, "rope_theta",
+                 f"must be a number in (0, 1e38] (float32 RoPE frequencies), got {self.rope_theta!r}")
+        for name in ("qkv_bias", "o_bias", "mlp_bias", "tie_word_embeddings", "scale_embeddings", "qk_norm",
+                     "norm_topk_prob"):
+            _require(isinstance(getattr(self, name), bool), name, f"must be a bool, got {getattr(self, name)!r}")
+        _require(_is_number(self.norm_weight_offset), "norm_weight_offset",
+                 f"must be a finite number, got {self.norm_weight_offset!r}")
+        _require(self.rope_scaling is None or isinstance(self.rope_scaling, RopeScaling), "rope_scaling",
+                 f"must be None or a RopeScaling, got {self.rope_scaling!r}")
+        _require(self.bos_token_id is None or (_is_int(self.bos_token_id) and 0 <= self.bos_token_id),
+                 "bos_token_id", f"must be None or an int >= 0, got {self.bos_token_id!r}")
+        for name in ("sliding_windows", "eos_token_ids", "dense_mlp_layers"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+            _require(isinstance(getattr(self, name), tuple), name, f"must be a tuple, got {getattr(self, name)!r}")
+        for t in self.eos_token_ids:
+            _require(_is_int(t) and t >= 0, "eos_token_ids", f"entries must be ints >= 0, got {t!r}")
         if self.sliding_windows:
             _require(len(self.sliding_windows) == self.num_layers, "sliding_windows",
                      f"needs one entry per layer ({self.num_layers}), got {len(self.sliding_windows)}")
             for w in self.sliding_windows:
-                _require(w is None or (isinstance(w, int) and w > 0), "sliding_windows",
+                _require(w is None or (_is_int(w) and w > 0), "sliding_windows",
                          f"entries must be None or a positive int, got {w!r}")
         for name in ("num_experts", "num_experts_per_tok", "moe_intermediate_size"):
             value = getattr(self, name)
-            _require(isinstance(value, int) and not isinstance(value, bool) and value >= 0, name,
-                     f"must be an int >= 0, got {value!r}")
+            _require(_is_int(value) and 0 <= value <= MAX_MODEL_DIM, name,
+                     f"must be an int in [0, {MAX_MODEL_DIM}], got {value!r}")
         if self.num_experts:
             _require(1 <= self.num_experts_per_tok <= self.num_experts, "num_experts_per_tok",
                      f"must be in [1, num_experts={self.num_experts}], got {self.num_experts_per_tok}")
             _require(self.moe_intermediate_size > 0, "moe_intermediate_size", "must be > 0 when num_experts > 0")
         for i in self.dense_mlp_layers:
-            _require(isinstance(i, int) and 0 <= i < self.num_layers, "dense_mlp_layers",
+            _require(_is_int(i) and 0 <= i < self.num_layers, "dense_mlp_layers",
                      f"entries must be layer indices in [0, {self.num_layers}), got {i!r}")
 
     def is_moe_layer(self, layer: int) -> bool:
@@ -129,6 +181,23 @@ class ModelConfig:
 MAX_TOP_LOGPROBS = 20  # most alternatives `logprobs=N` may ask for (OpenAI's top_logprobs limit)
 MAX_LOGIT_BIAS = 300  # most `logit_bias` entries per request (OpenAI's limit)
 MAX_N = 128  # most samples `n` per prompt (OpenAI's limit)
+MAX_STOP_STRINGS = 1024  # most stop strings per request (each is searched in every step's text)
+MAX_STOP_TOKEN_IDS = 1 << 16  # most stop token ids per request
+
+
+def _bounded_tuple(values, limit: int, field: str, what: str) -> tuple:
+    """tuple(values), reading at most limit + 1 items (an endless iterator is refused, not a hang)."""
+    out = tuple(itertools.islice(values, limit + 1))
+    _require(len(out) <= limit, field, f"at most {limit} {what}, got more")
+    return out
+
+
+def _python_ints(config) -> None:
+    """Numpy integer fields of a frozen config -> python ints (code behind it checks `int`)."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if _is_int(value) and type(value) is not int:
+            object.__setattr__(config, f.name, int(value))
 
 
 def _is_int(value) -> bool:
@@ -159,6 +228,7 @@ def as_token_id(value, field: str) -> int:
         raise ValueError(message) from None
 
 
+@_strict_init
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SamplingParams:
     """Per-request decoding parameters (the names follow vLLM's SamplingParams)."""
@@ -238,7 +308,7 @@ class SamplingParams:
             stop = (stop,)
         elif isinstance(stop, (bytes, Mapping)) or not isinstance(stop, Iterable):
             raise ValueError(f"stop: must be a string or a list of strings, got {stop!r} ({type(stop).__name__})")
-        stop = tuple(stop)
+        stop = _bounded_tuple(stop, MAX_STOP_STRINGS, "stop", "stop strings")
         for s in stop:
             _require(isinstance(s, str) and s != "", "stop", f"entries must be non-empty strings, got {s!r}")
         object.__setattr__(self, "stop", stop)
@@ -247,9 +317,10 @@ class SamplingParams:
             ids = ()
         elif isinstance(ids, (str, bytes, Mapping)) or not isinstance(ids, Iterable):
             raise ValueError(f"stop_token_ids: must be a list of ints, got {ids!r} ({type(ids).__name__})")
-        ids = tuple(as_token_id(t, "stop_token_ids") for t in ids)
+        ids = _bounded_tuple(ids, MAX_STOP_TOKEN_IDS, "stop_token_ids", "ids")
+        ids = tuple(dict.fromkeys(as_token_id(t, "stop_token_ids") for t in ids))  # distinct, in order
         for t in ids:
-            _require(t >= 0, "stop_token_ids", f"entries must be ints >= 0, got {t!r}")
+            _require(0 <= t <= MAX_MODEL_DIM, "stop_token_ids", f"entries must be token ids >= 0, got {t!r}")
         object.__setattr__(self, "stop_token_ids", ids)
 
     @property
@@ -291,7 +362,7 @@ def _normalize_logit_bias(bias) -> tuple:
     elif isinstance(bias, (str, bytes)) or not isinstance(bias, Iterable):
         raise ValueError(f"logit_bias: must be a mapping of token id -> bias, got {bias!r} ({type(bias).__name__})")
     else:
-        items = list(bias)
+        items = list(_bounded_tuple(bias, MAX_LOGIT_BIAS, "logit_bias", "entries"))
         for item in items:
             _require(isinstance(item, tuple) and len(item) == 2, "logit_bias",
                      f"must be a mapping of token id -> bias or (id, bias) pairs, got the entry {item!r}")
@@ -312,8 +383,11 @@ def _normalize_logit_bias(bias) -> tuple:
 # this layer does not import jax): XLA reference, the backend's Pallas kernel, the GPU
 # kernel interpreted on CPU, the TPU kernel interpreted on CPU.
 ATTENTION_IMPLS = ("xla", "pallas", "pallas_interpret", "pallas_tpu_interpret")
+# KV cache storage formats (jaxinfer.pallas.ragged_paged_attention.quantized.KV_CACHE_DTYPES).
+KV_CACHE_DTYPES = ("auto", "int8", "fp8")
 
 
+@_strict_init
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class EngineConfig:
     """Serving-engine knobs: KV pages, the per-step token budget, batch limits."""
@@ -344,27 +418,43 @@ class EngineConfig:
     # Pipeline only: the most microbatches a step is cut into (near-equal token counts,
     # docs/pipeline.md); None = pipeline_parallel_size.
     pipeline_microbatches: Optional[int] = None
+    # KV pages stored as "auto" (the activation dtype), "int8" or "fp8" (float8 e4m3): one
+    # byte per element plus a float32 scale per token and kv head, dequantized inside
+    # attention (jaxinfer/pallas/ragged_paged_attention/quantized.py); ~2x the pages of a
+    # bfloat16 cache in the same memory.
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self):
+        _python_ints(self)
         _require(self.compilation_cache_dir is None or isinstance(self.compilation_cache_dir, str),
                  "compilation_cache_dir", f"must be None or a str, got {self.compilation_cache_dir!r}")
         for name in ("enable_prefix_caching", "shared_prefix_attention"):
             _require(isinstance(getattr(self, name), bool), name, f"must be a bool, got {getattr(self, name)!r}")
-        _require(isinstance(self.shared_prefix_min_seqs, int) and not isinstance(self.shared_prefix_min_seqs, bool)
-                 and self.shared_prefix_min_seqs >= 2, "shared_prefix_min_seqs",
+        _require(_is_int(self.shared_prefix_min_seqs) and 2 <= self.shared_prefix_min_seqs <= MAX_MODEL_DIM,
+                 "shared_prefix_min_seqs",
                  f"must be an int >= 2, got {self.shared_prefix_min_seqs!r}")
         for name in ("page_size", "max_num_batched_tokens", "max_num_seqs", "max_kv_cache_bytes",
                      "shared_prefix_min_tokens", "tensor_parallel_size", "expert_parallel_size",
                      "pipeline_parallel_size"):
             value = getattr(self, name)
-            _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name,
-                     f"must be an int >= 1, got {value!r}")
+            _require(_is_int(value) and value >= 1, name, f"must be an int >= 1, got {value!r}")
+            _require(name == "max_kv_cache_bytes" or value <= MAX_MODEL_DIM, name,
+                     f"must be <= {MAX_MODEL_DIM}, got {value!r}")
         _require(self.pipeline_microbatches is None or (_is_int(self.pipeline_microbatches)
                                                         and self.pipeline_microbatches >= 1),
                  "pipeline_microbatches", f"must be None or an int >= 1, got {self.pipeline_microbatches!r}")
+        _require(isinstance(self.kv_cache_dtype, str) and self.kv_cache_dtype in KV_CACHE_DTYPES, "kv_cache_dtype",
+                 f"{self.kv_cache_dtype!r} not in {KV_CACHE_DTYPES}")
         _require(self.num_pages is None or (_is_int(self.num_pages) and self.num_pages >= 1),
                  "num_pages", f"must be None or an int >= 1, got {self.num_pages!r}")
-        _require(self.max_model_len is None or (_is_int(self.max_model_len) and self.max_model_len >= 1),
-                 "max_model_len", f"must be None or an int >= 1, got {self.max_model_len!r}")
+        # KV slots (page * page_size + offset, and the padding slot num_pages * page_size)
+        # are int32 on the device: a bigger pool could not be addressed, and is refused
+        # here, before the engine sizes or allocates anything.
+        _require(self.num_pages is None or self.num_pages * self.page_size <= MAX_MODEL_DIM, "num_pages",
+                 f"num_pages * page_size must be <= {MAX_MODEL_DIM} (int32 KV slots), got "
+                 f"{self.num_pages} * {self.page_size}")
+        _require(self.max_model_len is None or (_is_int(self.max_model_len) and 1 <= self.max_model_len
+                                                <= MAX_MODEL_DIM),
+                 "max_model_len", f"must be None or an int in [1, {MAX_MODEL_DIM}], got {self.max_model_len!r}")
         _require(self.attention_impl is None or self.attention_impl in ATTENTION_IMPLS, "attention_impl",
                  f"{self.attention_impl!r} not in {ATTENTION_IMPLS}")

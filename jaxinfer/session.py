@@ -32,6 +32,7 @@ import json
 import os
 from typing import Optional, Sequence, Union
 
+from jaxinfer import progress as progress_bars
 from jaxinfer import quant
 from jaxinfer.assets import resolve_model_path
 from jaxinfer.config import EngineConfig, ModelConfig, SamplingParams
@@ -225,7 +226,8 @@ class InferenceSession:
 
     # ------------------------------------------------------------------ API
 
-    def generate(self, prompts: Sequence[Prompt], params=None, *, priority=0, cache_salt=None) -> list:
+    def generate(self, prompts: Sequence[Prompt], params=None, *, priority=0, cache_salt=None,
+                 progress: Optional[bool] = None) -> list:
         """Generates for every prompt (strings or token-id lists). Thread-safe.
 
         Args:
@@ -233,6 +235,9 @@ class InferenceSession:
           params: one SamplingParams for all, or a list with one per prompt.
           priority: int or list of ints; lower values are admitted first.
           cache_salt: str or list; requests share prefix-cache pages only within a salt.
+          progress: a progress bar over the finished requests (two or more): None = when
+            stderr is a terminal or in Jupyter, unless JAXINFER_PROGRESS=0 (see
+            jaxinfer.progress); True / False force it on / off.
         Returns:
           list[RequestOutput] in prompt order; a prompt whose params have n > 1
           contributes n consecutive outputs (`index` 0 .. n - 1), like OpenAI's
@@ -241,9 +246,15 @@ class InferenceSession:
           ValueError: a bad prompt or parameter, naming it (`prompts[1]`,
             `params[0].max_tokens`, ...); then none of the prompts was queued.
         """
+        show = progress_bars.is_enabled(progress)  # a bad `progress` raises before anything is queued
         streams = self._add(prompts, params, priority, cache_salt)
         try:
-            return [s.result() for s in streams]
+            with progress_bars.bar(len(streams), "generate", "request", enabled=show and len(streams) > 1) as bar:
+                outputs = []
+                for s in streams:  # in order: the bar advances as the earliest unfinished one ends
+                    outputs.append(s.result())
+                    bar.update(1)
+            return outputs
         except BaseException:  # e.g. KeyboardInterrupt: stop what is still running
             for s in streams:
                 s.abort()
@@ -330,7 +341,8 @@ class InferenceSession:
         if engine is not None:
             engine.shutdown(timeout=5.0)
             runner = self.engine.runner
-            if isinstance(runner, step_broadcast.BroadcastingRunner):
+            # At interpreter exit module globals may already be None.
+            if step_broadcast is not None and isinstance(runner, step_broadcast.BroadcastingRunner):
                 runner.close()
 
     def reset_prefix_cache(self) -> None:

@@ -171,6 +171,10 @@ class SequenceOutput:
     # log p of each fed token's successor (token_ids[1:] then next_token_id if given),
     # if want_prompt_logprobs
     prompt_logprobs: Optional[tuple] = None
+    # False when a sample row's logits held a NaN or Inf (the runner checks every row on
+    # device): the tokens are then meaningless, and the engine fails the request alone
+    # without caching the pages it wrote
+    finite: bool = True
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

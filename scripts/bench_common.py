@@ -22,6 +22,9 @@ import numpy as np
 MODEL_PRESETS = {
     "125m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
                  intermediate_size=2048, vocab_size=32000, max_position_embeddings=4096),
+    # A Llama-3.2-1B-shaped model (16 layers, GQA 32:8, 128K vocabulary) for GPU / TPU runs.
+    "1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+               intermediate_size=8192, vocab_size=128256, max_position_embeddings=4096),
     "tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=256, vocab_size=1024, max_position_embeddings=1024),
 }
@@ -41,11 +44,16 @@ def build_random_llama(preset: str, path: str, seed: int = 0) -> str:
     The weights are jaxinfer's own initialisation (normal, std 0.02, from
     `jax.random.key(seed)`), written as float32 safetensors that HF transformers loads.
     """
+    return build_random_folder(hf_llama_config(preset), path, seed)
+
+
+def build_random_folder(hf_config: dict, path: str, seed: int = 0) -> str:
+    """Creates (once) an HF folder of random weights for any config.json jaxinfer reads (e.g. a
+    small Mixtral for the mesh notebook); returns the path. Weights as in build_random_llama."""
     config_path = os.path.join(path, "config.json")
     if os.path.exists(config_path):
         return path
     from jaxinfer.models import checkpoint, registry, transformer
-    hf_config = hf_llama_config(preset)
     config = registry.model_config_from_hf(hf_config)
     params = transformer.init_params(config, jax.random.key(seed), dtype=jnp.float32, init_std=0.02)
     tensors = checkpoint.hf_tensors_from_params(params, config)

@@ -3,6 +3,7 @@
     python scripts/benchmark_kernels.py [--batch 8,32,64] [--context 512,2048] [--prefix_fraction 0,0.5,0.9]
     python scripts/benchmark_kernels.py --q_lens 1,32 --json_out runs/bench/kernels_prefill.json
     python scripts/benchmark_kernels.py --batch 4 --context 256 --interpret_on_cpu   # code-path check on CPU
+    python scripts/benchmark_kernels.py --plot runs/bench/kernels.png   # + roofline chart (ms vs bytes moved)
 
 Each shape is `batch` sequences of `context` tokens in a paged KV cache (shuffled page
 ids) whose first `prefix` tokens (the fraction, rounded down to whole pages) are the
@@ -83,6 +84,8 @@ _BANDWIDTH_MIB = flags.DEFINE_integer("bandwidth_mib", None,
                                       "Buffer of the bandwidth measurement (default 2048; CPU 512).")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed of data and page shuffles.")
 _JSON = flags.DEFINE_string("json_out", "runs/bench/kernels.json", "JSON report path.")
+_PLOT = flags.DEFINE_string("plot", None, "Also draw the roofline (ms per call vs bytes moved) here (PNG; "
+                            "scripts/plotting.py, needs matplotlib).")
 
 _CPU_SKIP_NOTE = ("skipped on CPU: it would only run in Pallas interpret mode there, an emulator whose timing "
                   "means nothing (run on a GPU/TPU, or pass --interpret_on_cpu to check the code path and correctness)")
@@ -395,6 +398,9 @@ def main(argv):
               "notes": notes, "shapes": shapes}
     _print_summary(report)
     bench_common.write_json(_JSON.value, report)
+    if _PLOT.value:
+        import plotting
+        plotting.plot_kernels(report, _PLOT.value)
 
 
 _HEADER = (f"{'batch':>6s}{'ctx':>6s}{'prefix':>7s}{'q':>4s}  {'path':7s}{'impl':22s}{'ms':>10s}{'MB':>9s}"

@@ -2,6 +2,7 @@
 
     python scripts/benchmark_latency.py [--preset 125m] [--prompt_len 128] [--output_len 128]
     python scripts/benchmark_latency.py --quantization int4 --skip_hf --json_out runs/bench/latency_int4.json
+    python scripts/benchmark_latency.py --skip_hf --batch_sizes 1,4,16 --plot runs/bench/latency.png
 
 Decode of one sequence reads every weight once per token, so its floor is
 weight bytes / memory bandwidth; the bandwidth is measured in the same run with a large
@@ -9,6 +10,11 @@ float32 GEMV. The compute roofline (2 x parameters FLOPs per token over the floa
 rate, also measured here) is printed too. HF transformers runs the same greedy
 generation on the same weights for the ratio. With --quantization the linear layers are
 int4 (round to nearest) and the memory roofline uses the int4 weight bytes.
+
+--batch_sizes adds decode steps of several sequences at once (B copies of the prompt,
+prefix caching off): the memory roof of a step stays the weight bytes / bandwidth, the
+compute roof grows as B x 2 x parameters / GEMM rate; --plot draws ms per step against
+both (scripts/plotting.py; needs matplotlib).
 
 With --output_len 1 there is no decode step: the decode figures are reported as n/a
 (null in the JSON). torch and transformers are needed only for the HF baseline;
@@ -41,9 +47,13 @@ _COMPILATION_CACHE = flags.DEFINE_string(
 _JSON = flags.DEFINE_string("json_out", "runs/bench/latency.json", "JSON report path.")
 _QUANTIZATION = flags.DEFINE_enum("quantization", None, ["int4", "int4-gptq"], "Quantize jaxinfer's linear layers.")
 _QUANT_GROUP_SIZE = flags.DEFINE_integer("quant_group_size", 128, "Input rows per int4 scale.", lower_bound=1)
+_BATCH_SIZES = flags.DEFINE_list("batch_sizes", "1", "Decode batch sizes to time (1 = the batch-1 run only).")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                           "jaxinfer's parameter and activation dtype (the HF baseline stays float32).")
+_PLOT = flags.DEFINE_string("plot", None, "Also draw ms/token vs batch with the memory and compute roofs here (PNG).")
 
 
-def _jaxinfer(path, prompt, output_len, repeats, quantization=None, quant_group_size=128):
+def _jaxinfer(path, prompt, output_len, repeats, quantization=None, quant_group_size=128, batch_sizes=(1,)):
     import numpy as np
 
     from jaxinfer import EngineConfig, InferenceSession, SamplingParams
@@ -54,7 +64,7 @@ def _jaxinfer(path, prompt, output_len, repeats, quantization=None, quant_group_
     # No prefix caching: every repetition reuses the prompt and must prefill it in full.
     engine = EngineConfig(max_num_batched_tokens=max(512, len(prompt)), enable_prefix_caching=False,
                           compilation_cache_dir=_COMPILATION_CACHE.value)
-    session = InferenceSession.from_pretrained(path, dtype="float32", engine=engine,
+    session = InferenceSession.from_pretrained(path, dtype=_DTYPE.value, engine=engine,
                                                quantization=quantization, quantization_config=quant_config)
     load_seconds = time.perf_counter() - start
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
@@ -66,6 +76,14 @@ def _jaxinfer(path, prompt, output_len, repeats, quantization=None, quant_group_
         (out,) = session.generate([prompt], params)
         ttfts.append(out.time_to_first_token)
         tpots.append(out.time_per_output_token)
+    # Decode steps of B sequences: B copies of the prompt (prefix caching is off).
+    batch_ms = {}
+    for batch in sorted(set(batch_sizes) - {1}):
+        session.generate([prompt] * batch, params)  # warm-up: this batch's shapes
+        batch_tpots = []
+        for _ in range(repeats):
+            batch_tpots += [o.time_per_output_token for o in session.generate([prompt] * batch, params)]
+        batch_ms[batch] = 1000 * float(np.median(batch_tpots)) if output_len > 1 else None
     m = session.metrics()
     # One output token is all prefill: there is no decode step to time.
     decode_ms = 1000 * float(np.median(tpots)) if output_len > 1 else None
@@ -74,7 +92,8 @@ def _jaxinfer(path, prompt, output_len, repeats, quantization=None, quant_group_
             "host_ms_per_step": m["host_ms_per_step"], "weight_bytes": m["weight_bytes"],
             # logical parameters (an int4 tree packs two per byte): from the float shapes
             "num_params": bench_common.num_params(param_shapes(session.model_config)),
-            "quantization": quantization, "quant_group_size": quant_group_size if quantization else None}
+            "quantization": quantization, "quant_group_size": quant_group_size if quantization else None,
+            "batch_decode_ms_per_token": batch_ms}
 
 
 def _hf(path, prompt, output_len, repeats):
@@ -119,17 +138,28 @@ def main(argv):
 
     bandwidth = bench_common.measure_memory_bandwidth()
     gemm = bench_common.measure_gemm_flops()
-    ours = _jaxinfer(path, prompt, _OUTPUT_LEN.value, _REPEATS.value, _QUANTIZATION.value, _QUANT_GROUP_SIZE.value)
+    try:
+        batch_sizes = sorted({int(b) for b in _BATCH_SIZES.value} | {1})
+    except ValueError:
+        raise app.UsageError(f"--batch_sizes: expected integers, got {_BATCH_SIZES.value}") from None
+    if batch_sizes[0] < 1:
+        raise app.UsageError(f"--batch_sizes: sizes must be at least 1, got {_BATCH_SIZES.value}")
+    ours = _jaxinfer(path, prompt, _OUTPUT_LEN.value, _REPEATS.value, _QUANTIZATION.value, _QUANT_GROUP_SIZE.value,
+                     batch_sizes)
     weight_ms = 1000 * ours["weight_bytes"] / bandwidth
     compute_ms = 1000 * 2 * ours["num_params"] / gemm
     report = {
         "env": bench_common.environment(), "model": path, "prompt_len": _PROMPT_LEN.value,
         "output_len": _OUTPUT_LEN.value, "memory_bandwidth_gb_s": bandwidth / 1e9, "gemm_gflop_s": gemm / 1e9,
         "jaxinfer": ours,
-        "memory_roofline_ms_per_token": weight_ms,
+        "dtype": _DTYPE.value, "memory_roofline_ms_per_token": weight_ms,
         "compute_roofline_ms_per_token": compute_ms,
         "jaxinfer_pct_of_memory_roofline": _ratio(100 * weight_ms, ours["decode_ms_per_token"]),
         "prefill_compute_roofline_seconds": 2 * ours["num_params"] * _PROMPT_LEN.value / gemm,
+        # per decode step of B sequences: weights read once; 2 x params FLOPs per sequence
+        "batch_sweep": [{"batch_size": b, "memory_roofline_ms": weight_ms, "compute_roofline_ms": b * compute_ms,
+                         "decode_ms_per_token": ours["decode_ms_per_token"] if b == 1
+                         else ours["batch_decode_ms_per_token"][b]} for b in batch_sizes],
     }
     if not _SKIP_HF.value:
         hf = _hf(path, prompt, _OUTPUT_LEN.value, _REPEATS.value)
@@ -158,7 +188,15 @@ def main(argv):
         print("decode: n/a (--output_len 1 generates only the prefill's token; no decode step ran)")
     print(f"compiles: {ours['num_compiles']}, warm-up {ours['warmup_seconds']:.1f} s, "
           f"host {ours['host_ms_per_step']:.2f} ms/step, compilation cache: {_COMPILATION_CACHE.value or 'off'}")
+    if len(batch_sizes) > 1:
+        print(f"{'batch':>6s}{'decode ms/step':>16s}{'memory roof':>13s}{'compute roof':>14s}")
+        for row in report["batch_sweep"]:
+            print(f"{row['batch_size']:6d}{_fmt(row['decode_ms_per_token'], 16, '.2f')}"
+                  f"{row['memory_roofline_ms']:13.2f}{row['compute_roofline_ms']:14.2f}")
     bench_common.write_json(_JSON.value, report)
+    if _PLOT.value:
+        import plotting
+        plotting.plot_latency(report, _PLOT.value)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@
     python scripts/benchmark_serving.py --backend jetstream --grpc_target 127.0.0.1:9000 --request_rate inf
     python scripts/benchmark_serving.py --dataset shared_prefix --shared_prefix_len 1024 --num_prefixes 4 \\
         --goodput "ttft:500 tpot:50" --max_concurrency 32 --result_json runs/bench/serving.json
+    python scripts/benchmark_serving.py --request_rates 1,4,16,inf --plot runs/bench/serving.png ...
 
 Drives any server that speaks the OpenAI HTTP API (vLLM, `jaxinfer serve`; --backend
 openai for /v1/completions, openai-chat for /v1/chat/completions) or JetStream's gRPC
@@ -27,6 +28,10 @@ are the server's usage.prompt_tokens when it reports them, else the tokenizer co
 (else the requested length). Goodput counts the requests that meet every --goodput SLO.
 The JSON report holds the table's numbers, the flags, per-request arrays and the first
 errors.
+
+--request_rates R1,R2,... runs the same workload once per rate (the warm-up only before
+the first); the JSON then holds {"runs": [one report per rate]}, and --plot FILE.png
+draws the TTFT and TPOT percentiles against the rate (scripts/plotting.py; matplotlib).
 """
 from __future__ import annotations
 
@@ -77,6 +82,8 @@ _WARMUP = flags.DEFINE_integer("warmup_requests", 0, "Requests sent (all at once
                                lower_bound=0)
 _TIMEOUT = flags.DEFINE_float("timeout_s", 600.0, "Per-request limit, seconds.", lower_bound=0.001)
 _DISABLE_TQDM = flags.DEFINE_bool("disable_tqdm", False, "No progress bar.")
+_REQUEST_RATES = flags.DEFINE_list("request_rates", [], "Several rates, one run each (overrides --request_rate).")
+_PLOT = flags.DEFINE_string("plot", None, "Draw TTFT / TPOT percentiles vs request rate here (PNG; needs matplotlib).")
 
 _NUM_ERRORS_KEPT = 10
 
@@ -147,7 +154,7 @@ async def _jetstream_sender():
     return send, _MODEL.value, channel.close
 
 
-async def benchmark(requests, warmups) -> dict:
+async def benchmark(requests, warmups, rate: float) -> dict:
     from tqdm import tqdm
     concurrency = _MAX_CONCURRENCY.value or max(len(requests), len(warmups), 1)
     if _BACKEND.value == "jetstream":
@@ -161,7 +168,7 @@ async def benchmark(requests, warmups) -> dict:
             failed = [r.error for r in results if not r.success]
             print(f"warm-up: {len(warmups)} requests in {seconds:.2f} s, {len(failed)} failed"
                   + (f" (first: {failed[0]})" if failed else ""))
-        times = lib.arrival_times(len(requests), _REQUEST_RATE.value, _BURSTINESS.value, _SEED.value)
+        times = lib.arrival_times(len(requests), rate, _BURSTINESS.value, _SEED.value)
         with tqdm(total=len(requests), disable=_DISABLE_TQDM.value) as bar:
             results, duration = await lib.run_requests(requests, send, times, _MAX_CONCURRENCY.value,
                                                        _TIMEOUT.value, bar)
@@ -170,11 +177,12 @@ async def benchmark(requests, warmups) -> dict:
     return {"model": model, "results": results, "duration": duration}
 
 
-def _report(model, requests, results, metrics) -> dict:
+def _report(model, requests, results, metrics, rate: float) -> dict:
     errors = [{"index": i, "error": r.error} for i, r in enumerate(results) if not r.success][:_NUM_ERRORS_KEPT]
     values = {h.name: h.value for h in globals().values() if isinstance(h, flags.FlagHolder)}
     values["api_key"] = "<set>" if values["api_key"] else None  # no secret in a result file
     values["request_rate"] = str(values["request_rate"])  # inf is not JSON
+    metrics = {**metrics, "request_rate": f"{rate:g}"}  # the rate of this run ("inf": all at once)
     return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "backend": _BACKEND.value,
             "target": _GRPC_TARGET.value if _BACKEND.value == "jetstream" else _BASE_URL.value, "model": model,
             "flags": values, **metrics,
@@ -190,7 +198,12 @@ def main(argv):
     try:
         percentiles = lib.parse_percentiles(_PERCENTILES.value)
         slos = lib.parse_goodput(_GOODPUT.value)
-        lib.arrival_intervals(0, _REQUEST_RATE.value, _BURSTINESS.value)  # validates rate and burstiness
+        try:
+            rates = [float(r) for r in _REQUEST_RATES.value] or [_REQUEST_RATE.value]
+        except ValueError:
+            raise ValueError(f"--request_rates: expected numbers or inf, got {_REQUEST_RATES.value}") from None
+        for rate in rates:
+            lib.arrival_intervals(0, rate, _BURSTINESS.value)  # validates rate and burstiness
         maker = lib.PromptMaker(_load_tokenizer(_TOKENIZER.value))
         requests = build_workload(maker, _NUM_PROMPTS.value, _SEED.value)
         # Warm-up prompts come from another seed: they must not leave the timed prompts in a prefix cache.
@@ -199,18 +212,26 @@ def main(argv):
         raise app.UsageError(str(e)) from e
     for name in ("httpx", "httpcore"):  # one INFO line per request otherwise (absl shows INFO)
         logging.getLogger(name).setLevel(logging.WARNING)
-    run = asyncio.run(benchmark(requests, warmups))
-    metrics = lib.compute_metrics(run["results"], run["duration"], percentiles, slos)
-    print(lib.format_table(metrics, _MAX_CONCURRENCY.value))
-    errors = [r.error for r in run["results"] if not r.success]
-    if errors:
-        print(f"{len(errors)} requests failed; first error: {errors[0]}")
+    reports = []
+    for i, rate in enumerate(rates):
+        if len(rates) > 1:
+            print(f"request rate {rate:g} req/s")
+        run = asyncio.run(benchmark(requests, warmups if i == 0 else [], rate))
+        metrics = lib.compute_metrics(run["results"], run["duration"], percentiles, slos)
+        print(lib.format_table(metrics, _MAX_CONCURRENCY.value))
+        errors = [r.error for r in run["results"] if not r.success]
+        if errors:
+            print(f"{len(errors)} requests failed; first error: {errors[0]}")
+        reports.append(_report(run["model"], requests, run["results"], metrics, rate))
     if _RESULT_JSON.value:
         path = _RESULT_JSON.value
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "w") as f:
-            json.dump(_report(run["model"], requests, run["results"], metrics), f, indent=2)
+            json.dump(reports[0] if len(reports) == 1 else {"runs": reports}, f, indent=2)
         print(f"wrote {path}")
+    if _PLOT.value:
+        import plotting
+        plotting.plot_serving(reports, _PLOT.value, percentiles)
 
 
 if __name__ == "__main__":

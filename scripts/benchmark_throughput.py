@@ -11,6 +11,13 @@ The shared-prefix workload (Hydragen's setting):
 runs the engine twice in the same process, with the shared-prefix attention path off
 and on, and reports both and their ratio.
 
+Throughput vs the number of requests, drawn against the compute roof:
+
+    python scripts/benchmark_throughput.py --skip_hf --num_requests_sweep 1,4,16,64 --plot runs/bench/throughput.png
+
+runs the first N prompts of the workload for each N (one session; each N warmed up,
+then timed with the prefix cache reset) and reports them under "sweep".
+
 The engine serves every request at once (continuous batching, chunked prefill, paged
 KV). The same workload then runs through HF transformers `generate` in static batches
 of --hf_batch_size (left padded, greedy, all output tokens forced). The compute roofline
@@ -60,6 +67,8 @@ _COMPARE_SHARED = flags.DEFINE_bool("compare_shared_prefix_attention", False,
 _ATTENTION_IMPL = flags.DEFINE_string("attention_impl", None, "EngineConfig.attention_impl (None = backend default).")
 _SEED = flags.DEFINE_integer("seed", 0, "Workload seed.")
 _JSON = flags.DEFINE_string("json_out", "runs/bench/throughput.json", "JSON report path.")
+_SWEEP = flags.DEFINE_list("num_requests_sweep", [], "Also time the first N requests for each N (<= --num_requests).")
+_PLOT = flags.DEFINE_string("plot", None, "Also draw throughput vs number of requests here (PNG; needs matplotlib).")
 flags.register_multi_flags_validator(
     ["min_input_len", "max_input_len"], lambda f: f["max_input_len"] >= f["min_input_len"],
     message="--max_input_len must be at least --min_input_len")
@@ -73,10 +82,12 @@ def make_workload(seed, num, min_len, max_len, shared_prefix_len, vocab):
             for _ in range(num)]
 
 
-def run_engine(path, prompts, output_len, engine_config):
+def run_engine(path, prompts, output_len, engine_config, session=None):
+    """Warm-up, then a timed run of every prompt; `session` = reuse a loaded one."""
     from jaxinfer import InferenceSession, SamplingParams
-    session = InferenceSession.from_pretrained(path, dtype="float32", engine=engine_config)
+    session = session or InferenceSession.from_pretrained(path, dtype="float32", engine=engine_config)
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    session.reset_prefix_cache()  # a reused session: warm up on the cold-cache shapes the timed run will see
     start = time.perf_counter()
     session.generate(prompts, params)
     warmup_seconds = time.perf_counter() - start
@@ -143,6 +154,12 @@ def main(argv):
     vocab = min(1000, bench_common.MODEL_PRESETS[_PRESET.value]["vocab_size"])
     args = (_NUM_REQUESTS.value, _MIN_INPUT.value, _MAX_INPUT.value, _SHARED_PREFIX.value, vocab)
     prompts = make_workload(_SEED.value, *args)
+    try:
+        counts = sorted({int(n) for n in _SWEEP.value})
+    except ValueError:
+        raise app.UsageError(f"--num_requests_sweep: expected integers, got {_SWEEP.value}") from None
+    if counts and not 1 <= counts[0] <= counts[-1] <= len(prompts):
+        raise app.UsageError(f"--num_requests_sweep: counts must lie in [1, --num_requests={len(prompts)}]")
     gemm = bench_common.measure_gemm_flops()
     def engine_config(shared):
         return EngineConfig(page_size=_PAGE_SIZE.value, max_num_batched_tokens=_MAX_BATCHED_TOKENS.value,
@@ -155,6 +172,13 @@ def main(argv):
         ours = run_engine(path, prompts, _OUTPUT_LEN.value, engine_config(True))
     else:
         ours = run_engine(path, prompts, _OUTPUT_LEN.value, engine_config(_SHARED_ATTENTION.value))
+    sweep = []
+    if counts:
+        from jaxinfer import InferenceSession
+        with InferenceSession.from_pretrained(path, dtype="float32",
+                                              engine=engine_config(_SHARED_ATTENTION.value)) as session:
+            for n in counts:
+                sweep.append({"num_requests": n, **run_engine(path, prompts[:n], _OUTPUT_LEN.value, None, session)})
     # Every token (prompt and output) costs 2 x params FLOPs in the weight matmuls.
     roofline_total_tokens_per_s = gemm / (2 * ours["num_params"])
     report = {"env": bench_common.environment(), "model": path,
@@ -165,7 +189,8 @@ def main(argv):
                                 "shared_prefix_attention": True if plain else _SHARED_ATTENTION.value},
               "gemm_gflop_s": gemm / 1e9, "compute_roofline_tokens_per_s": roofline_total_tokens_per_s,
               "jaxinfer": ours,
-              "jaxinfer_pct_of_compute_roofline": 100 * ours["computed_tokens_per_s"] / roofline_total_tokens_per_s}
+              "jaxinfer_pct_of_compute_roofline": 100 * ours["computed_tokens_per_s"] / roofline_total_tokens_per_s,
+              "sweep": sweep}
     if plain is not None:
         report["jaxinfer_shared_prefix_off"] = plain
         report["shared_prefix_off_pct_of_compute_roofline"] = \
@@ -203,7 +228,15 @@ def main(argv):
           f"{ours['warmup_seconds']:.1f} s, steps {ours['num_steps']}, host {ours['host_seconds']:.2f} s, "
           f"prefix-cache hit rate {ours['prefix_cache_hit_rate']:.2f}, "
           f"compilation cache: {_COMPILATION_CACHE.value or 'off'}")
+    if sweep:
+        print(f"{'requests':>9s}{'out tok/s':>11s}{'computed tok/s':>16s}{'% roofline':>11s}{'seconds':>9s}")
+        for row in sweep:
+            print(f"{row['num_requests']:9d}{row['output_tokens_per_s']:11.1f}{row['computed_tokens_per_s']:16.1f}"
+                  f"{100 * row['computed_tokens_per_s'] / roofline_total_tokens_per_s:11.1f}{row['seconds']:9.2f}")
     bench_common.write_json(_JSON.value, report)
+    if _PLOT.value:
+        import plotting
+        plotting.plot_throughput(report, _PLOT.value)
 
 
 if __name__ == "__main__":

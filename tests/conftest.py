@@ -15,6 +15,16 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 # turns it on explicitly in a temporary folder.
 os.environ.setdefault("JAXINFER_COMPILATION_CACHE_DIR", "")
 
+# Hypothesis (tests/fuzz, the servers' fuzz tests) keeps caches in its home folder,
+# `.hypothesis/` in the working directory by default: keep them out of the repository.
+try:
+    import tempfile
+
+    from hypothesis.configuration import set_hypothesis_home_dir
+    set_hypothesis_home_dir(os.path.join(tempfile.gettempdir(), "jaxinfer-hypothesis"))
+except ImportError:  # the runtime install, without the test extras
+    pass
+
 
 @pytest.fixture(scope="session")
 def hf_model_dir(tmp_path_factory):

@@ -28,7 +28,7 @@ LAYERS = (
     # and imports nothing from jaxinfer, so it sits below every layer and any layer may
     # ask it for a bundled model's path.
     ("jaxinfer.assets", 0),
-    ("jaxinfer.config", 1), ("jaxinfer.types", 1),
+    ("jaxinfer.config", 1), ("jaxinfer.types", 1), ("jaxinfer.progress", 1),
     ("jaxinfer.pallas", 2), ("jaxinfer.sharding", 2),
     ("jaxinfer.models", 3), ("jaxinfer.quant", 3),
     ("jaxinfer.runtime", 4),
@@ -53,6 +53,8 @@ HOST_ONLY = (
     "jaxinfer/engine/output_processor.py",
     "jaxinfer/engine/validation.py",
     "jaxinfer/runtime/input_batch.py",
+    "jaxinfer/runtime/step_checks.py",
+    "jaxinfer/runtime/faults.py",
     # the servers talk to the async engine and tokenizers only (docs/architecture.md)
     "jaxinfer/serving/core.py",
     "jaxinfer/serving/metrics.py",

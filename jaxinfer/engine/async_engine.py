@@ -15,8 +15,9 @@ iterate it (blocking) or `async for` it (asyncio) for StreamDeltas, or call
 `result()` / `await aresult()` for the RequestOutput. `abort` may be called from any
 thread; the stream then ends with finish_reason "abort". If a step raises, the
 requests of that step are aborted (their pages freed) and their streams raise that
-error to their readers; a request that fails alone (e.g. in its output processing)
-fails alone; the loop keeps serving everything else. The loop thread never blocks on a
+error to their readers; a request that fails alone (a NaN / Inf in its logits:
+engine.NonFiniteOutput, or an error in its output processing) fails alone, its reader
+getting that error; the loop keeps serving everything else. The loop thread never blocks on a
 reader: a stream whose reader falls more than `max_buffered_deltas` deltas behind is
 cut off (the request is aborted, the reader gets SlowReader).
 

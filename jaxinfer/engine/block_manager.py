@@ -145,6 +145,39 @@ class BlockManager:
         self._hash_of[page] = page_hash
         self._page_of[page_hash] = page
 
+    def unregister(self, pages: Sequence[int]) -> int:
+        """Makes pages unfindable (their contents are not to be trusted); returns how many
+        were registered. Referenced pages stay with their holders; a free cached one
+        becomes free uncached."""
+        dropped = 0
+        for page in pages:
+            page_hash = self._hash_of[page]
+            if page_hash is None:
+                continue
+            del self._page_of[page_hash]
+            self._hash_of[page] = None
+            if page in self._free_cached:
+                del self._free_cached[page]
+                self._free_uncached.append(page)
+            dropped += 1
+        return dropped
+
+    def num_referenced_pages(self) -> int:
+        """Pages held by at least one request (0 when every request has ended)."""
+        return sum(1 for c in self._ref_counts if c > 0)
+
+    def check_consistency(self) -> None:
+        """Raises AssertionError when the bookkeeping disagrees with itself (tests)."""
+        free = set(self._free_uncached) | set(self._free_cached)
+        assert len(free) == len(self._free_uncached) + len(self._free_cached), "a page is free twice"
+        for page, count in enumerate(self._ref_counts):
+            assert count >= 0, f"page {page}: negative reference count"
+            assert (count == 0) == (page in free), f"page {page}: {count} references, free={page in free}"
+            assert (page in self._free_cached) <= (self._hash_of[page] is not None), f"page {page}: cached without hash"
+        for page_hash, page in self._page_of.items():
+            assert self._hash_of[page] == page_hash, f"page {page}: hash maps disagree"
+        assert sum(h is not None for h in self._hash_of) == len(self._page_of), "hash maps disagree in size"
+
     def reset_prefix_cache(self) -> None:
         """Forgets every cached hash (e.g. after the weights change)."""
         for page in list(self._free_cached):

@@ -36,10 +36,15 @@ import operator
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["IncrementalDetokenizer", "PROMPT_CONTEXT_TOKENS"]
+__all__ = ["IncrementalDetokenizer", "MAX_PENDING_TOKENS", "PROMPT_CONTEXT_TOKENS"]
 
 #: How many trailing prompt ids seed the decode window.
 PROMPT_CONTEXT_TOKENS = 5
+#: Most ids held back for an unfinished character: a UTF-8 character has at most 4
+#: bytes, so a longer run still ending in U+FFFD is invalid bytes, not a pending
+#: character; it is emitted (as U+FFFD) so the window, and the cost of each add, stay
+#: bounded whatever the model samples.
+MAX_PENDING_TOKENS = 16
 
 _REPLACEMENT = "\ufffd"
 
@@ -115,9 +120,15 @@ class IncrementalDetokenizer:
         self._ids.append(tid)
         new_text = self._decode(self._ids)
         prefix_text = self._prefix_text
-        if len(new_text) <= len(prefix_text) or new_text.endswith(_REPLACEMENT):
-            # Nothing new yet (skipped special token), or an incomplete
-            # multi-byte character: hold the ids back.
+        held = len(self._ids) - self._read
+        if len(new_text) <= len(prefix_text):
+            # Nothing new yet (skipped special tokens): hold the ids back, but
+            # not without bound (a run of them will never add text).
+            if held >= MAX_PENDING_TOKENS:
+                self._advance()
+            return ""
+        if new_text.endswith(_REPLACEMENT) and held < MAX_PENDING_TOKENS:
+            # An incomplete multi-byte character: hold the ids back.
             return ""
         delta = new_text[len(prefix_text):]
         self._advance()

@@ -14,6 +14,15 @@ Requests enter through `add_requests` (validated as a batch by engine/validation
 before any is queued) and leave when their last StreamDelta has been returned by
 `step` or `abort`: the engine forgets them then.
 
+Failures. A step whose runner (or update) raises fails that step's requests
+(StepFailed: their pages freed, the engine forgets them) and the engine goes on. A
+request whose sampled logits held a NaN or Inf (the runner checks every row,
+`SequenceOutput.finite`) fails alone with NonFiniteOutput, kept for `take_errors()`:
+nothing of that step is applied to it, the pages it wrote are never registered in the
+prefix cache (nor the pages it computed earlier: scheduler.fail), and the other
+requests of the step go on as if it had not been there. The request counters of
+`metrics()` always add up: added = finished + aborted + failed + tracked.
+
 Samples (SamplingParams.n > 1). `add_requests` runs a request of n samples as n
 requests "{request_id}-{i}" (validation.expand_samples: n = 1 each, sample 0 keeps the
 seed, sample i > 0 a seed derived from (seed, i)); their outputs carry `index` i and
@@ -59,6 +68,12 @@ class _Counters:
     host_seconds: float = 0.0
     shared_prefix_steps: int = 0
     shared_prefix_tokens_saved: int = 0
+    num_failed_steps: int = 0
+    # requests: queued (each sample counts), then ended one way or another
+    num_requests_added: int = 0
+    num_requests_finished: int = 0  # length, eos, stop
+    num_requests_aborted: int = 0  # by the caller
+    num_requests_failed: int = 0  # a failed step, a non-finite output, an error of its own
 
     def add(self, stats: StepStats, num_seqs: int, host_seconds: float) -> None:
         self.num_steps += 1
@@ -85,6 +100,22 @@ class StepFailed(RuntimeError):
         super().__init__(f"engine step failed for {len(request_ids)} request(s): {error!r}")
         self.error = error
         self.request_ids = request_ids
+
+
+class RequestFailed(RuntimeError):
+    """A request failed alone (the other requests went on); its pages were freed.
+
+    Attributes:
+      request_id: the failed request.
+    """
+
+    def __init__(self, request_id: str, message: str):
+        super().__init__(message)
+        self.request_id = request_id
+
+
+class NonFiniteOutput(RequestFailed):
+    """The model produced a NaN or Inf in the request's logits (e.g. an overflow)."""
 
 
 class Engine:
@@ -168,6 +199,7 @@ class Engine:
             self.requests[r.request_id] = request
             self.output_processor.add(request)
             self.scheduler.add(request)
+        self._counters.num_requests_added += len(named)
         return [r.request_id for r in named]
 
     def add_request(self, prompt_ids, params: SamplingParams, request_id: Optional[str] = None,
@@ -200,7 +232,21 @@ class Engine:
         delta = self.output_processor.delta(request)
         self.output_processor.remove(request.request_id)
         del self.requests[request.request_id]
+        if request.finish_reason == "abort":
+            self._counters.num_requests_aborted += 1
+        else:
+            self._counters.num_requests_finished += 1
         return delta
+
+    def _fail(self, request: Request, error: Optional[BaseException]) -> None:
+        """Ends a request with an error: pages freed, forgotten; `error` kept for take_errors()."""
+        if not request.is_finished:
+            self.scheduler.finish(request, "error")
+        self.output_processor.remove(request.request_id)
+        del self.requests[request.request_id]
+        self._counters.num_requests_failed += 1
+        if error is not None:
+            self.request_errors[request.request_id] = error
 
     # ------------------------------------------------------------------ steps
 
@@ -220,12 +266,17 @@ class Engine:
             touched = self.scheduler.update(step, step_output)
         except Exception as e:  # noqa: BLE001 - fail this step's requests only
             failed = list(step.num_scheduled_tokens)
+            self.scheduler.take_failed()  # (a partial update's): failed below with the rest
             for request_id in failed:
                 request = self.requests.get(request_id)
                 if request is not None:
-                    self.scheduler.finish(request, "abort")
-                    self._last_delta(request)
+                    self._fail(request, None)  # the error travels in StepFailed
+            self._counters.num_failed_steps += 1
             raise StepFailed(e, failed) from e
+        for request in self.scheduler.take_failed():  # non-finite logits: failed alone
+            self._fail(request, NonFiniteOutput(
+                request.request_id, f"request {request.request_id!r}: the model produced a non-finite value (NaN or "
+                f"Inf) in its logits in step {step.step_id}; the request was failed and its pages were not cached"))
         stats = step_output.stats
         deltas = []
         for request, num_new in touched:
@@ -240,11 +291,10 @@ class Engine:
                 else:
                     deltas.append(self.output_processor.delta(request))
             except Exception as e:  # noqa: BLE001 - e.g. detokenizing: this request fails alone
-                self.request_errors[request.request_id] = e
                 if request.request_id in self.requests:
-                    self.scheduler.finish(request, "abort")
-                    self.output_processor.remove(request.request_id)
-                    del self.requests[request.request_id]
+                    self._fail(request, e)
+                else:
+                    self.request_errors[request.request_id] = e
         # Host time: everything but the runner's device call (its batch building counts).
         self._counters.add(stats, step.num_sequences, time.perf_counter() - start - stats.device_seconds)
         return deltas
@@ -269,6 +319,12 @@ class Engine:
             "mean_batch_tokens": c.num_batched_tokens / steps,
             "mean_batch_seqs": c.num_scheduled_seqs / steps,
             "num_preemptions": self.scheduler.num_preemptions,
+            "num_failed_steps": c.num_failed_steps,
+            "num_requests_added": c.num_requests_added,
+            "num_requests_finished": c.num_requests_finished,
+            "num_requests_aborted": c.num_requests_aborted,
+            "num_requests_failed": c.num_requests_failed,
+            "num_requests_tracked": len(self.requests),
             "num_compiles": c.num_compiles,
             "compile_seconds": c.compile_seconds,
             "device_seconds": c.device_seconds,

@@ -43,6 +43,7 @@ class Request:
         self.admission_index = -1  # set by the scheduler at each admission
         self.page_hashes: list = []  # hash chain of the full pages of all_ids
         self.num_registered_pages = 0  # leading pages registered in the prefix cache
+        self.num_hit_pages = 0  # leading pages taken from the prefix cache at admission (not computed here)
         self.prompt_ids = list(prompt_ids)
         self.prompt_tuple = tuple(self.prompt_ids)  # handed to every step that needs it (penalties)
         self.params = params

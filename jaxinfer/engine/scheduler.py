@@ -23,7 +23,9 @@ engine still runs schedule -> execute -> update in turn: `schedule()` works from
 `num_computed`, which only `update()` advances, so overlapping step N+1 with step N
 needs the scheduler to count tokens in flight first.) The
 token-level stop rules (EOS, stop token ids, max_tokens) are applied here; stop
-strings, which need text, are the output processor's.
+strings, which need text, are the output processor's. A sequence whose output is not
+`finite` (a NaN / Inf in its logits) gets nothing of the step: `fail` ends it, drops
+the pages it computed from the prefix cache and frees its pages.
 
 Samples of one prompt (SamplingParams.n). A request with `wait_for` set (every sample
 but the first) stays waiting, without blocking the requests behind it, until that first
@@ -71,6 +73,7 @@ class Scheduler:
         self.waiting: list = []  # sorted by (priority, arrival_index)
         self.running: list = []  # in admission order
         self.num_preemptions = 0
+        self.failed: list = []  # requests update() failed (non-finite outputs), until take_failed()
         self._admissions = itertools.count()
         self._step_ids = itertools.count()
 
@@ -91,6 +94,7 @@ class Scheduler:
         self.block_manager.free(request.page_ids)
         request.page_ids = []
         request.num_registered_pages = 0
+        request.num_hit_pages = 0
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
@@ -133,6 +137,7 @@ class Scheduler:
         request.page_ids = list(hits) + bm.allocate(num_new)
         request.num_computed = len(hits) * bm.page_size
         request.num_registered_pages = len(hits)
+        request.num_hit_pages = len(hits)
         bm.record_lookup(num_tokens, request.num_computed)
         return True
 
@@ -245,6 +250,9 @@ class Scheduler:
             out = step_output.outputs.get(request_id)
             if out is None:
                 raise ValueError(f"step_output: no output for request {request_id!r} of step {step.step_id}")
+            if not out.finite:  # NaN / Inf in its logits: nothing of this step is kept
+                self.fail(request)
+                continue
             first_target = request.num_computed + 1
             request.num_computed += num_tokens
             if request.num_computed >= len(request.prompt_ids):
@@ -272,6 +280,24 @@ class Scheduler:
             if request.is_finished:
                 self.finish(request)
         return touched
+
+    def fail(self, request: Request) -> None:
+        """Ends a request whose step produced a non-finite value (finish reason "error").
+
+        The step's tokens were not applied and the pages it wrote were not registered.
+        The pages the request computed and registered in earlier steps are dropped from
+        the prefix cache too (a NaN in the K/V shows in the logits only when a later
+        query reads it); pages it took from the cache stay. Then its pages are freed.
+        The engine takes it with take_failed().
+        """
+        self.block_manager.unregister(request.page_ids[request.num_hit_pages:request.num_registered_pages])
+        request.num_registered_pages = request.num_hit_pages
+        self.finish(request, "error")
+        self.failed.append(request)
+
+    def take_failed(self) -> list:
+        failed, self.failed = self.failed, []
+        return failed
 
     def finish(self, request: Request, reason: Optional[str] = None) -> None:
         """Ends a request (with `reason` unless it already has one) and frees its pages."""

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Iterable
+import itertools
+from collections.abc import Iterable, Mapping
 from typing import Optional
 
 from jaxinfer.config import EngineConfig, ModelConfig, SamplingParams, as_token_id
@@ -69,12 +70,16 @@ def _name(field: str, index: Optional[int]) -> str:
     return field if index is None else f"{field}[{index}]"
 
 
-def validate_prompt_ids(prompt, vocab_size: int, field: str = "prompt") -> tuple:
-    """Token ids (ints, numpy integers accepted) of a non-empty prompt inside the vocabulary."""
-    if isinstance(prompt, (str, bytes)) or not isinstance(prompt, Iterable):
+def validate_prompt_ids(prompt, vocab_size: int, field: str = "prompt", max_len: Optional[int] = None) -> tuple:
+    """Token ids (ints, numpy integers accepted) of a non-empty prompt inside the vocabulary.
+
+    With `max_len`, a prompt of max_len tokens or more is refused (no room for one
+    output token) after reading at most max_len of them (an endless iterator too).
+    """
+    if isinstance(prompt, (str, bytes, bytearray, Mapping)) or not isinstance(prompt, Iterable):
         raise ValueError(f"{field}: expected a list of token ids, got {type(prompt).__name__}")
     ids = []
-    for t in prompt:
+    for t in prompt if max_len is None else itertools.islice(prompt, max_len):
         try:
             t = as_token_id(t, field)
         except ValueError:
@@ -84,6 +89,9 @@ def validate_prompt_ids(prompt, vocab_size: int, field: str = "prompt") -> tuple
         ids.append(t)
     if not ids:
         raise ValueError(f"{field}: empty prompt (needs at least one token)")
+    if max_len is not None and len(ids) >= max_len:
+        raise ValueError(f"{field}: the prompt has {max_len} tokens or more; the model's context of {max_len} "
+                         f"leaves no room for an output token")
     return tuple(ids)
 
 
@@ -96,7 +104,7 @@ def validate_request(request: NewRequest, limits: RequestLimits, index: Optional
     if not isinstance(request.params, SamplingParams):
         raise ValueError(f"{_name('params', index)}: expected SamplingParams, got {type(request.params).__name__}")
     params = request.params
-    ids = validate_prompt_ids(request.prompt_ids, limits.vocab_size, _name("prompts", index))
+    ids = validate_prompt_ids(request.prompt_ids, limits.vocab_size, _name("prompts", index), limits.max_model_len)
     total = len(ids) + params.max_tokens
     if total > limits.max_model_len:
         raise ValueError(f"{_name('params', index)}.max_tokens: prompt ({len(ids)} tokens) + max_tokens "
@@ -128,6 +136,12 @@ def validate_request(request: NewRequest, limits: RequestLimits, index: Optional
 
 def validate_requests(requests, limits: RequestLimits) -> list:
     """Validates a batch; request ids must be distinct within it. Returns the normalized list."""
+    if isinstance(requests, (str, bytes, Mapping)) or not isinstance(requests, Iterable):
+        raise ValueError(f"requests: expected a list of NewRequest, got {type(requests).__name__}")
+    requests = list(requests)
+    for i, r in enumerate(requests):
+        if not isinstance(r, NewRequest):
+            raise ValueError(f"requests[{i}]: expected a NewRequest, got {type(r).__name__}")
     out = [validate_request(r, limits, index=i) for i, r in enumerate(requests)]
     seen = set()
     for i, r in enumerate(out):

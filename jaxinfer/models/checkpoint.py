@@ -1,8 +1,10 @@
 """Checkpoint I/O: HF folders (config.json + safetensors) and orbax, both ways.
 
-The safetensors reader is our own (the format is an 8-byte header length, a JSON
-header and raw little-endian bytes), so bfloat16 tensors load through numpy's memmap
-without torch. Pickle `.bin` / `.pt` weights are refused: unpickling runs code.
+The safetensors reader is our own (jaxinfer.models.safetensors_reader: every header
+field is checked before a byte of data is touched), so bfloat16 tensors load through
+numpy's memmap without torch. Pickle `.bin` / `.pt` weights are refused: unpickling
+runs code; `auto_map` / remote code in config.json is never imported; every file read
+stays inside the model folder (jaxinfer.models.folder_paths).
 
 Int4 folders carry a `quantization_config` in config.json: either jaxinfer's own
 layout (safetensors or orbax) or HF GPTQ tensors, see jaxinfer.models.quant_format.
@@ -13,25 +15,21 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 from typing import Any, Mapping, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 
 from jaxinfer.config import ModelConfig
 from jaxinfer.models import quant_format, registry
 from jaxinfer.models.layers import Int4Format
 from jaxinfer.models.quant_format import CheckpointQuantization
+from jaxinfer.models.folder_paths import resolve_in_folder
+from jaxinfer.models.safetensors_reader import (CorruptCheckpoint, read_safetensors,  # noqa: F401 (re-exported)
+                                                write_safetensors)
 from jaxinfer.models.transformer import param_shapes
 
-_ST_DTYPES = {
-    "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
-}
-_ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Tensors some exporters add that carry nothing the model needs.
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
@@ -50,63 +48,26 @@ def resolve_dtype(dtype) -> jnp.dtype:
 
 # ---------------------------------------------------------------------------- safetensors
 
-def read_safetensors(path: str) -> dict[str, np.ndarray]:
-    """Memory-maps every tensor of a .safetensors file as a numpy array."""
-    with open(path, "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        if header_len > 100_000_000:
-            raise ValueError(f"{path}: corrupt safetensors header (length {header_len})")
-        header = json.loads(f.read(header_len))
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len)
-    tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if info["dtype"] not in _ST_DTYPES:
-            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
-        start, end = info["data_offsets"]
-        dtype = np.dtype(_ST_DTYPES[info["dtype"]])
-        tensors[name] = data[start:end].view(dtype).reshape(info["shape"])
-    return tensors
-
-
-def write_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata=None) -> None:
-    """Writes numpy arrays (bfloat16 included) as one .safetensors file."""
-    header, offset, blobs = {}, 0, []
-    for name in sorted(tensors):
-        arr = np.ascontiguousarray(tensors[name])
-        blob = arr.tobytes()
-        header[name] = {"dtype": _ST_NAMES[arr.dtype], "shape": list(arr.shape),
-                        "data_offsets": [offset, offset + len(blob)]}
-        offset += len(blob)
-        blobs.append(blob)
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for blob in blobs:
-            f.write(blob)
-
-
 def _weight_files(path: str) -> list[str]:
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
-        files = sorted(set(weight_map.values()))
-        for name in files:
-            if not os.path.exists(os.path.join(path, name)):
-                raise FileNotFoundError(f"{path}: shard {name} named in model.safetensors.index.json is missing")
-        return [os.path.join(path, n) for n in files]
-    single = os.path.join(path, "model.safetensors")
-    if os.path.exists(single):
-        return [single]
+        weight_map = _read_json(resolve_in_folder(path, "model.safetensors.index.json", "index file"))
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str)
+                                                                          for v in weight_map.values()):
+            raise ValueError(f"{index}: weight_map must be a non-empty JSON object of tensor name -> shard file")
+        files = [resolve_in_folder(path, name, "shard named in model.safetensors.index.json")
+                 for name in sorted(set(weight_map.values()))]
+        for file in files:
+            if not os.path.isfile(file):
+                raise FileNotFoundError(f"{path}: shard {os.path.relpath(file, path)} named in "
+                                        f"model.safetensors.index.json is missing")
+        return files
+    if os.path.exists(os.path.join(path, "model.safetensors")):
+        return [resolve_in_folder(path, "model.safetensors", "weight file")]
     shards = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
     if shards:
-        return [os.path.join(path, n) for n in shards]
+        return [resolve_in_folder(path, n, "weight file") for n in shards]
     pickles = sorted(n for n in os.listdir(path) if n.endswith((".bin", ".pt", ".pth", ".ckpt")))
     if pickles:
         raise ValueError(f"{path}: only pickle weights found ({', '.join(pickles)}); jaxinfer refuses them "
@@ -233,6 +194,15 @@ def _int4_layer(tensors, prefix: str, quantization: CheckpointQuantization, expe
     return layer
 
 
+def _check_layer_count(tensors: Mapping[str, Any], config: ModelConfig, sources=None) -> None:
+    """Refuses a config whose layer count the files do not hold, before enumerating its layers."""
+    layers = {name.split(".")[2] for name in tensors if name.startswith("model.layers.") and name.count(".") > 2}
+    if config.num_layers > len(layers):
+        files = sorted(set(sources.values())) if sources else []
+        raise ValueError(f"config.json: num_hidden_layers is {config.num_layers}, the weights"
+                         f"{' (' + ', '.join(files[:3]) + ')' if files else ''} hold {len(layers)} layers")
+
+
 def _check_hf_tensors(tensors: Mapping[str, Any], config: ModelConfig,
                       quantization: Optional[CheckpointQuantization] = None,
                       sources: Optional[Mapping[str, str]] = None) -> tuple[dict, Any, dict]:
@@ -250,16 +220,18 @@ def _check_hf_tensors(tensors: Mapping[str, Any], config: ModelConfig,
       ValueError: a tensor is missing, unexpected, or has the wrong shape (named, with
         its file when `sources` has it).
     """
+    _check_layer_count(tensors, config, sources)
     names = _hf_names(config)
     shapes = param_shapes(config)
     quantized, required, optional = _int4_tensor_names(names, quantization)
     unexpected = [n for n in tensors if n not in required and n not in optional and not n.endswith(_IGNORED_SUFFIXES)
                   and not (n == "lm_head.weight" and config.tie_word_embeddings)]
+    files = f" ({', '.join(sorted(set(sources.values()))[:3])})" if sources else ""
     if unexpected:
-        raise ValueError(f"unexpected tensor(s) in checkpoint: {', '.join(sorted(unexpected)[:10])}")
+        raise ValueError(f"unexpected tensor(s) in checkpoint{files}: {', '.join(sorted(unexpected)[:10])}")
     missing = sorted(n for n in required if n not in tensors)
     if missing:
-        raise ValueError(f"missing tensor(s) in checkpoint: {', '.join(missing[:10])}")
+        raise ValueError(f"missing tensor(s) in checkpoint{files}: {', '.join(missing[:10])}")
     for name, (path, transpose, expert) in names.items():
         if name in quantized:
             continue
@@ -268,9 +240,12 @@ def _check_hf_tensors(tensors: Mapping[str, Any], config: ModelConfig,
             expected = expected[1:]  # one expert's slice of the stacked [E, ...] parameter
         got = tuple(tensors[name].shape)
         want = expected[::-1] if transpose else expected
+        where = f" (in {sources[name]})" if sources and name in sources else ""
         if got != want:
-            where = f" (in {sources[name]})" if sources and name in sources else ""
             raise ValueError(f"tensor {name}: shape {got} does not match the config's {want}{where}")
+        kind = getattr(getattr(tensors[name], "dtype", None), "kind", "f")
+        if kind not in "fV":  # floats (bfloat16's numpy kind is "V"); not ints or bools
+            raise ValueError(f"tensor {name}: dtype {tensors[name].dtype} is not a float dtype{where}")
     return names, shapes, quantized
 
 
@@ -371,12 +346,24 @@ def hf_config_for_params(hf_config: Mapping[str, Any], params, checkpoint_format
 
 # ---------------------------------------------------------------------------- folders
 
+def _read_json(path: str):
+    """A JSON file's value; ValueError naming the file when it does not parse."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ValueError(f"{path}: not valid JSON: {e}") from None
+
+
 def read_hf_config(path: str) -> dict:
+    """config.json of a model folder as a dict (ValueError naming the file otherwise)."""
     config_path = os.path.join(path, "config.json")
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"{path}: no config.json (not an HF model folder)")
-    with open(config_path) as f:
-        return json.load(f)
+    hf = _read_json(resolve_in_folder(path, "config.json", "config file"))
+    if not isinstance(hf, dict):
+        raise ValueError(f"{config_path}: must hold a JSON object, got {type(hf).__name__}")
+    return hf
 
 
 def checkpoint_quantization(hf_config: Mapping[str, Any]) -> Optional[CheckpointQuantization]:

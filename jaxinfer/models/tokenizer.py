@@ -39,6 +39,7 @@ import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from jaxinfer.models.folder_paths import resolve_in_folder
 from jaxinfer.models.tokenizer_backends import HFBackend, SPBackend, token_content
 
 __all__ = ["Tokenizer", "load_tokenizer"]
@@ -62,7 +63,7 @@ def _read_json(path: str) -> dict[str, Any] | None:
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise ValueError(f"cannot read {path}: {e}") from e
     if not isinstance(data, dict):
         raise ValueError(f"{path} must contain a JSON object, got {type(data).__name__}")
@@ -85,6 +86,11 @@ def _id_list(value: Any) -> list[int]:
 def _check_text(text: Any, name: str = "text") -> str:
     if not isinstance(text, str):
         raise ValueError(f"{name} must be a str, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # lone surrogates (e.g. bytes decoded with surrogateescape)
+        raise ValueError(f"{name}: not valid Unicode: {text[e.start]!r} at index {e.start} is a lone surrogate "
+                         f"(UTF-8 cannot encode it); replace it or send valid text") from None
     return text
 
 
@@ -254,14 +260,15 @@ def load_tokenizer(path: str) -> Tokenizer | None:
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model folder {path!r} does not exist or is not a directory")
 
-    json_path = os.path.join(path, TOKENIZER_JSON)
-    sp_path = os.path.join(path, SENTENCEPIECE_MODEL)
+    # Every file is resolved inside the folder: a symlink leading out of it is refused.
+    json_path = resolve_in_folder(path, TOKENIZER_JSON, "tokenizer file")
+    sp_path = resolve_in_folder(path, SENTENCEPIECE_MODEL, "tokenizer file")
     if not (os.path.isfile(json_path) or os.path.isfile(sp_path)):
         return None
 
-    tok_config = _read_json(os.path.join(path, TOKENIZER_CONFIG)) or {}
-    gen_config = _read_json(os.path.join(path, GENERATION_CONFIG)) or {}
-    model_config = _read_json(os.path.join(path, MODEL_CONFIG)) or {}
+    tok_config = _read_json(resolve_in_folder(path, TOKENIZER_CONFIG, "tokenizer file")) or {}
+    gen_config = _read_json(resolve_in_folder(path, GENERATION_CONFIG, "generation config")) or {}
+    model_config = _read_json(resolve_in_folder(path, MODEL_CONFIG, "config file")) or {}
 
     backend: HFBackend | SPBackend
     if os.path.isfile(json_path):

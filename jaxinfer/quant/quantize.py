@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinfer import progress as progress_bars
 from jaxinfer.config import ModelConfig
 from jaxinfer.models.checkpoint import get_path, set_path
 from jaxinfer.models.layers import RMSNorm
@@ -106,7 +107,8 @@ def quantized_linear_paths(params, config: QuantConfig) -> list:
 
 
 def quantize(model_config: ModelConfig, params, quantization: str, config: Optional[QuantConfig] = None, *,
-             calibration_tokens: Optional[np.ndarray] = None, dtype=jnp.float32) -> dict:
+             calibration_tokens: Optional[np.ndarray] = None, dtype=jnp.float32,
+             progress: Optional[bool] = None) -> dict:
     """Quantizes every linear layer of `params` to group-wise int4.
 
     Args:
@@ -117,6 +119,8 @@ def quantize(model_config: ModelConfig, params, quantization: str, config: Optio
       calibration_tokens: [S, C] int token ids (GPTQ only), e.g. from
         jaxinfer.quant.calibration_token_ids; C must fit the model's context.
       dtype: dtype of the leaves left float (embeddings, norms, biases).
+      progress: GPTQ's bar over decoder layers (None = on a terminal or in Jupyter,
+        unless JAXINFER_PROGRESS=0; see jaxinfer.progress).
     Returns:
       A new parameter tree: quantized layers hold packed, scales and, when asymmetric,
       zeros, and with GPTQ act order perm (see jaxinfer.models.layers.Int4Format); the
@@ -132,7 +136,7 @@ def quantize(model_config: ModelConfig, params, quantization: str, config: Optio
     paths = quantized_linear_paths(params, config)
     if quantization == _GPTQ:
         tokens = _check_calibration(model_config, calibration_tokens)
-        out = _quantize_gptq(model_config, params, paths, config, tokens)
+        out = _quantize_gptq(model_config, params, paths, config, tokens, progress)
     else:
         out = _copy_tree(params)
         for path in paths:
@@ -144,7 +148,8 @@ def quantize(model_config: ModelConfig, params, quantization: str, config: Optio
 
 
 def quantize_pretrained(model_config: ModelConfig, params, quantization: str, config: Optional[QuantConfig] = None,
-                        *, model_dir: str, tokenizer=None, dtype=jnp.float32) -> dict:
+                        *, model_dir: str, tokenizer=None, dtype=jnp.float32,
+                        progress: Optional[bool] = None) -> dict:
     """`quantize` for the parameters of a model folder.
 
     GPTQ calibrates on the built-in text (jaxinfer.quant.calibration: Python stdlib
@@ -152,7 +157,7 @@ def quantize_pretrained(model_config: ModelConfig, params, quantization: str, co
     tokenized with the folder's tokenizer.
 
     Args:
-      model_config, params, quantization, config, dtype: as for `quantize`.
+      model_config, params, quantization, config, dtype, progress: as for `quantize`.
       model_dir: the folder the parameters come from.
       tokenizer: its jaxinfer Tokenizer (None = load it from model_dir when GPTQ needs it).
     Raises:
@@ -172,7 +177,8 @@ def quantize_pretrained(model_config: ModelConfig, params, quantization: str, co
                              f"{model_dir} has none; call quantize(calibration_tokens=...) instead")
         length = min(config.calibration_length, model_config.max_position_embeddings)
         tokens = calibration.calibration_token_ids(tokenizer, model_dir, config.num_calibration_sequences, length)
-    return quantize(model_config, params, quantization, config, calibration_tokens=tokens, dtype=dtype)
+    return quantize(model_config, params, quantization, config, calibration_tokens=tokens, dtype=dtype,
+                    progress=progress)
 
 
 def _with_bias(quantized: dict, layer: dict) -> dict:
@@ -225,7 +231,8 @@ def _gptq_layer(layer_params: dict, grams: dict, num_tokens: int, module: str, p
     return quantized, rtn.dequantize_linear(quantized)
 
 
-def _quantize_gptq(model_config: ModelConfig, params, paths: list, config: QuantConfig, tokens: np.ndarray):
+def _quantize_gptq(model_config: ModelConfig, params, paths: list, config: QuantConfig, tokens: np.ndarray,
+                   progress: Optional[bool] = None):
     num_seqs, length = tokens.shape
     batch = min(config.calibration_batch_size, num_seqs)
     num_batches = num_seqs // batch  # a ragged last batch is dropped: one compiled shape per layer
@@ -236,6 +243,7 @@ def _quantize_gptq(model_config: ModelConfig, params, paths: list, config: Quant
               for b in range(num_batches)]  # each [B * C, D]
     out = _copy_tree(params)
     wanted = set(paths)
+    bar = progress_bars.bar(model_config.num_layers + ((LM_HEAD,) in wanted), "GPTQ", "layer", enabled=progress)
     for layer in range(model_config.num_layers):
         name = f"layers_{layer}"
         layer_params = _copy_tree(float_params[name])
@@ -253,6 +261,7 @@ def _quantize_gptq(model_config: ModelConfig, params, paths: list, config: Quant
                 set_path(out, (name, module, proj), _with_bias(quantized, params[name][module][proj]))
                 layer_params[module][proj]["kernel"] = jnp.asarray(dequantized)
         hidden = [run(layer_params, x)[0] for x in hidden]  # the next layer sees the quantized layer's output
+        bar.update(1)
     if (LM_HEAD,) in wanted:
         norm = RMSNorm(model_config.rms_norm_eps, model_config.norm_weight_offset, jnp.float32, jnp.float32)
         final = jax.jit(lambda p, x: norm.apply({"params": p}, x))
@@ -261,6 +270,8 @@ def _quantize_gptq(model_config: ModelConfig, params, paths: list, config: Quant
         quantized, _ = _gptq_layer({LM_HEAD: {LM_HEAD: float_params[LM_HEAD]}}, grams, num_tokens, LM_HEAD,
                                    LM_HEAD, config)
         out[LM_HEAD] = quantized
+        bar.update(1)
+    bar.close()
     missed = wanted - {p for p in paths if "packed" in get_path(out, p)}
     if missed:
         raise ValueError(f"quantization: GPTQ does not know the execution order of layer(s) "

@@ -30,10 +30,10 @@ Logit processing. Penalty histories (padded to a power of two >= 16) and bias en
 (logit_bias, then min_tokens bans as -inf; a power of two >= 4) exist only when some
 sample row of the step uses them (else None: no such path is compiled).
 
-Safety. Every token id, page id and position is checked here, before it reaches the
-device: XLA clamps out-of-range gathers silently, which would read another request's
-KV or a wrong embedding. Shared-prefix nodes are checked against the members' own
-page lists. Errors are ValueErrors naming the request or `shared_prefixes`.
+Safety. Every token id, page id and position is checked before it reaches the device
+(runtime/step_checks.py, the first thing build_batch does): XLA clamps out-of-range
+gathers silently, which would read another request's KV or a wrong embedding. Errors
+are ValueErrors naming the request or `shared_prefixes` and the field.
 """
 from __future__ import annotations
 
@@ -43,6 +43,7 @@ from typing import Mapping, NamedTuple, Optional
 
 import numpy as np
 
+from jaxinfer.runtime import step_checks
 from jaxinfer.types import SequenceOutput, StepInput
 
 QUERY_BLOCK = 32  # queries per attention row at most
@@ -133,6 +134,9 @@ class DeviceBatch:
     sample_pos: np.ndarray  # [S] int32 position of the token being sampled (its key's fold-in)
     penalties: Optional[PenaltyArrays]  # when a sample row has a penalty, else None
     logit_bias: Optional[BiasArrays]  # when a sample row has a logit bias or min_tokens ban, else None
+    # [T] float32 value added to each token's logits and written K/V (runtime/faults.py:
+    # NaN / Inf on an injected request's tokens, 0 elsewhere); None = no fault (always, outside tests)
+    fault: Optional[np.ndarray] = None
     max_q_len: int  # static: queries per attention row at most
     num_decode_rows: int  # static: leading rows of at most one query
     all_greedy: bool  # static: every sample row is greedy (skips the sort)
@@ -141,7 +145,7 @@ class DeviceBatch:
 
     ARRAY_FIELDS = ("tokens", "positions", "slot_mapping", "targets", "cu_q_lens", "kv_lens", "page_tables",
                     "kv_starts", "prefix", "logits_indices", "temperature", "top_k", "top_p", "min_p", "seed_hi",
-                    "seed_lo", "sample_pos", "penalties", "logit_bias")
+                    "seed_lo", "sample_pos", "penalties", "logit_bias", "fault")
     STATIC_FIELDS = ("max_q_len", "num_decode_rows", "all_greedy", "all_logits", "num_top_logprobs")
 
 
@@ -161,81 +165,6 @@ class StepBatch:
     num_real_tokens: int  # tokens before padding
     shape_key: tuple  # identifies the compiled program
     shared_prefix_tokens_saved: int  # see StepStats
-
-
-def _validate_sequence(seq, config: BatchConfig) -> None:
-    ids = np.asarray(seq.token_ids, dtype=np.int64)
-    if ids.size == 0:
-        raise ValueError(f"request {seq.request_id}: token_ids is empty")
-    if ids.min() < 0 or ids.max() >= config.vocab_size:
-        bad = int(ids[(ids < 0) | (ids >= config.vocab_size)][0])
-        raise ValueError(f"request {seq.request_id}: token id {bad} outside the vocabulary [0, {config.vocab_size})")
-    if seq.next_token_id is not None and not 0 <= seq.next_token_id < config.vocab_size:
-        raise ValueError(f"request {seq.request_id}: next_token_id {seq.next_token_id} outside the vocabulary "
-                         f"[0, {config.vocab_size})")
-    end = seq.start_position + ids.size
-    if seq.start_position < 0 or end > config.max_positions:
-        raise ValueError(f"request {seq.request_id}: positions [{seq.start_position}, {end}) outside the "
-                         f"model's context of {config.max_positions}")
-    pages = np.asarray(seq.page_ids, dtype=np.int64)
-    if pages.size * config.page_size < end:
-        raise ValueError(f"request {seq.request_id}: {pages.size} pages cannot hold {end} tokens")
-    if pages.size and (pages.min() < 0 or pages.max() >= config.num_pages):
-        raise ValueError(f"request {seq.request_id}: page id outside [0, {config.num_pages})")
-    offsets = tuple(seq.sample_offsets)
-    if any(not 0 <= o < ids.size for o in offsets) or list(offsets) != sorted(set(offsets)):
-        raise ValueError(f"request {seq.request_id}: sample_offsets {offsets} must be increasing indices into "
-                         f"its {ids.size} fed tokens")
-
-
-def _step_is_valid(seqs, config: BatchConfig, lens, starts, num_own_pages, flat_ids, flat_pages) -> bool:
-    """The checks of _validate_sequence over the whole step at once (the hot path)."""
-    ends = starts.astype(np.int64) + lens
-    if lens.min() == 0 or starts.min() < 0 or ends.max() > config.max_positions:
-        return False
-    if flat_ids.min() < 0 or flat_ids.max() >= config.vocab_size:
-        return False
-    if (num_own_pages * config.page_size < ends).any():
-        return False
-    if flat_pages.size and (flat_pages.min() < 0 or flat_pages.max() >= config.num_pages):
-        return False
-    for s, n in zip(seqs, lens.tolist()):
-        if s.next_token_id is not None and not 0 <= s.next_token_id < config.vocab_size:
-            return False
-        offsets = s.sample_offsets
-        if offsets and (offsets[0] < 0 or offsets[-1] >= n
-                        or any(a >= b for a, b in zip(offsets, offsets[1:]))):
-            return False
-    return True
-
-
-def _validate_shared(step: StepInput, page_size: int) -> np.ndarray:
-    """Checks the SharedPrefix nodes; returns each sequence's first own page."""
-    seqs = step.sequences
-    spans: list = [[] for _ in seqs]
-    for n, node in enumerate(step.shared_prefixes):
-        members = tuple(node.members)
-        end = node.start_page + len(node.page_ids)
-        if not node.page_ids or node.start_page < 0 or len(members) < 1 or len(set(members)) != len(members):
-            raise ValueError(f"shared_prefixes[{n}]: needs pages, a start page >= 0 and distinct members")
-        for i in members:
-            if not (isinstance(i, int) and 0 <= i < len(seqs)):
-                raise ValueError(f"shared_prefixes[{n}]: member {i!r} is not a sequence of this step")
-            seq = seqs[i]
-            if tuple(seq.page_ids[node.start_page:end]) != tuple(node.page_ids):
-                raise ValueError(f"shared_prefixes[{n}]: pages differ from request {seq.request_id}'s pages")
-            if end * page_size > seq.start_position:
-                raise ValueError(f"shared_prefixes[{n}]: reaches position {end * page_size}, past request "
-                                 f"{seq.request_id}'s first query at {seq.start_position}")
-            spans[i].append((node.start_page, end))
-    suffix_page = np.zeros(len(seqs), np.int64)
-    for i, own in enumerate(spans):
-        for start, end in sorted(own):
-            if start != suffix_page[i]:
-                raise ValueError(f"shared_prefixes: request {seqs[i].request_id}'s nodes leave a gap or overlap "
-                                 f"at page {min(start, suffix_page[i])}")
-            suffix_page[i] = end
-    return suffix_page
 
 
 def _prefix_rows(step: StepInput, config: BatchConfig, offsets, ends, lens, max_q_len: int, num_tokens: int):
@@ -326,36 +255,23 @@ def _logit_arrays(seqs, num_rows: int, row_seq: np.ndarray, sample_pos: np.ndarr
                                  _ragged(values, row_starts, lens, width, np.float32))
 
 
-def build_batch(step: StepInput, config: BatchConfig) -> StepBatch:
+def build_batch(step: StepInput, config: BatchConfig, faults: Optional[Mapping[str, float]] = None) -> StepBatch:
     """Validates a step and lays it out as padded arrays (see the module docstring).
+
+    `faults` (tests only, runtime/faults.py): request id -> the NaN / Inf value its
+    tokens get in `DeviceBatch.fault`; None (or no id of this step) = no fault array.
 
     Raises:
       ValueError: naming the request (or `shared_prefixes`) whose ids, positions,
         pages or sample offsets are out of range.
     """
     seqs = step.sequences
-    if not seqs:
-        raise ValueError("step: no sequences scheduled")
     page_size = config.page_size
-    lens = np.array([len(s.token_ids) for s in seqs], dtype=np.int32)
-    starts = np.array([s.start_position for s in seqs], dtype=np.int32)
-    num_own_pages = np.array([len(s.page_ids) for s in seqs], dtype=np.int64)
-    # The whole step's ids and pages, concatenated in step order (read once).
-    flat_ids = np.fromiter(itertools.chain.from_iterable(s.token_ids for s in seqs), np.int64, int(lens.sum()))
-    flat_pages = np.fromiter(itertools.chain.from_iterable(s.page_ids for s in seqs), np.int64,
-                             int(num_own_pages.sum()))
-    if not _step_is_valid(seqs, config, lens, starts, num_own_pages, flat_ids, flat_pages):
-        for seq in seqs:  # the slow path names the first bad request and field
-            _validate_sequence(seq, config)
-    if len({s.request_id for s in seqs}) != len(seqs):  # outputs are keyed by request id: one would be lost
-        seen: set = set()
-        for seq in seqs:
-            if seq.request_id in seen:
-                raise ValueError(f"request {seq.request_id} appears twice in the step")
-            seen.add(seq.request_id)
+    # Every id, position and page checked (runtime/step_checks.py); the whole step's ids
+    # and pages come back concatenated in step order.
+    lens, starts, num_own_pages, flat_ids, flat_pages, suffix_page = step_checks.check_step(step, config)
     num_tokens = bucket(int(lens.sum()))
     # Each sequence's own rows read its pages from suffix_page on (0 without sharing).
-    suffix_page = _validate_shared(step, page_size) if step.shared_prefixes else np.zeros(len(seqs), np.int64)
     max_pages = page_bucket(max(len(s.page_ids) - int(p) for s, p in zip(seqs, suffix_page)))
     max_q_len = min(bucket(int(lens.max())), config.query_block)
     is_decode = lens == 1
@@ -447,6 +363,10 @@ def build_batch(step: StepInput, config: BatchConfig) -> StepBatch:
     num_top_logprobs = bucket(max_top) if max_top else 0
     penalties, bias = _logit_arrays(seqs, num_sample_rows, row_seq_of_sample, sample_pos.astype(np.int64),
                                     config.vocab_size)
+    fault = None
+    if faults and any(s.request_id in faults for s in seqs):
+        fault = np.zeros(num_tokens, np.float32)
+        fault[dest] = np.repeat(np.array([faults.get(s.request_id, 0.0) for s in seqs], np.float32), lens)
 
     device = DeviceBatch(
         tokens=tokens, positions=positions, slot_mapping=slots, targets=targets, cu_q_lens=cu_q_lens,
@@ -454,12 +374,13 @@ def build_batch(step: StepInput, config: BatchConfig) -> StepBatch:
         prefix=prefix, logits_indices=logits_indices, temperature=temperature, top_k=top_k, top_p=top_p,
         min_p=min_p, seed_hi=(seeds >> np.uint64(32)).astype(np.uint32),
         seed_lo=(seeds & np.uint64(0xFFFFFFFF)).astype(np.uint32), sample_pos=sample_pos, penalties=penalties,
-        logit_bias=bias, max_q_len=max_q_len,
+        logit_bias=bias, fault=fault, max_q_len=max_q_len,
         num_decode_rows=num_decode_rows, all_greedy=bool(all_greedy), all_logits=all_logits,
         num_top_logprobs=num_top_logprobs)
     shape_key = (num_tokens, num_sample_rows, num_decode_rows, num_rows, max_pages, max_q_len, prefix_shape,
                  device.all_greedy, all_logits, num_top_logprobs,
-                 0 if penalties is None else penalties.history.shape[1], 0 if bias is None else bias.token_ids.shape[1])
+                 0 if penalties is None else penalties.history.shape[1], 0 if bias is None else bias.token_ids.shape[1],
+                 fault is not None)
     return StepBatch(
         device=device, request_ids=tuple(s.request_id for s in seqs), token_offsets=offsets, num_tokens=lens,
         sample_starts=sample_starts, num_samples=num_samples,
@@ -471,7 +392,8 @@ def build_batch(step: StepInput, config: BatchConfig) -> StepBatch:
 
 
 def unpack_outputs(batch: StepBatch, sampled: np.ndarray, logprobs: np.ndarray, top_ids: np.ndarray,
-                   top_logprobs: np.ndarray, prompt_logprobs: np.ndarray) -> Mapping[str, SequenceOutput]:
+                   top_logprobs: np.ndarray, prompt_logprobs: np.ndarray,
+                   finite: Optional[np.ndarray] = None) -> Mapping[str, SequenceOutput]:
     """The step's results per request id.
 
     Args:
@@ -481,6 +403,7 @@ def unpack_outputs(batch: StepBatch, sampled: np.ndarray, logprobs: np.ndarray, 
       top_ids, top_logprobs: [S, n] the n most likely ids of each sample row and their
         log p (n = the bucketed num_top_logprobs; n = 0 when none was asked).
       prompt_logprobs: [T] float log p of each token's successor (empty unless all_logits).
+      finite: [S] bool: the sample row's logits were all finite (None = all were).
     """
     outputs = {}
     for i, request_id in enumerate(batch.request_ids):
@@ -488,6 +411,7 @@ def unpack_outputs(batch: StepBatch, sampled: np.ndarray, logprobs: np.ndarray, 
         n_top = batch.num_top_logprobs[i]
         num_prompt = batch.num_prompt_logprobs[i]
         offset = int(batch.token_offsets[i])
+        is_finite = finite is None or bool(all(finite[r] for r in rows))
         outputs[request_id] = SequenceOutput(
             request_id=request_id,
             token_ids=tuple(int(sampled[r]) for r in rows),
@@ -495,5 +419,6 @@ def unpack_outputs(batch: StepBatch, sampled: np.ndarray, logprobs: np.ndarray, 
             top_logprobs=tuple(tuple((int(t), float(lp)) for t, lp in zip(top_ids[r, :n_top], top_logprobs[r, :n_top]))
                                for r in rows) if n_top else None,
             prompt_logprobs=(tuple(float(x) for x in prompt_logprobs[offset:offset + num_prompt])
-                             if num_prompt is not None else None))
+                             if num_prompt is not None else None),
+            finite=is_finite)
     return outputs

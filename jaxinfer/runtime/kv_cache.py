@@ -6,7 +6,9 @@ it calls **allocate** once and then donates the caches to every step. This modul
 and allocates; it keeps no arrays itself.
 
 Layout: per layer a (k_pages, v_pages) pair, each [P, L, K, H] (P pages, L tokens per
-page, K kv heads, H head dim), sharded by jaxinfer.sharding.rules.kv_cache_sharding:
+page, K kv heads, H head dim) of the activation dtype, or, with EngineConfig(kv_cache_dtype=
+"int8" | "fp8"), each a QuantizedPages of int8 / float8 values [P, L, K, H] and float32
+scales [P, L, K] (jaxinfer/pallas/ragged_paged_attention/quantized.py), sharded by jaxinfer.sharding.rules.kv_cache_sharding:
 KV heads split over the mesh's "tensor" axis when its size divides K, replicated
 otherwise (e.g. one KV head on 4 devices); pages, page tokens and head dim are never
 split, and every "data" / "expert" replica holds the whole pool.
@@ -28,7 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxinfer.config import EngineConfig, ModelConfig
+from jaxinfer.config import MAX_MODEL_DIM, EngineConfig, ModelConfig
+from jaxinfer.pallas.ragged_paged_attention.quantized import KV_CACHE_DTYPES, QuantizedPages, token_head_bytes
 from jaxinfer.sharding.mesh import mesh_size
 from jaxinfer.sharding.rules import kv_cache_sharding
 
@@ -57,8 +60,11 @@ class KVCacheSpec:
     num_kv_heads: int  # K
     head_dim: int  # H
     dtype: Any = "float32"  # name or numpy/jax dtype; normalised to a numpy dtype
+    kv_cache_dtype: str = "auto"  # "auto" = pages of `dtype`; "int8" / "fp8": quantized pages
 
     def __post_init__(self):
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype: {self.kv_cache_dtype!r} not in {KV_CACHE_DTYPES}")
         for name in ("num_layers", "num_pages", "page_size", "num_kv_heads", "head_dim"):
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
@@ -66,10 +72,12 @@ class KVCacheSpec:
         object.__setattr__(self, "dtype", _to_dtype(self.dtype))
 
     @classmethod
-    def for_model(cls, model_config: ModelConfig, *, num_pages: int, page_size: int, dtype) -> "KVCacheSpec":
+    def for_model(cls, model_config: ModelConfig, *, num_pages: int, page_size: int, dtype,
+                  kv_cache_dtype: str = "auto") -> "KVCacheSpec":
         """The spec of `model_config`'s cache with `num_pages` pages of `page_size` tokens."""
         return cls(num_layers=model_config.num_layers, num_pages=num_pages, page_size=page_size,
-                   num_kv_heads=model_config.num_kv_heads, head_dim=model_config.head_dim, dtype=dtype)
+                   num_kv_heads=model_config.num_kv_heads, head_dim=model_config.head_dim, dtype=dtype,
+                   kv_cache_dtype=kv_cache_dtype)
 
     @property
     def page_shape(self) -> tuple:
@@ -87,7 +95,7 @@ def kv_heads_per_device(num_kv_heads: int, mesh: Optional[Mesh] = None) -> int:
 
 
 def bytes_per_page(model_config: ModelConfig, page_size: int, dtype, mesh: Optional[Mesh] = None, *,
-                   num_layers: Optional[int] = None) -> int:
+                   num_layers: Optional[int] = None, kv_cache_dtype: str = "auto") -> int:
     """Bytes ONE device holds for one page: every layer it holds, K and V.
 
     Args:
@@ -97,15 +105,19 @@ def bytes_per_page(model_config: ModelConfig, page_size: int, dtype, mesh: Optio
       mesh: the runner's mesh; None = one device. KV heads are split over its "tensor"
         axis when that divides them, else replicated (each device holds all of them).
       num_layers: layers one device holds (a pipeline stage's L / pp); None = all.
+      kv_cache_dtype: "auto" (pages of `dtype`), "int8" or "fp8" (one byte per element
+        plus a float32 scale per token and kv head).
     Returns:
-      2 * L * (K per device) * H * itemsize * num_layers.
+      2 * L * (K per device) * (H * itemsize, or H + 4 quantized) * num_layers.
     """
     if not isinstance(page_size, int) or page_size < 1:
         raise ValueError(f"page_size: must be an int >= 1, got {page_size!r}")
-    itemsize = _to_dtype(dtype).itemsize
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype: {kv_cache_dtype!r} not in {KV_CACHE_DTYPES}")
+    per_token_head = token_head_bytes(kv_cache_dtype, model_config.head_dim, _to_dtype(dtype).itemsize)
     heads = kv_heads_per_device(model_config.num_kv_heads, mesh)
     layers = model_config.num_layers if num_layers is None else num_layers
-    return 2 * page_size * heads * model_config.head_dim * itemsize * layers
+    return 2 * page_size * heads * per_token_head * layers
 
 
 def free_device_bytes(devices: Sequence[Any]) -> Optional[int]:
@@ -147,9 +159,11 @@ def num_pages_for(model_config: ModelConfig, engine_config: EngineConfig, *, dty
     if not isinstance(max_model_len, int) or isinstance(max_model_len, bool) or max_model_len < 1:
         raise ValueError(f"max_model_len: must be an int >= 1, got {max_model_len!r}")
     page_size = engine_config.page_size
-    page_bytes = bytes_per_page(model_config, page_size, dtype, mesh, num_layers=num_layers)
+    page_bytes = bytes_per_page(model_config, page_size, dtype, mesh, num_layers=num_layers,
+                                kv_cache_dtype=engine_config.kv_cache_dtype)
     pages_per_seq = -(-max_model_len // page_size)
     num_pages = min(engine_config.max_kv_cache_bytes // page_bytes, pages_per_seq * engine_config.max_num_seqs)
+    num_pages = min(num_pages, MAX_MODEL_DIM // page_size)  # KV slots (page * L + offset) are int32
     # This process's devices only: another process's device cannot be asked (several
     # processes agree on the smallest pool, runtime/step_broadcast.agreed_num_pages).
     devices = [jax.devices()[0]] if mesh is None else [
@@ -167,16 +181,26 @@ def allocate(spec: KVCacheSpec, mesh: Mesh) -> tuple:
       spec: the pool's shape and dtype.
       mesh: the runner's mesh; pages placed with `kv_cache_sharding(mesh)`.
     Returns:
-      Per layer a (k_pages, v_pages) pair of [P, L, K, H] arrays of `spec.dtype`, each
-      its own buffer (the runner donates them to every step).
+      Per layer a (k_pages, v_pages) pair of [P, L, K, H] arrays of `spec.dtype` (or of
+      QuantizedPages for an int8 / fp8 cache), each its own buffer (the runner donates
+      them to every step).
     """
     sharding = kv_cache_sharding(mesh, num_kv_heads=spec.num_kv_heads)
     shape = spec.page_shape
+    if spec.kv_cache_dtype == "auto":
+        def pages():
+            return jnp.zeros(shape, spec.dtype)
+        page_sharding = sharding
+    else:
+        def pages():
+            return QuantizedPages.zeros(shape, spec.kv_cache_dtype)
+        scales = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*tuple(sharding.spec)[:3]))
+        page_sharding = QuantizedPages(sharding, scales)
 
     def zeros():
-        return tuple((jnp.zeros(shape, spec.dtype), jnp.zeros(shape, spec.dtype)) for _ in range(spec.num_layers))
+        return tuple((pages(), pages()) for _ in range(spec.num_layers))
 
-    out_shardings = tuple((sharding, sharding) for _ in range(spec.num_layers))
+    out_shardings = tuple((page_sharding, page_sharding) for _ in range(spec.num_layers))
     return jax.jit(zeros, out_shardings=out_shardings)()
 
 
@@ -187,4 +211,4 @@ def cache_bytes(kv_caches) -> int:
     shard, and replicas (data / expert axes, or heads a mesh cannot split) are not
     counted again. Per-device bytes are `bytes_per_page(..., mesh) * num_pages`.
     """
-    return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(kv_caches)))
+    return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(kv_caches)))  # quantized: values + scales

@@ -86,8 +86,8 @@ def merge_outputs(parts: Sequence[Mapping[str, SequenceOutput]]) -> dict:
     """The per-request outputs of a step from its microbatches' (in run order).
 
     A request split into pieces gets its pieces' sampled ids, log-probs, top log-probs
-    and prompt log-probs concatenated in order; a field a request did not ask for stays
-    None.
+    and prompt log-probs concatenated in order (finite only if every piece was); a field
+    a request did not ask for stays None.
     """
     merged: dict = {}
     for outputs in parts:
@@ -103,7 +103,8 @@ def merge_outputs(parts: Sequence[Mapping[str, SequenceOutput]]) -> dict:
             merged[request_id] = SequenceOutput(
                 request_id=request_id, token_ids=prev.token_ids + out.token_ids,
                 logprobs=join(prev.logprobs, out.logprobs), top_logprobs=join(prev.top_logprobs, out.top_logprobs),
-                prompt_logprobs=join(prev.prompt_logprobs, out.prompt_logprobs))
+                prompt_logprobs=join(prev.prompt_logprobs, out.prompt_logprobs),
+                finite=prev.finite and out.finite)
     return merged
 
 

@@ -25,6 +25,12 @@ runtime/pipeline_runner.PipelineRunner, which runs this module's step pieces
 Router statistics (MoE models): each step also returns, per MoE layer, the tokens
 routed to each expert (padding tokens excluded); the runner sums them over the run.
 
+Faults. Every step checks, per sample row, that its logits are finite (one [S, V]
+isfinite reduction on the device, fetched with the sampled ids): a row with a NaN or
+Inf gives `SequenceOutput.finite = False` and the engine fails that request alone.
+`fault_injector` (runtime/faults.py; None outside tests) makes the real compiled step
+produce such rows, or raise, for chosen requests or calls.
+
 Compilation. XLA compiles once per StepBatch.shape_key; a long mixed workload therefore
 compiles a bounded number of programs. A step whose key is new reports
 `is_compile=True` in its StepStats. The KV pages are donated to each step, so XLA
@@ -46,6 +52,7 @@ from jaxinfer.config import EngineConfig, ModelConfig
 from jaxinfer.models import parallel
 from jaxinfer.models.quant_format import int4_format_of
 from jaxinfer.models.transformer import AttentionMetadata, PrefixRows, Transformer, logical_axes
+from jaxinfer.runtime import faults as faults_lib
 from jaxinfer.runtime import input_batch, kv_cache, sampler
 from jaxinfer.runtime.input_batch import BatchConfig, DeviceBatch
 from jaxinfer.sharding import mesh as mesh_lib
@@ -71,7 +78,8 @@ class ModelRunner:
     """
 
     def __init__(self, config: ModelConfig, params, *, page_size: int, num_pages: int,
-                 dtype=jnp.float32, attention_impl: Optional[str] = None, mesh: Optional[Mesh] = None):
+                 dtype=jnp.float32, attention_impl: Optional[str] = None, mesh: Optional[Mesh] = None,
+                 kv_cache_dtype: str = "auto"):
         self.config = config
         self.page_size = page_size
         self.num_pages = num_pages
@@ -96,7 +104,7 @@ class ModelRunner:
         self.params = placement.place(params, param_shardings)
         spec = kv_cache.KVCacheSpec(num_layers=config.num_layers, num_pages=num_pages, page_size=page_size,
                                     num_kv_heads=self.model_config.num_kv_heads, head_dim=config.head_dim,
-                                    dtype=self.dtype)
+                                    dtype=self.dtype, kv_cache_dtype=kv_cache_dtype)
         self.kv_caches = kv_cache.allocate(spec, self.mesh)
         cache_shardings = jax.tree.map(lambda x: x.sharding, self.kv_caches)
         replicated = rules.replicated(self.mesh)
@@ -112,6 +120,7 @@ class ModelRunner:
         self.kv_cache_bytes = kv_cache.cache_bytes(self.kv_caches)
         self.weight_bytes_per_device = _max_bytes_per_device(self.params)
         self.kv_cache_bytes_per_device = _max_bytes_per_device(self.kv_caches)
+        self.fault_injector: Optional[faults_lib.FaultInjector] = None  # tests only (runtime/faults.py)
 
     def device_info(self) -> dict:
         """The mesh and the largest per-device shares of the weights and the KV pages."""
@@ -137,7 +146,8 @@ class ModelRunner:
         num_pages = kv_cache.num_pages_for(mesh_config, engine_config, dtype=dtype, max_model_len=max_model_len,
                                            mesh=mesh)
         return cls(config, params, page_size=engine_config.page_size, num_pages=num_pages, dtype=dtype,
-                   attention_impl=engine_config.attention_impl, mesh=mesh)
+                   attention_impl=engine_config.attention_impl, mesh=mesh,
+                   kv_cache_dtype=engine_config.kv_cache_dtype)
 
     @property
     def num_compiles(self) -> int:
@@ -146,18 +156,21 @@ class ModelRunner:
     def execute(self, step: StepInput) -> StepOutput:
         """Runs one step; returns, per request id, the tokens sampled at its sample offsets."""
         host_start = time.perf_counter()
-        batch = input_batch.build_batch(step, self.batch_config)
+        faults, fail = (None, False) if self.fault_injector is None else self.fault_injector.begin(step)
+        batch = input_batch.build_batch(step, self.batch_config, faults)
         device_start = time.perf_counter()
         results, self.kv_caches = self._step(self.params, self.kv_caches, batch.device)
         results = jax.device_get(results)
-        results, expert_counts = results[:-1], results[-1]
+        if fail:
+            faults_lib.FaultInjector.fail(self.fault_injector.num_executes - 1)
+        results, finite, expert_counts = results[:-2], results[-2], results[-1]
         if self._moe_layers:
             self.expert_token_counts += expert_counts
         device_seconds = time.perf_counter() - device_start
         is_compile = batch.shape_key not in self._shape_keys
         self._shape_keys.add(batch.shape_key)
         unpack_start = time.perf_counter()
-        outputs = input_batch.unpack_outputs(batch, *results)
+        outputs = input_batch.unpack_outputs(batch, *results, finite=finite)
         host_seconds = (device_start - host_start) + (time.perf_counter() - unpack_start)
         stats = StepStats(device_seconds=device_seconds, host_seconds=host_seconds, is_compile=is_compile,
                           num_tokens=batch.num_real_tokens, num_padded_tokens=int(batch.device.tokens.size),
@@ -194,7 +207,39 @@ def _step_fn(model: Transformer, vocab_size: int, moe_layers: tuple, params, kv_
     apply = stage_apply(model, params, moe_layers)
     logits, prompt_lp, kv_caches, state = logits_of_step(apply, batch, vocab_size, batch.tokens, kv_caches, metadata)
     counts = stage_expert_counts(state, moe_layers, model.config.num_experts, kv_caches, batch)
-    return (*sample_rows(logits, batch), prompt_lp, counts), kv_caches
+    logits, kv_caches = inject_fault(logits, kv_caches, batch)
+    return (*sample_rows(logits, batch), prompt_lp, rows_finite(logits), counts), kv_caches
+
+
+def rows_finite(logits: jax.Array) -> jax.Array:
+    """[S] bool: every logit of the sample row is finite (the step's NaN / Inf check)."""
+    return jnp.all(jnp.isfinite(logits), axis=-1)
+
+
+def inject_fault(logits, kv_caches, batch: DeviceBatch):
+    """Adds `batch.fault` (runtime/faults.py) to the sample rows' logits and to the K/V
+    each token wrote in this step; returns them unchanged (nothing traced) when None.
+
+    Args:
+      logits: [S, V] sample-row logits, or None (a pipeline stage without the LM head).
+      kv_caches: per layer (k_pages, v_pages), each [P, L, K, H] or a pytree of
+        [P, L, ...] leaves (quantized pages: the floating leaves, e.g. the scales, get it).
+    """
+    if batch.fault is None:
+        return logits, kv_caches
+    if logits is not None:
+        logits = logits + batch.fault[batch.logits_indices][:, None].astype(logits.dtype)
+
+    def poison(pages):
+        if not jnp.issubdtype(pages.dtype, jnp.floating) or pages.ndim < 3:
+            return pages  # integer codes: their float scales carry the value
+        num_pages, page_size = pages.shape[:2]
+        flat = pages.reshape(num_pages * page_size, *pages.shape[2:])
+        value = batch.fault.astype(pages.dtype).reshape(-1, *([1] * (pages.ndim - 2)))
+        # Padding tokens' slot P * L is out of range: dropped.
+        return flat.at[batch.slot_mapping].add(value, mode="drop").reshape(pages.shape)
+
+    return logits, jax.tree.map(poison, kv_caches)
 
 
 def step_metadata(batch: DeviceBatch) -> AttentionMetadata:

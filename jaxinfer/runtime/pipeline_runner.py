@@ -50,10 +50,11 @@ from jaxinfer.config import EngineConfig, ModelConfig
 from jaxinfer.models import parallel, pipeline
 from jaxinfer.models.quant_format import int4_format_of
 from jaxinfer.models.transformer import logical_axes
+from jaxinfer.runtime import faults as faults_lib
 from jaxinfer.runtime import input_batch, kv_cache, microbatches
 from jaxinfer.runtime.input_batch import BatchConfig, DeviceBatch
-from jaxinfer.runtime.model_runner import (_max_bytes_per_device, logits_of_step, sample_rows, stage_apply,
-                                           stage_expert_counts, step_metadata)
+from jaxinfer.runtime.model_runner import (_max_bytes_per_device, inject_fault, logits_of_step, rows_finite,
+                                           sample_rows, stage_apply, stage_expert_counts, step_metadata)
 from jaxinfer.sharding import mesh as mesh_lib
 from jaxinfer.sharding import placement, rules
 from jaxinfer.types import StepInput, StepOutput, StepStats
@@ -85,7 +86,8 @@ class PipelineRunner:
     """
 
     def __init__(self, config: ModelConfig, params, *, page_size: int, num_pages: int, dtype,
-                 attention_impl: Optional[str] = None, mesh: Mesh, num_microbatches: Optional[int] = None):
+                 attention_impl: Optional[str] = None, mesh: Mesh, num_microbatches: Optional[int] = None,
+                 kv_cache_dtype: str = "auto"):
         pp = mesh_lib.mesh_size(mesh, "pipeline")
         if pp < 2:
             raise ValueError(f"mesh: pipeline axis is {pp}; PipelineRunner needs >= 2 stages (use ModelRunner)")
@@ -122,7 +124,7 @@ class PipelineRunner:
             layers = pipeline.stage_layers(config.num_layers, pp, s)
             spec = kv_cache.KVCacheSpec(num_layers=len(layers), num_pages=num_pages, page_size=page_size,
                                         num_kv_heads=self.model_config.num_kv_heads, head_dim=config.head_dim,
-                                        dtype=self.dtype)
+                                        dtype=self.dtype, kv_cache_dtype=kv_cache_dtype)
             caches = kv_cache.allocate(spec, smesh)
             self.kv_caches.append(caches)
             cache_shardings = jax.tree.map(lambda x: x.sharding, caches)
@@ -144,6 +146,7 @@ class PipelineRunner:
         self.weight_bytes_per_device = _max_bytes_per_device(self.params)
         self.stage_weight_bytes_per_device = [_max_bytes_per_device(p) for p in self.params]  # first to last
         self.kv_cache_bytes_per_device = _max_bytes_per_device(self.kv_caches)
+        self.fault_injector: Optional[faults_lib.FaultInjector] = None  # tests only (runtime/faults.py)
 
     @classmethod
     def from_config(cls, config: ModelConfig, params, engine_config: EngineConfig, *, dtype, max_model_len: int,
@@ -157,7 +160,8 @@ class PipelineRunner:
         num_pages = kv_cache.num_pages_for(mesh_config, engine_config, dtype=dtype, max_model_len=max_model_len,
                                            mesh=mesh, num_layers=config.num_layers // pp)
         return cls(config, params, page_size=engine_config.page_size, num_pages=num_pages, dtype=dtype,
-                   attention_impl=engine_config.attention_impl, mesh=mesh, num_microbatches=num_microbatches)
+                   attention_impl=engine_config.attention_impl, mesh=mesh, num_microbatches=num_microbatches,
+                   kv_cache_dtype=engine_config.kv_cache_dtype)
 
     def device_info(self) -> dict:
         """The mesh and the largest per-device shares of the weights and the KV pages
@@ -192,11 +196,14 @@ class PipelineRunner:
             or microbatches.split_step (a request id twice).
         """
         host_start = time.perf_counter()
+        faults, fail = (None, False) if self.fault_injector is None else self.fault_injector.begin(step)
         parts = microbatches.split_step(step, self.num_microbatches, self.page_size)
-        batches = [input_batch.build_batch(part, self.batch_config) for part in parts]
+        batches = [input_batch.build_batch(part, self.batch_config, faults) for part in parts]
         device_start = time.perf_counter()
         results, counts = self._run(batches)
         results, counts = jax.device_get((results, counts))
+        if fail:
+            faults_lib.FaultInjector.fail(self.fault_injector.num_executes - 1)
         device_seconds = time.perf_counter() - device_start
         for s, stage_counts in enumerate(counts):
             if self._stage_moe[s]:
@@ -205,7 +212,8 @@ class PipelineRunner:
         is_compile = any(b.shape_key not in self._shape_keys for b in batches)
         self._shape_keys.update(b.shape_key for b in batches)
         unpack_start = time.perf_counter()
-        outputs = microbatches.merge_outputs([input_batch.unpack_outputs(b, *r) for b, r in zip(batches, results)])
+        outputs = microbatches.merge_outputs([input_batch.unpack_outputs(b, *r[:5], finite=r[5])
+                                              for b, r in zip(batches, results)])
         self.schedule.add([int(b.device.tokens.size) for b in batches])
         host_seconds = (device_start - host_start) + (time.perf_counter() - unpack_start)
         stats = StepStats(device_seconds=device_seconds, host_seconds=host_seconds, is_compile=is_compile,
@@ -220,7 +228,7 @@ class PipelineRunner:
 
         Returns:
           (per microbatch the last stage's (sampled, logprobs, top_ids, top_lps,
-          prompt_lp), per stage the list of its [M_s, E] expert counts per microbatch).
+          prompt_lp, finite), per stage the list of its [M_s, E] expert counts per microbatch).
         """
         pp, m = self.num_stages, len(batches)
         carry: list = [None] * m  # microbatch k's input to its next stage: tokens, then [T, D]
@@ -250,15 +258,17 @@ def _stage_fn(model: pipeline.PipelineStage, vocab_size: int, moe_layers: tuple,
     apply = stage_apply(model, params, moe_layers)
     (x, kv_caches), state = apply(inputs, batch.positions, kv_caches, step_metadata(batch))
     counts = stage_expert_counts(state, moe_layers, model.config.num_experts, kv_caches, batch)
+    _, kv_caches = inject_fault(None, kv_caches, batch)  # this stage's layers' K/V (tests only)
     return (x, counts), kv_caches
 
 
 def _last_stage_fn(model: pipeline.PipelineStage, vocab_size: int, moe_layers: tuple, params, kv_caches, inputs,
                    batch: DeviceBatch):
     """The last stage: [T, D] -> final norm, LM head, logits cut to V, sampling (as
-    ModelRunner's step) -> (sampled, logprobs, top_ids, top_lps, prompt_lp, counts)."""
+    ModelRunner's step) -> (sampled, logprobs, top_ids, top_lps, prompt_lp, finite, counts)."""
     apply = stage_apply(model, params, moe_layers)
     logits, prompt_lp, kv_caches, state = logits_of_step(apply, batch, vocab_size, inputs, kv_caches,
                                                          step_metadata(batch))
     counts = stage_expert_counts(state, moe_layers, model.config.num_experts, kv_caches, batch)
-    return (*sample_rows(logits, batch), prompt_lp, counts), kv_caches
+    logits, kv_caches = inject_fault(logits, kv_caches, batch)
+    return (*sample_rows(logits, batch), prompt_lp, rows_finite(logits), counts), kv_caches

@@ -114,10 +114,20 @@ class BroadcastingRunner:
     def execute(self, step: StepInput) -> StepOutput:
         """Sends `step`, then runs it here.
 
+        The StepOutput's per-request `finite` flags come from this process's run (every
+        process computes the same rows).
+
         Raises:
+          ValueError: a fault injector is set (tests only: one process), or the
+            host-side checks refused the step.
           RuntimeError: after close() (the followers have stopped).
           distributed.PeerLost: the step failed and another process is gone.
         """
+        if self.__dict__.get("fault_injector") is not None or getattr(self.runner, "fault_injector", None) is not None:
+            # A fault would change process 0's compiled program only: the collectives of
+            # the processes would no longer match. Refused before anything is sent.
+            raise ValueError("fault_injector: fault injection (runtime/faults.py) is not carried to the other "
+                             "processes; use it with one process")
         with self._lock:
             if self.closed:
                 raise RuntimeError("BroadcastingRunner: closed; the other processes have stopped following steps")

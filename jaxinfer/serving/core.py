@@ -9,10 +9,14 @@ parses its wire format; everything both must do the same way lives here:
   INVALID_ARGUMENT naming it on both wires;
 - sampling defaults from the model folder's generation_config.json (explicit request
   fields override them: `sampling_params`);
-- request limits (prompt tokens <= max_model_len - max_tokens, stop strings, n);
+- request limits, all checked before the engine sees the request (prompt tokens <=
+  max_model_len - max_tokens, n x max_tokens <= max_generated_tokens_per_request, the
+  number and length of stop strings, n; logit_bias entries in SamplingParams);
 - admission control: at most `max_num_seqs + max_queued_requests` requests (samples)
-  in the engine; beyond that `Overloaded` (429 / RESOURCE_EXHAUSTED) at once. An
+  in the engine; beyond that `Overloaded` (429 / RESOURCE_EXHAUSTED) at once, and a
+  full server refuses before reading or parsing the body (`check_capacity`). An
   admitted request is never dropped;
+- logs: never the API key; prompt text only when `log_prompts` is set;
 - the life cycle: starting -> ready (after the warm-up) -> draining (SIGTERM: new
   requests get `Unavailable`, 503 / UNAVAILABLE) -> stopped;
 - `generate`: submit, stream the deltas of every sample, abort on cancellation or
@@ -93,10 +97,16 @@ class ServingConfig:
     drain_timeout_s: float = 30.0  # SIGTERM: how long in-flight requests may finish
     # a streaming client that falls this many deltas behind is cut off
     max_buffered_deltas: int = 4096
+    # n x max_tokens of one request at most (refused naming "n" or "max_tokens" before any work)
+    max_generated_tokens_per_request: int = 1 << 16
+    # write each request's prompt text in the log (off by default: prompts may be private)
+    log_prompts: bool = False
 
     def __post_init__(self):
+        if not isinstance(self.log_prompts, bool):
+            raise ValueError(f"log_prompts: must be a bool, got {self.log_prompts!r}")
         for name in ("max_queued_requests", "max_request_body_bytes", "max_stop_strings",
-                     "max_stop_string_chars", "max_buffered_deltas"):
+                     "max_stop_string_chars", "max_buffered_deltas", "max_generated_tokens_per_request"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "max_queued_requests"
                                                                                   else 1):
@@ -214,6 +224,9 @@ class ServingEngine:
                                      param="stop")
         if isinstance(stop, str):
             stop = [stop]
+        if stop is not None and not isinstance(stop, (list, tuple)):
+            raise InvalidRequest(f"stop: must be a string or a list of strings, got {type(stop).__name__}",
+                                 param="stop")
         for s in stop or ():
             if isinstance(s, str) and len(s) > self.config.max_stop_string_chars:
                 raise InvalidRequest(f"stop: stop strings may have at most {self.config.max_stop_string_chars} "
@@ -258,6 +271,12 @@ class ServingEngine:
         if len(prompt_ids) >= limit:
             raise InvalidRequest(f"{field}: the prompt has {len(prompt_ids)} tokens; this model's maximum context "
                                  f"length is {limit} tokens", param=field)
+        n = getattr(params, "n", 1)
+        budget = self.config.max_generated_tokens_per_request
+        if n * params.max_tokens > budget:
+            field_name = "n" if n > 1 else "max_tokens"
+            raise InvalidRequest(f"{field_name}: n x max_tokens = {n} x {params.max_tokens} is more than this "
+                                 f"server's limit of {budget} generated tokens per request", param=field_name)
         if len(prompt_ids) + params.max_tokens > limit:
             raise InvalidRequest(f"max_tokens: {params.max_tokens} tokens requested, but the prompt has "
                                  f"{len(prompt_ids)} tokens and this model's maximum context length is {limit}; "
@@ -265,7 +284,11 @@ class ServingEngine:
 
     # ------------------------------------------------------------------ requests
 
-    def _admit(self, num: int) -> None:
+    def check_capacity(self) -> None:
+        """Refuses at once (before the body is read or parsed) when not even one sample fits."""
+        self._admit(1, reserve=False)
+
+    def _admit(self, num: int, reserve: bool = True) -> None:
         with self._lock:
             if self.state != "ready":
                 error = Unavailable("the server is shutting down" if self.state != "starting"
@@ -274,7 +297,8 @@ class ServingEngine:
                 error = Overloaded(f"too many requests: {self._in_flight} in flight, room for {self.capacity} "
                                    f"(max_num_seqs + max_queued_requests); retry later")
             else:
-                self._in_flight += num
+                if reserve:
+                    self._in_flight += num
                 return
         # Counted here, once for both front ends (health checks that answer 503 are not refusals).
         if self.metrics is not None:
@@ -293,6 +317,9 @@ class ServingEngine:
         num = getattr(params, "n", 1)
         self._admit(num)
         request_id = request_id or uuid.uuid4().hex
+        if self.config.log_prompts:  # only on request: prompts may be private
+            text = self.tokenizer.decode(list(prompt_ids)) if self.tokenizer is not None else list(prompt_ids)
+            log.info("request_id=%s prompt=%r", request_id, text)
         try:
             streams = self.session.async_engine.add_requests(
                 [NewRequest(prompt_ids=tuple(prompt_ids), params=params, request_id=request_id,

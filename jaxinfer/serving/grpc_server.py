@@ -27,6 +27,7 @@ Policies, the same as the HTTP front end's (serving/core.py does the work):
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 import uuid
@@ -160,6 +161,7 @@ class OrchestratorServicer(js_grpc.OrchestratorServicer):
 
     async def _decode(self, call: _Call, request) -> None:
         engine = self.engine
+        engine.check_capacity()  # a full server refuses before tokenizing
         kind = request.WhichOneof("content")
         if kind == "text_content":
             prompt_ids = engine.encode(request.text_content.text, "text_content.text")
@@ -246,6 +248,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
 
     async def _generate(self, call: _Call, request) -> None:
         engine = self.engine
+        engine.check_capacity()  # a full server refuses before tokenizing
         engine.check_model(request.model or None)
         kind = request.WhichOneof("prompt")
         if kind == "prompt_text":
@@ -325,13 +328,14 @@ class GenerationServicer(pb_grpc.GenerationServicer):
 
 
 class _ApiKeyInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses every method but the health checks without `authorization: Bearer <key>`."""
+    """Refuses every method but the health checks without `authorization: Bearer <key>`;
+    a unary request that is not a valid message gets INVALID_ARGUMENT (not grpc's INTERNAL)."""
 
     def __init__(self, engine: ServingEngine):
         self.engine = engine
 
     async def intercept_service(self, continuation, details):
-        handler = await continuation(details)
+        handler = _strict_parsing(await continuation(details))
         if handler is None or self.engine.config.api_key is None or details.method in OPEN_METHODS:
             return handler
         metadata = details.invocation_metadata
@@ -342,6 +346,38 @@ class _ApiKeyInterceptor(grpc.aio.ServerInterceptor):
             _log_call(details.method.rsplit("/", 1)[-1], request_id, e.grpc_code, 0, 0.0)
             return _refusing_handler(handler, grpc.StatusCode[e.grpc_code], e.message)
         return handler
+
+
+def _strict_parsing(handler):
+    """`handler` with the request parsed inside it: malformed bytes -> INVALID_ARGUMENT "request"."""
+    if handler is None or handler.request_streaming or handler.request_deserializer is None:
+        return handler
+    parse = handler.request_deserializer
+    behavior = handler.unary_stream if handler.response_streaming else handler.unary_unary
+
+    async def refuse(context, error: Exception) -> None:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"request: not a valid protobuf message for this method ({type(error).__name__})",
+                            trailing_metadata=(("error-param", "request"),))
+
+    if handler.response_streaming and inspect.isasyncgenfunction(behavior):
+        async def parsed(raw, context):
+            try:
+                request = parse(raw)
+            except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and friends
+                await refuse(context, e)
+            async for response in behavior(request, context):
+                yield response
+    else:
+        async def parsed(raw, context):
+            try:
+                request = parse(raw)
+            except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and friends
+                await refuse(context, e)
+            return await behavior(request, context)
+
+    make = grpc.unary_stream_rpc_method_handler if handler.response_streaming else grpc.unary_unary_rpc_method_handler
+    return make(parsed, request_deserializer=None, response_serializer=handler.response_serializer)
 
 
 def _refusing_handler(handler, code: grpc.StatusCode, message: str):

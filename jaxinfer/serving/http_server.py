@@ -93,7 +93,13 @@ def _bearer(request: Request) -> Optional[str]:
     if header is None:
         return None
     scheme, _, token = header.partition(" ")
-    return token.strip() if scheme.lower() == "bearer" else None
+    if scheme.lower() != "bearer":
+        return None
+    token = token.strip()
+    try:  # headers arrive as latin-1 text: a key sent as UTF-8 bytes is read back as such
+        return token.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        return token
 
 
 def _spawn(coro) -> asyncio.Task:
@@ -316,6 +322,7 @@ class _Server:
     # ------------------------------------------------------------------ completions
 
     async def completions(self, request: Request):
+        self.engine.check_capacity()  # a full server refuses before reading the body
         req = self.parse_generation(await self.read_json(request), proto.CompletionRequest, "completions")
         if req.best_of is not None and req.best_of != (req.n or 1):
             raise InvalidRequest("best_of: only best_of equal to n is supported", param="best_of")
@@ -364,6 +371,7 @@ class _Server:
             raise InvalidRequest(f"messages: {e}", param="messages") from None
 
     async def chat(self, request: Request):
+        self.engine.check_capacity()  # a full server refuses before reading the body
         req = self.parse_generation(await self.read_json(request), proto.ChatCompletionRequest, "chat")
         text = self.chat_text(req.messages, req.add_generation_prompt is not False, req.chat_template_kwargs)
         prompt_ids = self.engine.tokenizer.encode(text, add_special_tokens=False)

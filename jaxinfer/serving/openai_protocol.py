@@ -25,13 +25,57 @@ from jaxinfer.serving.core import InvalidRequest
 _NON_FINITE = object()
 
 
+# JSON nesting deeper than this is refused before parsing (no request needs more than a few
+# levels; the parser would otherwise recurse until RecursionError).
+MAX_JSON_DEPTH = 64
+
+
+def _unique_keys(pairs: list) -> dict:
+    """object_pairs_hook: a key given twice is an error (two parsers could read it differently)."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise InvalidRequest(f"{key}: the key appears more than once in a JSON object", param=str(key)[:64])
+        out[key] = value
+    return out
+
+
+def _json_depth(text: str) -> int:
+    """The deepest nesting of [ and { outside strings (a linear scan, no recursion)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
 def loads(body: bytes) -> dict:
-    """The request body as a JSON object; NaN / Infinity are refused naming their field."""
+    """The request body as a JSON object; NaN / Infinity are refused naming their field,
+    and so are keys given twice and nesting deeper than MAX_JSON_DEPTH."""
     try:
-        data = json.loads(body.decode("utf-8"), parse_constant=lambda _: _NON_FINITE,
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidRequest(f"body: not valid UTF-8 ({e})", param="body") from None
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH and _json_depth(text) > MAX_JSON_DEPTH:
+        raise InvalidRequest(f"body: JSON nested deeper than {MAX_JSON_DEPTH} levels", param="body")
+    try:
+        data = json.loads(text, parse_constant=lambda _: _NON_FINITE, object_pairs_hook=_unique_keys,
                           parse_float=lambda s: float(s) if math.isfinite(float(s)) else _NON_FINITE)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise InvalidRequest(f"body: not valid JSON ({e})", param="body") from None
+    except (ValueError, RecursionError) as e:
+        raise InvalidRequest(f"body: not valid JSON ({str(e)[:200]})", param="body") from None
     if not isinstance(data, dict):
         raise InvalidRequest(f"body: expected a JSON object, got {type(data).__name__}", param="body")
     path = _find_non_finite(data, "")

@@ -28,6 +28,8 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
+from jaxinfer import progress
+
 
 class HostSource:
     """A lazily read host array (subclasses say where the bytes come from).
@@ -260,11 +262,19 @@ def place(tree, shardings) -> Any:
     Raises:
       ValueError: the two trees differ in structure (from jax.tree.map).
     """
+    is_source = lambda x: isinstance(x, HostSource)  # noqa: E731
+    nbytes = lambda x: int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize  # noqa: E731
+    total = sum(nbytes(x) for x in jax.tree.leaves(tree, is_leaf=is_source))
+
     def put(leaf, sharding):
         if isinstance(leaf, HostSource):
             # NOTE: shape, sharding and callback positionally: the keyword names and the
             # later `dtype` argument differ across jax versions.
-            return jax.make_array_from_callback(tuple(leaf.shape), sharding, leaf.read)
-        return jax.device_put(leaf, sharding)
+            out = jax.make_array_from_callback(tuple(leaf.shape), sharding, leaf.read)
+        else:
+            out = jax.device_put(leaf, sharding)
+        bar.update(nbytes(leaf))
+        return out
 
-    return jax.tree.map(put, tree, shardings, is_leaf=lambda x: isinstance(x, HostSource))
+    with progress.bar(total, "loading weights", "B", unit_scale=True) as bar:  # jaxinfer.progress: TTY only
+        return jax.tree.map(put, tree, shardings, is_leaf=is_source)

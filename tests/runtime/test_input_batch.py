@@ -73,7 +73,7 @@ def test_ragged_prefills_padded_to_buckets():
     _eq(batch.sample_starts, [0, 1, 1], np.int64)
     _eq(batch.num_samples, [1, 0, 1], np.int64)
     assert batch.num_real_tokens == 10
-    assert batch.shape_key == (16, 2, 0, 4, 2, 8, None, False, False, 0, 0, 0)
+    assert batch.shape_key == (16, 2, 0, 4, 2, 8, None, False, False, 0, 0, 0, False)
 
     outputs = unpack_outputs(batch, np.array([41, 42]), np.array([-0.5, -1.5]), np.zeros((2, 0), np.int32),
                              np.zeros((2, 0), np.float32), np.zeros(0, np.float32))
@@ -230,9 +230,9 @@ def test_a_scheduled_step_carries_its_step_input():
     (_seq("bad", (5, 6), 63, tuple(range(16)), (1,)), r"request bad: positions \[63, 65\) outside the model's "
                                                         "context of 64"),
     (_seq("bad", (5, 6), -1, (0,), (1,)), r"request bad: positions \[-1, 1\)"),
-    (_seq("bad", (5, 6), 3, (0,), (1,)), "request bad: 1 pages cannot hold 5 tokens"),
-    (_seq("bad", (5,), 0, (16,), (0,)), r"request bad: page id outside \[0, 16\)"),
-    (_seq("bad", (5,), 0, (-1,), (0,)), r"request bad: page id outside \[0, 16\)"),
+    (_seq("bad", (5, 6), 3, (0,), (1,)), "request bad: page_ids: 1 pages cannot hold 5 tokens"),
+    (_seq("bad", (5,), 0, (16,), (0,)), r"request bad: page_ids: page 16 outside \[0, 16\)"),
+    (_seq("bad", (5,), 0, (-1,), (0,)), r"request bad: page_ids: page -1 outside \[0, 16\)"),
     (_seq("bad", (5, 6), 0, (0,), (2,)), r"request bad: sample_offsets \(2,\) must be increasing indices"),
     (_seq("bad", (5, 6), 0, (0,), (1, 0)), "request bad: sample_offsets"),
     (_seq("bad", (5, 6), 0, (0,), (1, 1)), "request bad: sample_offsets"),

@@ -29,13 +29,18 @@ def reference(logits, prompt=(), output=(), presence=0.0, frequency=0.0, repetit
     return out
 
 
+_PAGE_BASE: dict = {}  # request id -> its first page: sequences of one step never share a page
+
+
 def _seq(rid, token_ids, start, sample_offsets=None, **kw):
     fields = dict(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, seed=0)
     fields.update(kw)
     num_pages = -(-(start + len(token_ids)) // 4)
+    base = _PAGE_BASE.setdefault(rid, 5 * (len(_PAGE_BASE) % 6))
+    assert base + num_pages <= CONFIG.num_pages
     offsets = (len(token_ids) - 1,) if sample_offsets is None else sample_offsets
     return ScheduledSequence(request_id=rid, token_ids=tuple(token_ids), start_position=start,
-                             page_ids=tuple(range(num_pages)), sample_offsets=tuple(offsets), **fields)
+                             page_ids=tuple(range(base, base + num_pages)), sample_offsets=tuple(offsets), **fields)
 
 
 def _process(batch, logits):
@@ -86,7 +91,7 @@ def test_host_arrays_and_device_processing_per_row():
     batch = build_batch(StepInput(sequences=seqs), CONFIG)
     pen, bias = batch.device.penalties, batch.device.logit_bias
     assert pen.history.shape == (8, 16) and bias.token_ids.shape == (8, 4)  # buckets: >= 16 and >= 4
-    assert batch.shape_key[-2:] == (16, 4)
+    assert batch.shape_key[-3:-1] == (16, 4)
     np.testing.assert_array_equal(pen.lens[:5], [7, 0, 3, 0, 0])  # freq: no prompt without a repetition penalty
     logits = np.random.RandomState(1).randn(8, V).astype(np.float32) * 2
     got = _process(batch, logits)
@@ -116,7 +121,7 @@ def test_several_sample_offsets_count_the_ids_before_each_row():
 def test_no_arrays_without_the_features_and_bounded_widths():
     plain = build_batch(StepInput(sequences=(_seq("a", (1, 2), 0),)), CONFIG)
     assert plain.device.penalties is None and plain.device.logit_bias is None
-    assert plain.shape_key[-2:] == (0, 0)
+    assert plain.shape_key[-3:-1] == (0, 0)
     long_output = tuple(range(20)) * 2
     seq = _seq("a", (3,), 44, repetition_penalty=1.2, prompt_token_ids=(1,) * 4, output_token_ids=long_output,
                logit_bias=tuple((t, 1.0) for t in range(5)))

@@ -1,4 +1,4 @@
-"""`jaxinfer serve` as a real process: readiness, SIGTERM drain, TLS and API keys.
+"""`jaxinfer serve` as a real process: readiness, TLS and API keys, SIGKILL and restart, SIGTERM drain.
 
 Each test starts the CLI on free 127.0.0.1 ports, waits (bounded) for its "ready" line,
 talks to it with the real clients (the `openai` package, generated gRPC stubs,
@@ -7,6 +7,7 @@ grpc.health.v1) and always terminates it.
 from __future__ import annotations
 
 import contextlib
+import json
 import datetime
 import os
 import signal
@@ -21,6 +22,9 @@ import httpx
 import openai
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from jaxinfer.serving.protos import jaxinfer_pb2 as pb
+from jaxinfer.serving.protos import jaxinfer_pb2_grpc as pb_grpc
 
 
 def free_port() -> int:
@@ -75,6 +79,69 @@ def serve(*args: str, **kwargs):
         p.close()
 
 
+KEY = "rk-Vq93LmZt"
+SECRET_PROMPT = "def zebra_quokka_42(x):"  # must never appear in the logs
+PROMPT = "def fib(n):"
+DRAIN_TOKENS = 96  # the two queued streams wait for a slot: the drain lasts 2 x 96 steps at least
+# --max_num_seqs 4 (ServeProcess) + 4 queued = room for 8
+ARGS = ("--api_key", KEY, "--max_queued_requests", "4", "--drain_timeout_s", "120")
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def _stream(base: str, verify, max_tokens: int, accepted: threading.Event, out: dict, key) -> None:
+    """A streamed completion of SECRET_PROMPT; `accepted` is set on its answer; out[key] =
+    (status, text, finish reasons, completion tokens from the usage chunk or the error)."""
+    body = {"prompt": SECRET_PROMPT, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    texts, reasons, tokens, status = [], [], None, None
+    try:
+        with httpx.stream("POST", base + "/v1/completions", headers=AUTH, json=body, timeout=300,
+                          verify=verify if verify is not None else True) as r:
+            status = r.status_code
+            accepted.set()
+            for line in r.iter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                chunk = json.loads(line[6:])
+                for c in chunk.get("choices", ()):
+                    texts.append(c["text"])
+                    reasons.append(c["finish_reason"])
+                if chunk.get("usage") and not chunk.get("choices"):
+                    tokens = chunk["usage"]["completion_tokens"]
+    except httpx.HTTPError as e:
+        tokens = repr(e)
+    finally:
+        accepted.set()
+    out[key] = (status, "".join(texts), [r for r in reasons if r], tokens)
+
+
+def _grpc_stream(target: str, max_tokens: int, accepted: threading.Event, out: dict, key) -> None:
+    """A gRPC Generate of SECRET_PROMPT; `accepted` is set on its first delta; out[key] =
+    (status name, tokens streamed, usage.completion_tokens)."""
+    request = pb.GenerateRequest(prompt_text=SECRET_PROMPT, max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    tokens, usage, code = 0, None, "OK"
+    with grpc.insecure_channel(target) as channel:
+        try:
+            for response in pb_grpc.GenerationStub(channel).Generate(request, timeout=300,
+                                                                     metadata=(("authorization", f"Bearer {KEY}"),)):
+                if response.HasField("delta"):
+                    accepted.set()
+                    tokens += len(response.delta.token_ids)
+                else:
+                    usage = response.summary.usage.completion_tokens
+        except grpc.RpcError as e:
+            code = e.code().name
+        finally:
+            accepted.set()
+    out[key] = (code, tokens, usage)
+
+
+def _no_secrets(p: "ServeProcess") -> None:
+    logs = "".join(p.stdout) + "".join(p.stderr)
+    assert "request_id=" in logs  # the per-request log lines are there
+    assert KEY not in logs and SECRET_PROMPT not in logs and "zebra_quokka" not in logs
+
+
 def _self_signed(tmp_path):
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
@@ -98,12 +165,14 @@ def _self_signed(tmp_path):
     return str(cert_file), str(key_file)
 
 
-def test_tls_api_key_then_sigterm_drain(tmp_path):
-    """One server process (each start costs a model load and a warm-up): TLS and the API
-    key on both ports, then SIGTERM during two streams: they finish, new requests get
-    503, the process exits 0."""
+def test_tls_api_key_sigkill_restart_sigterm_drain(tmp_path):
+    """Two server processes (each start costs a model load and a warm-up). The first: TLS
+    and the API key on both ports, then SIGKILL under load. The second, on fresh ports:
+    ready, the same greedy text as the first gave, then SIGTERM with exactly its room in
+    flight (HTTP and gRPC streams): all complete (0 lost), new requests get 503 /
+    UNAVAILABLE, exit status 0. Neither process ever logs the key or a prompt."""
     cert, key = _self_signed(tmp_path)
-    with serve("--tls_cert", cert, "--tls_key", key, "--api_key", "s3cret", "--drain_timeout_s", "60") as p:
+    with serve("--tls_cert", cert, "--tls_key", key, *ARGS) as p:
         base = f"https://127.0.0.1:{p.port}"
         context = ssl.create_default_context(cafile=cert)
         with httpx.Client(verify=context, timeout=30) as http:
@@ -111,10 +180,10 @@ def test_tls_api_key_then_sigterm_drain(tmp_path):
             assert http.get(base + "/live").status_code == 200
             assert http.get(base + "/v1/models").status_code == 401
             assert http.get(base + "/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
-        client = openai.OpenAI(base_url=base + "/v1", api_key="s3cret", max_retries=0,
+        client = openai.OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0,
                                http_client=httpx.Client(verify=context, timeout=120))
-        out = client.completions.create(model="tiny-code", prompt="def add(a, b):", max_tokens=4, temperature=0)
-        assert out.usage.completion_tokens == 4
+        reply = client.completions.create(model="tiny-code", prompt="def add(a, b):", max_tokens=4, temperature=0)
+        assert reply.usage.completion_tokens == 4
         with pytest.raises(httpx.TransportError):  # plain HTTP is not answered on a TLS port
             httpx.get(f"http://127.0.0.1:{p.port}/health", timeout=10)
 
@@ -132,39 +201,70 @@ def test_tls_api_key_then_sigterm_drain(tmp_path):
             with pytest.raises(grpc.RpcError) as err:
                 list(stub.Decode(request, timeout=30))
             assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
-            replies = list(stub.Decode(request, timeout=60, metadata=(("authorization", "Bearer s3cret"),)))
+            replies = list(stub.Decode(request, timeout=60, metadata=(("authorization", f"Bearer {KEY}"),)))
             tokens = [t for r in replies for s in r.stream_content.samples for t in s.token_ids]
             assert len(tokens) == 3
 
-        # SIGTERM while two streams run.
-        results: dict = {}
-        started = [threading.Event(), threading.Event()]
+        before = client.completions.create(model="tiny-code", prompt=PROMPT, max_tokens=8, temperature=0,
+                                           extra_body={"ignore_eos": True}).choices[0].text
 
-        def run(i: int) -> None:
-            stream = client.completions.create(model="tiny-code", prompt="def add(a, b):", max_tokens=40,
-                                               temperature=0, stream=True, extra_body={"ignore_eos": True})
-            texts, reasons = [], []
-            for chunk in stream:
-                started[i].set()
-                for c in chunk.choices:
-                    texts.append(c.text)
-                    reasons.append(c.finish_reason)
-            results[i] = ("".join(texts), [r for r in reasons if r])
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        # SIGKILL while six streams run.
+        out = {}
+        events = [threading.Event() for _ in range(6)]
+        threads = [threading.Thread(target=_stream, args=(base, context, 200, events[i], out, i), daemon=True)
+                   for i in range(6)]
         for t in threads:
             t.start()
-        for event in started:  # both streams produced their first chunk: they are in flight
-            assert event.wait(120)
-        p.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
-        refused = httpx.post(base + "/v1/completions", json={"model": "tiny-code", "prompt": "x", "max_tokens": 2},
-                             headers={"Authorization": "Bearer s3cret"}, verify=context, timeout=10)
-        assert refused.status_code == 503, refused.text
+        assert all(e.wait(120) for e in events)
+        time.sleep(0.5)  # tokens are flowing
+        p.proc.send_signal(signal.SIGKILL)
+        assert p.proc.wait(30) == -signal.SIGKILL
         for t in threads:
-            t.join(120)
-        assert p.proc.wait(60) == 0, "".join(p.stderr)
-    for i in range(2):
-        text, reasons = results[i]
-        assert reasons == ["length"] and text, results
-    assert any("drain" in line for line in p.stderr)
+            t.join(60)
+        assert not any(t.is_alive() for t in threads)  # the clients saw the connection end: no hang
+        assert all(v[3] != 200 for v in out.values())  # none finished: the kill came mid-stream
+    _no_secrets(p)
+
+    with serve(*ARGS) as second:
+        base = f"http://127.0.0.1:{second.port}"
+        r = httpx.post(base + "/v1/completions", headers=AUTH, timeout=120,
+                       json={"prompt": PROMPT, "max_tokens": 8, "temperature": 0, "ignore_eos": True})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == before, (r.text, before)
+
+        # SIGTERM with exactly the server's room in flight: 2 gRPC streams (started first,
+        # running once they stream), then 6 HTTP streams (admitted once they answer 200).
+        out = {}
+        events = [threading.Event() for _ in range(8)]
+        target = f"127.0.0.1:{second.grpc_port}"
+        threads = [threading.Thread(target=_grpc_stream, args=(target, DRAIN_TOKENS, events[i], out, i), daemon=True)
+                   for i in (6, 7)]
+        threads += [threading.Thread(target=_stream, args=(base, None, DRAIN_TOKENS, events[i], out, i), daemon=True)
+                    for i in range(6)]
+        for t in threads[:2]:
+            t.start()
+        assert events[6].wait(120) and events[7].wait(120)
+        for t in threads[2:]:
+            t.start()
+        assert all(e.wait(120) for e in events)
+        second.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while httpx.get(base + "/health", timeout=10).status_code == 200:
+            assert time.monotonic() < deadline, "SIGTERM did not start the drain"
+            time.sleep(0.02)
+        refused = httpx.post(base + "/v1/completions", headers=AUTH, timeout=30,
+                             json={"prompt": PROMPT, "max_tokens": 2})
+        assert refused.status_code == 503, refused.text
+        with grpc.insecure_channel(target) as channel, pytest.raises(grpc.RpcError) as info:
+            list(pb_grpc.GenerationStub(channel).Generate(pb.GenerateRequest(prompt_text=PROMPT, max_tokens=2),
+                                                          timeout=30, metadata=(("authorization", f"Bearer {KEY}"),)))
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        for t in threads:
+            t.join(240)
+        assert not any(t.is_alive() for t in threads)
+        assert second.proc.wait(120) == 0, "".join(second.stderr)[-3000:]
+    lost = [out[i] for i in range(6)
+            if not (out[i][0] == 200 and out[i][2] == ["length"] and out[i][3] == DRAIN_TOKENS and out[i][1])]
+    lost += [out[i] for i in (6, 7) if out[i] != ("OK", DRAIN_TOKENS, DRAIN_TOKENS)]
+    assert not lost, lost  # every accepted request completed
+    _no_secrets(second)
+    assert any("drained" in line for line in second.stderr)
