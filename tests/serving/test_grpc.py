@@ -14,6 +14,7 @@ import threading
 import time
 
 import grpc
+from reliability_support import GrpcServer
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -40,33 +41,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class ServerThread:
-    """create_grpc_server(engine) started on an event loop of its own thread."""
-
-    def __init__(self, engine: ServingEngine):
-        self.engine = engine
-        self.address = f"127.0.0.1:{_free_port()}"
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="grpc-test-loop", daemon=True)
-        self.thread.start()
-        self.server = self.run(self._start())
-        self.channel = grpc.insecure_channel(self.address)
-        grpc.channel_ready_future(self.channel).result(timeout=10)
-
-    async def _start(self):
-        server = create_grpc_server(self.engine, self.address)
-        await server.start()
-        return server
-
-    def run(self, coro, timeout: float = 30.0):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.channel.close()
-        self.run(self.server.stop(0))
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
+# The gRPC server on its own event-loop thread (shared with the reliability tests).
+ServerThread = GrpcServer
 
 
 def _engine(session, **fields) -> ServingEngine:
