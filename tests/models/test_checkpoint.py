@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from jaxinfer.models import checkpoint
+from script_loader import load_script
 
 
 def _copy(src, dst):
@@ -103,7 +104,7 @@ def test_unsupported_architecture_is_named(tmp_path):
 
 
 def test_orbax_conversion_roundtrip(hf_model_dir, tmp_path):
-    import convert_checkpoint
+    convert_checkpoint = load_script("convert_checkpoint")
     from jaxinfer import InferenceSession, SamplingParams
     path, _ = hf_model_dir("gemma")
     out = convert_checkpoint.convert(path, str(tmp_path / "orbax"), "float32")
@@ -118,7 +119,7 @@ def test_orbax_conversion_roundtrip(hf_model_dir, tmp_path):
 
 
 def test_orbax_params_that_do_not_fit_the_config_are_named(hf_model_dir, tmp_path):
-    import convert_checkpoint
+    convert_checkpoint = load_script("convert_checkpoint")
     path, _ = hf_model_dir("llama")
     out = convert_checkpoint.convert(path, str(tmp_path / "orbax"), "float32")
     config_file = os.path.join(out, "config.json")

@@ -1,38 +1,18 @@
 """scripts/benchmark_server_overhead.py: the pure helpers (no model, no server)."""
 from __future__ import annotations
 
-import contextlib
-import functools
-import importlib.util
 import math
 import os
-import sys
-from unittest import mock
 
 import pytest
 
-_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-_SCRIPTS = os.path.join(_REPO, "scripts")
+from script_loader import load_script
+
 
 
 @pytest.fixture(scope="module")
 def mod():
-    if _SCRIPTS not in sys.path:
-        sys.path.insert(0, _SCRIPTS)
-    spec = importlib.util.spec_from_file_location("benchmark_server_overhead",
-                                                  os.path.join(_SCRIPTS, "benchmark_server_overhead.py"))
-    module = importlib.util.module_from_spec(spec)
-    # Its absl flags go into a private FlagValues: other scripts imported by tests in the
-    # same worker define flags of the same names (--model, --seed) in the global one.
-    from absl import flags
-    private = flags.FlagValues()
-    with contextlib.ExitStack() as stack:
-        for name in dir(flags):
-            if name.startswith("DEFINE"):
-                stack.enter_context(mock.patch.object(
-                    flags, name, functools.partial(getattr(flags, name), flag_values=private)))
-        spec.loader.exec_module(module)  # defines flags only; parses nothing
-    return module
+    return load_script("benchmark_server_overhead")
 
 
 def test_prompts_exact_length_range_and_seeded(mod):

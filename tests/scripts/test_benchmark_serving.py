@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import http.server
-import importlib.util
 import json
 import os
 import signal

@@ -2,15 +2,10 @@
 validity rules, the collective bytes, the recommendation and the CLI (in-process)."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
-import importlib.util
 import json
 import math
-import os
-import sys
-from unittest import mock
 
 import jax
 import pytest
@@ -20,8 +15,8 @@ from jaxinfer.config import ModelConfig
 from jaxinfer.models import transformer
 from jaxinfer.models.registry import model_config_from_hf
 
-_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-_SCRIPTS = os.path.join(_REPO, "scripts")
+from script_loader import load_script
+
 
 # The engine's weight rules (jaxinfer.sharding.rules), written out so that this test
 # checks the planner against the rules as specified: logical name -> mesh axis.
@@ -31,22 +26,7 @@ _RULES = {"vocab": "tensor", "heads": "tensor", "kv_heads": "tensor", "mlp": "te
 
 @pytest.fixture(scope="module")
 def mod():
-    name = "plan_parallelism_under_test"  # not "plan_parallelism": a plain import elsewhere gets its own
-    spec = importlib.util.spec_from_file_location(name, os.path.join(_SCRIPTS, "plan_parallelism.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses resolve the module's string annotations through it
-    # Its absl flags go into a private FlagValues: other scripts imported by tests in the
-    # same worker define flags of the same names (--model, --config) in the global one.
-    from absl import flags
-    private = flags.FlagValues()
-    with contextlib.ExitStack() as stack:
-        for name in dir(flags):
-            if name.startswith("DEFINE"):
-                stack.enter_context(mock.patch.object(
-                    flags, name, functools.partial(getattr(flags, name), flag_values=private)))
-        spec.loader.exec_module(module)  # defines flags only; parses nothing
-    module.test_flag_values = private
-    return module
+    return load_script("plan_parallelism")
 
 
 def _tiny(**kwargs) -> ModelConfig:

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import json
 
-import reliability_report as rr
+from script_loader import load_script
+
+rr = load_script("reliability_report")
 
 
 def _rows(table: str) -> dict:

@@ -14,10 +14,12 @@ import os
 
 import pytest
 
-import sweep_generation_config as sweep
+from script_loader import load_script
 from jaxinfer import EngineConfig, InferenceSession, SamplingParams
 from jaxinfer.assets import resolve_model_path
 from jaxinfer.session import GENERATION_DEFAULT_KEYS
+
+sweep = load_script("sweep_generation_config")
 
 MODEL_DIR = resolve_model_path("tiny-code")
 HEADER = "def fibonacci(n):"

@@ -7,10 +7,8 @@ start their own. Every wait is bounded in time.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import socket
-import threading
 import time
 
 import grpc
@@ -21,7 +19,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from jaxinfer.config import SamplingParams
 from jaxinfer.serving.core import InvalidRequest, ServingConfig, ServingEngine
-from jaxinfer.serving.grpc_server import create_grpc_server, set_serving
+from jaxinfer.serving.grpc_server import set_serving
 from jaxinfer.serving.metrics import ServingMetrics
 from jaxinfer.serving.protos import jaxinfer_pb2 as pb
 from jaxinfer.serving.protos import jaxinfer_pb2_grpc as pb_grpc

@@ -29,12 +29,14 @@ import grpc
 import httpx
 import pytest
 
-import reliability_report
 from jaxinfer.serving import core
 from jaxinfer.serving.core import Unauthorized
 from jaxinfer.serving.protos import jaxinfer_pb2 as pb
 from jaxinfer.serving.protos import jaxinfer_pb2_grpc as pb_grpc
 from reliability_support import GrpcServer, http_server, make_engine, wait_idle
+from script_loader import load_script
+
+reliability_report = load_script("reliability_report")
 
 PROMPT = "def fib"
 
