@@ -60,6 +60,9 @@ _MAX_MODEL_LEN = flags.DEFINE_integer("max_model_len", None, "Prompt + output to
 _ATTENTION_IMPL = flags.DEFINE_enum("attention_impl", None, ["xla", "pallas", "pallas_interpret",
                                                              "pallas_tpu_interpret"],
                                     "Attention implementation (default: the backend's).")
+_KV_CACHE_DTYPE = flags.DEFINE_enum("kv_cache_dtype", "auto", ["auto", "int8", "fp8"],
+                                    "KV page storage: the model dtype (auto), or int8 / float8 e4m3 with a scale "
+                                    "per token and KV head (about twice the pages in the same memory).")
 _ENABLE_PREFIX_CACHING = flags.DEFINE_bool("enable_prefix_caching", True, "Share computed prompt pages.")
 _COMPILATION_CACHE_DIR = flags.DEFINE_string(
     "compilation_cache_dir", None,
@@ -126,6 +129,7 @@ def _engine_config():
                         max_num_batched_tokens=_MAX_NUM_BATCHED_TOKENS.value, max_num_seqs=_MAX_NUM_SEQS.value,
                         max_model_len=_MAX_MODEL_LEN.value, attention_impl=_ATTENTION_IMPL.value,
                         enable_prefix_caching=_ENABLE_PREFIX_CACHING.value,
+                        kv_cache_dtype=_KV_CACHE_DTYPE.value,
                         compilation_cache_dir=_COMPILATION_CACHE_DIR.value,
                         tensor_parallel_size=_TENSOR_PARALLEL_SIZE.value,
                         expert_parallel_size=_EXPERT_PARALLEL_SIZE.value,
@@ -213,7 +217,8 @@ def generate() -> int:
           f"({out.finish_reason}) | time to first token: {ttft * 1000:.1f} ms | decode: {rate_text} "
           f"| load: {load_seconds:.2f} s | compiles: {metrics['num_compiles']} "
           f"({metrics['compile_seconds']:.2f} s, not in decode tokens/s) "
-          f"| weights: {metrics['weight_bytes'] / 1e6:.2f} MB" + _mesh_summary(metrics))
+          f"| weights: {metrics['weight_bytes'] / 1e6:.2f} MB | KV cache: {metrics['kv_cache_bytes'] / 1e6:.2f} MB, "
+          f"{metrics['num_total_pages']} pages ({_KV_CACHE_DTYPE.value})" + _mesh_summary(metrics))
     return 0
 
 

@@ -39,6 +39,28 @@ def test_generate_streams_and_summarizes(text_model_dir, plain_generate):
     assert "time to first token" in summary and "tokens/s" in summary
 
 
+def test_kv_cache_dtype_flag_halves_the_bytes_of_the_same_pages(text_model_dir, plain_generate):
+    """--kv_cache_dtype int8: the summary names the storage, the pool of the same number of
+    pages takes the bytes bytes_per_page gives (one byte per element plus a float32 scale
+    per token and KV head) and the text is still generated."""
+    from jaxinfer.models.checkpoint import read_hf_config
+    from jaxinfer.models.registry import model_config_from_hf
+    from jaxinfer.runtime.kv_cache import bytes_per_page
+    res = _cli(*_generate_args(text_model_dir[0]), "--kv_cache_dtype", "int8", "--num_pages", "40")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("def add(a, b):")
+    summary = res.stdout.strip().splitlines()[-1]
+    config = model_config_from_hf(read_hf_config(text_model_dir[0]))
+    int8_bytes = 40 * bytes_per_page(config, 16, "float32", kv_cache_dtype="int8")
+    float_bytes = 40 * bytes_per_page(config, 16, "float32")
+    assert int8_bytes * 3 < float_bytes
+    assert f"KV cache: {int8_bytes / 1e6:.2f} MB, 40 pages (int8)" in summary
+    assert "generated tokens: 24 (length)" in summary
+    assert "(auto)" in plain_generate.stdout.strip().splitlines()[-1]
+    res = _cli(*_generate_args(text_model_dir[0]), "--kv_cache_dtype", "int4")
+    assert res.returncode != 0 and "kv_cache_dtype" in res.stderr
+
+
 def test_usage_errors(text_model_dir):
     res = _cli("generate", "--model", text_model_dir[0])
     assert res.returncode != 0 and "--prompt" in res.stderr
