@@ -181,6 +181,13 @@ class ModelConfig:
 MAX_TOP_LOGPROBS = 20  # most alternatives `logprobs=N` may ask for (OpenAI's top_logprobs limit)
 MAX_LOGIT_BIAS = 300  # most `logit_bias` entries per request (OpenAI's limit)
 MAX_N = 128  # most samples `n` per prompt (OpenAI's limit)
+# Sampling floats stay where float32 logits divided by them stay finite: a temperature
+# below GREEDY_TEMPERATURE samples greedily (vLLM's convention: logits / 1e-40 would
+# overflow to inf and softmax to NaN), one above MAX_TEMPERATURE is indistinguishable
+# from uniform; a repetition penalty p divides or multiplies logits by p.
+GREEDY_TEMPERATURE = 1e-5
+MAX_TEMPERATURE = 1e6
+MAX_REPETITION_PENALTY = 1e6
 MAX_STOP_STRINGS = 1024  # most stop strings per request (each is searched in every step's text)
 MAX_STOP_TOKEN_IDS = 1 << 16  # most stop token ids per request
 
@@ -279,8 +286,9 @@ class SamplingParams:
                 object.__setattr__(self, name, kind(value))  # numpy scalars -> python numbers
         _require(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens",
                  f"must be an int >= 1, got {self.max_tokens!r}")
-        _require(_is_number(self.temperature) and self.temperature >= 0, "temperature",
-                 f"must be a finite number >= 0, got {self.temperature!r}")
+        _require(_is_number(self.temperature) and 0 <= self.temperature <= MAX_TEMPERATURE, "temperature",
+                 f"must be a number in [0, {MAX_TEMPERATURE:g}] (below {GREEDY_TEMPERATURE:g} samples greedily), "
+                 f"got {self.temperature!r}")
         _require(_is_int(self.top_k) and self.top_k >= -1, "top_k",
                  f"must be an int >= 1, or 0 / -1 to disable, got {self.top_k!r}")
         _require(_is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p!r}")
@@ -295,8 +303,10 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             _require(_is_number(value) and -2 <= value <= 2, name, f"must be a number in [-2, 2], got {value!r}")
-        _require(_is_number(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty",
-                 f"must be a finite number > 0 (1 = off), got {self.repetition_penalty!r}")
+        _require(_is_number(self.repetition_penalty)
+                 and 1 / MAX_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY,
+                 "repetition_penalty", f"must be a number in [{1 / MAX_REPETITION_PENALTY:g}, "
+                 f"{MAX_REPETITION_PENALTY:g}] (1 = off), got {self.repetition_penalty!r}")
         _require(_is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens, "min_tokens",
                  f"must be an int in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
         _require(_is_int(self.n) and 1 <= self.n <= MAX_N, "n", f"must be an int in [1, {MAX_N}], got {self.n!r}")
@@ -325,7 +335,7 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
 
     @property
     def has_penalties(self) -> bool:

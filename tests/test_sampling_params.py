@@ -19,6 +19,11 @@ from jaxinfer.config import MAX_LOGIT_BIAS, MAX_N, MAX_TOP_LOGPROBS, SamplingPar
     (dict(temperature=True), "temperature"),
     (dict(temperature=float("nan")), "temperature"),
     (dict(temperature=-0.1), "temperature"),
+    (dict(temperature=1e300), "temperature"),  # inf in float32
+    (dict(temperature=1e7), "temperature"),
+    (dict(repetition_penalty=1e-300), "repetition_penalty"),  # 0 in float32: logits / 0
+    (dict(repetition_penalty=1e-7), "repetition_penalty"),
+    (dict(repetition_penalty=1e300), "repetition_penalty"),
     (dict(top_p=False), "top_p"),
     (dict(top_p=0.0), "top_p"),
     (dict(min_p=True), "min_p"),

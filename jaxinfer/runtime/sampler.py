@@ -23,6 +23,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxinfer.config import GREEDY_TEMPERATURE
+
 
 def request_keys(seed_hi: jax.Array, seed_lo: jax.Array, positions: jax.Array) -> jax.Array:
     """[S] uint32 seed halves and [S] positions -> [S] PRNG keys."""
@@ -75,7 +77,7 @@ def sample(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: j
 
     Args:
       logits: [S, V] float32, processed (penalties, biases) or raw.
-      temperature: [S] float32; 0 = greedy.
+      temperature: [S] float32; below GREEDY_TEMPERATURE (0 included) = greedy.
       top_k: [S] int32; <= 0 = off.
       top_p: [S] float32 in (0, 1].
       min_p: [S] float32 in [0, 1].
@@ -92,8 +94,8 @@ def sample(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: j
         return greedy, jnp.take_along_axis(log_probs, greedy[:, None], axis=-1)[:, 0]
 
     vocab = logits.shape[-1]
-    is_greedy = (temperature <= 0) | (top_k == 1)
-    scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+    is_greedy = (temperature < GREEDY_TEMPERATURE) | (top_k == 1)
+    scaled = logits / jnp.where(is_greedy, 1.0, temperature)[:, None]
     order = jnp.argsort(-scaled, axis=-1)  # [S, V] token ids, most likely first
     sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
     sorted_probs = jax.nn.softmax(sorted_logits, axis=-1)

@@ -35,6 +35,13 @@ def test_plain_sampling_matches_the_distribution():
 def test_top_k_one_and_zero_temperature_are_greedy():
     assert set(_draw(top_k=1)[0]) == {0}
     assert set(_draw(temperature=0.0)[0]) == {0}
+    # Below GREEDY_TEMPERATURE (1e-40 is a float32 subnormal: logits / it would overflow to
+    # inf and softmax to NaN), greedy too; the extremes SamplingParams allows stay finite.
+    for tiny in (1e-40, 1e-6):
+        tokens, logprobs = _draw(temperature=tiny)
+        assert set(tokens) == {0} and np.isfinite(logprobs).all()
+    tokens, logprobs = _draw(temperature=1e6)
+    assert np.isfinite(logprobs).all() and _freq(tokens).min() > 0.1  # indistinguishable from uniform
     logits = jnp.asarray([[0.1, 3.0, -1.0], [2.0, 0.0, 5.0]])
     keys = sampler.request_keys(jnp.zeros(2, jnp.uint32), jnp.zeros(2, jnp.uint32), jnp.arange(2))
     ones, zeros = jnp.ones(2), jnp.zeros(2)
