@@ -23,8 +23,8 @@ a number):
    lost requests (neither refused nor completed) and pages in use once idle.
 3. soak (--soak_minutes, 0 = skip): steady mixed load (plain and streamed completions,
    n = 2, clients that leave mid-stream, gRPC Generate) against the same server; the
-   warm-up lasts at least 20% of the time and until nothing compiled for 30 s (at most
-   half the time); then the server's resident memory (VmRSS) is sampled every few
+   warm-up lasts at least 20% of the time and until nothing compiled for 5% of it (at
+   least 30 s; at most half the time); then the server's resident memory (VmRSS) is sampled every few
    seconds, its growth reported as a least-squares slope in MB per hour; XLA compiles
    after warm-up; pages in use at the end.
 
@@ -374,14 +374,19 @@ def _soak_client(target, stop: threading.Event, seed: int, counts: dict, lock: t
 
 
 def run_soak(target, *, minutes: float, clients: int = 4, sample_s: float = 5.0,
-             warmup_fraction: float = 0.2, quiet_s: float = 30.0) -> dict:
-    """Steady mixed load for `minutes`; memory slope after warm-up, compiles, pages leaked."""
+             warmup_fraction: float = 0.2, quiet_s: Optional[float] = None) -> dict:
+    """Steady mixed load for `minutes`; memory slope after warm-up, compiles, pages leaked.
+
+    quiet_s: the warm-up ends once nothing compiled for this long (default: 5% of the
+    run, at least 30 s: rare batch shapes of the mixed load keep turning up for minutes).
+    """
     stop = threading.Event()
     counts, lock = {"requests": 0, "errors": 0}, threading.Lock()
     threads = [threading.Thread(target=_soak_client, args=(target, stop, i, counts, lock), daemon=True)
                for i in range(clients)]
     start = time.monotonic()
     duration = minutes * 60.0
+    quiet_s = max(30.0, 0.05 * duration) if quiet_s is None else quiet_s
     # Warm-up: at least warmup_fraction of the time, and until nothing compiled for
     # `quiet_s` (the mixed load meets new batch shapes for a while), at most half the time.
     earliest, latest = start + warmup_fraction * duration, start + 0.5 * duration

@@ -13,26 +13,22 @@ as the server fills in the fields a request leaves out. Every wait is bounded in
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import shutil
-import socket
 import threading
 import time
 
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from jaxinfer.config import EngineConfig, SamplingParams
 from jaxinfer.serving import openai_protocol
 from jaxinfer.serving.chat_template import ChatTemplate, find_template_source, load_chat_template
-from jaxinfer.serving.core import ServingConfig, ServingEngine
-from jaxinfer.serving.http_server import create_app
-from jaxinfer.serving.metrics import ServingMetrics
+from jaxinfer.serving.core import ServingEngine
+from reliability_support import http_server, make_engine
 
 PROMPT = "def fib"  # 4 tokens with BOS, like the warm-up's prompt
 HAS_N = "n" in SamplingParams.__dataclass_fields__
@@ -47,38 +43,6 @@ TEMPLATE = (
     "{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>\\n' }}\n{% endif %}\n"
     "{% endfor %}")
 CHAT = [{"role": "system", "content": "Be short."}, {"role": "user", "content": "def fib"}]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def serve(engine: ServingEngine):
-    """create_app(engine) under uvicorn in a thread; yields the base URL."""
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-
-
-def _engine(session, warm: bool = True, **fields) -> ServingEngine:
-    config = ServingConfig(**fields)
-    engine = ServingEngine(session, config, metrics=ServingMetrics(config.model_name, session.async_engine.metrics))
-    if warm:
-        engine.warm_up()
-    return engine
 
 
 def _client(base: str, key: str = "unused") -> openai.OpenAI:
@@ -122,8 +86,8 @@ def _error(response: httpx.Response, status: int, param=None) -> dict:
 
 @pytest.fixture(scope="module")
 def server(serving_session):
-    engine = _engine(serving_session, max_request_body_bytes=BODY_LIMIT)
-    with serve(engine) as base:
+    engine = make_engine(serving_session, max_request_body_bytes=BODY_LIMIT)
+    with http_server(engine) as base:
         yield engine, base
 
 
@@ -156,10 +120,10 @@ def chat_server(chat_folder):
     session = InferenceSession.from_pretrained(chat_folder, engine=EngineConfig(max_num_seqs=4, num_pages=64,
                                                                                 compilation_cache_dir=""))
     # No warm-up: the chat prompts' shapes are not the warm-up's (compiles are slow).
-    engine = _engine(session, warm=False, model_name="tiny-chat")
+    engine = make_engine(session, warm=False, model_name="tiny-chat")
     engine.state = "ready"
     try:
-        with serve(engine) as base:
+        with http_server(engine) as base:
             yield engine, base, chat_folder
     finally:
         session.close()
@@ -289,7 +253,7 @@ def test_error_in_the_middle_of_a_stream(server, serving_session, monkeypatch):
             raise RuntimeError("boom")
 
     monkeypatch.setattr(openai_protocol, "TokenTexts", lambda tokenizer: Broken())
-    with serve(engine) as broken_base:  # a second app over the same engine, built with the broken texts
+    with http_server(engine) as broken_base:  # a second app over the same engine, built with the broken texts
         with httpx.stream("POST", f"{broken_base}/v1/completions", timeout=600,
                           json={"prompt": PROMPT, "max_tokens": 600, "temperature": 0, "ignore_eos": True,
                                 "logprobs": 0, "stream": True}) as r:
@@ -361,8 +325,8 @@ def test_body_limit(server):
 
 
 def test_api_key(serving_session):
-    engine = _engine(serving_session, api_key="sekret")
-    with serve(engine) as base:
+    engine = make_engine(serving_session, api_key="sekret")
+    with http_server(engine) as base:
         assert httpx.get(f"{base}/health").status_code == 200  # no key needed
         for path in ("/v1/models", "/metrics", "/version"):
             _error(httpx.get(f"{base}{path}"), 401)
@@ -377,8 +341,8 @@ def test_api_key(serving_session):
 
 
 def test_health_while_starting_and_draining(serving_session):
-    engine = _engine(serving_session, warm=False)
-    with serve(engine) as base:
+    engine = make_engine(serving_session, warm=False)
+    with http_server(engine) as base:
         _error(httpx.get(f"{base}/health"), 503)
         _error(httpx.post(f"{base}/v1/completions", json={"prompt": PROMPT}), 503)
         engine.state = "ready"  # as after a warm-up
@@ -446,7 +410,7 @@ def test_client_disconnect_aborts_the_request(server, serving_session):
 
 
 def test_overload_is_refused_fast_and_nothing_leaks(serving_session):
-    engine = _engine(serving_session, max_queued_requests=0)  # room for max_num_seqs = 8
+    engine = make_engine(serving_session, max_queued_requests=0)  # room for max_num_seqs = 8
     free = serving_session.metrics()["num_free_pages"]
     results: list = []
     start = threading.Barrier(16)
@@ -465,7 +429,7 @@ def test_overload_is_refused_fast_and_nothing_leaks(serving_session):
                 r.read()
                 results.append((status, seconds, r.json()["error"]["type"], None))
 
-    with serve(engine) as base:
+    with http_server(engine) as base:
         threads = [threading.Thread(target=one, args=(base,)) for _ in range(16)]
         for t in threads:
             t.start()
