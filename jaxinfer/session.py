@@ -39,7 +39,7 @@ from jaxinfer.config import EngineConfig, ModelConfig, SamplingParams
 from jaxinfer.engine.async_engine import AsyncEngine, RequestStream
 from jaxinfer.engine.engine import Engine
 from jaxinfer.engine.validation import NewRequest, resolve_max_model_len
-from jaxinfer.models import checkpoint, lazy_checkpoint, parallel, registry
+from jaxinfer.models import checkpoint, lazy_checkpoint, parallel
 from jaxinfer.models.tokenizer import load_tokenizer
 from jaxinfer.runtime import compile_cache, step_broadcast
 from jaxinfer.runtime.model_runner import ModelRunner
@@ -146,8 +146,7 @@ class InferenceSession:
             raise FileNotFoundError(f"path: {path!r} is neither a model folder nor a bundled model name")
         tokenizer = load_tokenizer(path)
         engine = engine or EngineConfig()
-        hf_config = checkpoint.read_hf_config(path)
-        model_config = registry.model_config_from_hf(hf_config)
+        hf_config, model_config = checkpoint.read_model_config(path)
         # Before any weight is read: a layout the model cannot take, or too few devices.
         quantized = quantization is not None or checkpoint.checkpoint_quantization(hf_config) is not None
         if quantization_config is not None and not isinstance(quantization_config, quant.QuantConfig):

@@ -84,12 +84,15 @@ def _map_weight_files(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]
       FileNotFoundError: no weights, or a shard the index names is missing.
     """
     tensors, sources = {}, {}
-    for file in _weight_files(path):
+    files = _weight_files(path)
+    for file in files:
         for name, arr in read_safetensors(file).items():
             if name in tensors:
                 raise ValueError(f"tensor {name} appears in more than one shard ({sources[name]}, {file})")
             tensors[name] = arr
             sources[name] = file
+    if not tensors:
+        raise ValueError(f"{', '.join(files)}: no tensors in the weight file(s)")
     return tensors, sources
 
 
@@ -355,6 +358,16 @@ def _read_json(path: str):
         raise ValueError(f"{path}: not valid JSON: {e}") from None
 
 
+def read_model_config(path: str) -> tuple[dict, ModelConfig]:
+    """(config.json as a dict, its ModelConfig); a config jaxinfer cannot take is a
+    ValueError naming the file."""
+    hf = read_hf_config(path)
+    try:
+        return hf, registry.model_config_from_hf(hf)
+    except ValueError as e:
+        raise ValueError(f"{os.path.join(path, 'config.json')}: {e}") from None
+
+
 def read_hf_config(path: str) -> dict:
     """config.json of a model folder as a dict (ValueError naming the file otherwise)."""
     config_path = os.path.join(path, "config.json")
@@ -394,8 +407,7 @@ def load_model(path: str, dtype="float32", on_host: bool = False) -> tuple[Model
     A quantized folder (int4 `quantization_config`) gives the int4 parameter tree;
     `on_host` keeps an HF folder's leaves in numpy (orbax folders restore to the device).
     """
-    hf_config = read_hf_config(path)
-    config = registry.model_config_from_hf(hf_config)
+    hf_config, config = read_model_config(path)
     return config, load_params(path, config, dtype, checkpoint_quantization(hf_config), on_host), hf_config
 
 
