@@ -35,6 +35,8 @@ import uuid
 from typing import AsyncIterator, Optional, Sequence, Union
 
 from jaxinfer.config import SamplingParams
+from jaxinfer.engine.async_engine import EngineStopped, SlowReader
+from jaxinfer.engine.engine import RequestFailed
 from jaxinfer.engine.validation import NewRequest
 from jaxinfer.types import StreamDelta
 
@@ -71,6 +73,34 @@ class Overloaded(ServingError):
 
 class Unavailable(ServingError):
     http_status, grpc_code, error_type = 503, "UNAVAILABLE", "ServiceUnavailableError"
+
+
+class RequestError(ServingError):
+    """The engine failed this request (500 / INTERNAL); the server goes on serving others."""
+
+
+def engine_error(error: BaseException, request_id: str) -> BaseException:
+    """An error raised by one request's engine stream -> what its client gets.
+
+    A request the engine failed alone (RequestFailed: a NaN / Inf in its logits) is a
+    500 / INTERNAL with the engine's message (it names the request and the reason); an
+    exception from the step the request was part of (the engine aborted that step's
+    requests and goes on) is a 500 / INTERNAL naming the request and the exception's
+    type, never its internals (those go to the log); a stopped engine is a 503. A
+    ServingError or a cancellation is returned as it is.
+    """
+    if isinstance(error, ServingError) or not isinstance(error, Exception):
+        return error
+    if isinstance(error, RequestFailed):
+        log.warning("request_id=%s failed: %s", request_id, error)
+        return RequestError(str(error))
+    if isinstance(error, EngineStopped):
+        return Unavailable("the server is shutting down")
+    if isinstance(error, SlowReader):
+        return RequestError(f"request {request_id} was aborted: its reader fell too far behind")
+    log.error("request_id=%s failed with its engine step", request_id, exc_info=error)
+    return RequestError(f"request {request_id} failed: the engine step it was part of raised "
+                        f"{type(error).__name__}; the server goes on serving other requests, retry it")
 
 
 def invalid_from_value_error(error: ValueError, prefix: str = "") -> InvalidRequest:
@@ -401,7 +431,7 @@ class Submission:
                     remaining -= 1
                     continue
                 if isinstance(item, BaseException):
-                    raise item
+                    raise engine_error(item, self.request_id)
                 if item.delta.is_finished:
                     self.outputs[item.index] = item.delta.output
                     if metrics is not None:

@@ -16,7 +16,8 @@ Policies, the same as the HTTP front end's (serving/core.py does the work):
   checks needs metadata `authorization: Bearer <key>` (UNAUTHENTICATED otherwise);
 - messages larger than ServingConfig.max_request_body_bytes are refused;
 - every ServingError is answered with its status code (`err.grpc_code`) and a message
-  naming the field, also named in the trailing metadata `error-param`; anything else is
+  naming the field, also named in the trailing metadata `error-param` (a request the
+  engine failed, core.RequestError, is INTERNAL naming it and why); anything else is
   INTERNAL, logged here with its traceback but never sent;
 - a client that cancels or whose deadline passes gets its request aborted: grpc.aio
   cancels the handler task, and the handler closes the request's stream, which aborts

@@ -16,8 +16,8 @@ Endpoints (shaped as vLLM's OpenAI-compatible server):
   `GET /version`, `GET /metrics` (Prometheus text).
 
 Errors are `{"error": {"message", "type", "param", "code"}}` with the HTTP status of the
-ServingError (400 naming the field, 401, 404, 413, 429, 503; 500 for anything
-unexpected, logged with the request id, never a traceback to the client). An error in
+ServingError (400 naming the field, 401, 404, 413, 429, 503; 500 for a request the engine
+failed, naming it and why, and for anything unexpected: logged, never a traceback). An error in
 the middle of a stream is sent as one `data: {"error": ...}` event before `[DONE]`.
 
 Every request gets an id (the client's `X-Request-Id`, else a fresh one), echoed in the

@@ -12,6 +12,8 @@
 - API keys: hmac.compare_digest on every presented key; wrong length, unicode, empty
   and unpaired-surrogate keys are refused without an error; neither the key nor the
   prompt appears in the log unless `log_prompts` is set.
+- Engine failures: a request whose logits go NaN / Inf, or whose step raises, gets a 500
+  / INTERNAL naming it and the reason; the server goes on serving the same prompt.
 - Resource limits before any work: body bytes (413), prompt tokens, n x max_tokens, the
   number and length of stop strings, logit_bias entries: a 400 / 413 (INVALID_ARGUMENT
   on gRPC) naming the limit's field, and the engine never sees the request.
@@ -21,6 +23,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import math
 import os
 import random
 import statistics
@@ -30,6 +33,7 @@ import grpc
 import httpx
 import pytest
 
+from jaxinfer.runtime.faults import FaultInjector
 from jaxinfer.serving import core
 from jaxinfer.serving.core import Unauthorized
 from jaxinfer.serving.protos import jaxinfer_pb2 as pb
@@ -252,3 +256,57 @@ def test_resource_limits_refused_before_any_work(serving_session, monkeypatch):
                 assert dict(info.value.trailing_metadata())["error-param"] == field, info.value.details()
     assert seen == [] and engine.num_in_flight == 0
     assert serving_session.metrics()["num_steps"] == steps  # the engine never ran a step for them
+
+
+# ---------------------------------------------------------------------- engine failures
+
+
+class _NextRequests(dict):
+    """FaultInjector.nonfinite that poisons the next requests scheduled, whatever their ids
+    (the HTTP server names engine requests itself), one value each."""
+
+    def __init__(self, values):
+        super().__init__()
+        self.values = list(values)
+
+    def __contains__(self, request_id):
+        return bool(self.values)
+
+    def pop(self, request_id, *default):
+        return self.values.pop(0)
+
+
+def test_a_failed_request_reaches_its_client_and_the_server_goes_on(serving_session):
+    """A request whose logits go NaN (injected in the real compiled step) gets a 500 naming
+    it and the reason, plain or streamed (an error event, then [DONE]); a step that raises
+    is INTERNAL on gRPC; the same prompt before and after gets the same text."""
+    runner = serving_session.engine.runner
+    engine = make_engine(serving_session)
+    body = {"model": "tiny-code", "prompt": PROMPT, "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    try:
+        with http_server(engine) as base, httpx.Client(base_url=base, timeout=120) as client:
+            clean = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+            runner.fault_injector = FaultInjector(nonfinite=_NextRequests([math.nan, math.inf]))
+            r = client.post("/v1/completions", json=body)
+            assert r.status_code == 500, r.text
+            error = r.json()["error"]
+            assert error["type"] == "InternalServerError"
+            assert r.json()["error"]["message"].startswith("request 'cmpl-") and "non-finite" in error["message"], error
+            with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+                events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+            assert events[-1] == "[DONE]" and "non-finite" in json.loads(events[-2])["error"]["message"], events
+            assert client.post("/v1/completions", json=body).json()["choices"][0]["text"] == clean
+        with GrpcServer(engine) as server:
+            stub = pb_grpc.GenerationStub(server.channel)
+            request = pb.GenerateRequest(prompt_text=PROMPT, max_tokens=6, temperature=0.0, ignore_eos=True)
+            before = "".join(r.delta.text for r in stub.Generate(request, timeout=60))
+            runner.fault_injector = FaultInjector(fail_executes={0})  # the next step raises
+            with pytest.raises(grpc.RpcError) as info:
+                list(stub.Generate(request, timeout=60))
+            assert info.value.code() == grpc.StatusCode.INTERNAL
+            assert "engine step" in info.value.details() and "InjectedFault" in info.value.details()
+            assert "".join(r.delta.text for r in stub.Generate(request, timeout=60)) == before
+    finally:
+        runner.fault_injector = None
+    wait_idle(engine)
+    assert serving_session.metrics()["num_requests_failed"] >= 3
