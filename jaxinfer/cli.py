@@ -63,6 +63,12 @@ _ATTENTION_IMPL = flags.DEFINE_enum("attention_impl", None, ["xla", "pallas", "p
 _KV_CACHE_DTYPE = flags.DEFINE_enum("kv_cache_dtype", "auto", ["auto", "int8", "fp8"],
                                     "KV page storage: the model dtype (auto), or int8 / float8 e4m3 with a scale "
                                     "per token and KV head (about twice the pages in the same memory).")
+_PREEMPTION_MODE = flags.DEFINE_enum("preemption_mode", "recompute", ["recompute", "swap", "auto"],
+                                     "When pages run out, a preempted request's KV is recomputed later, or "
+                                     "swapped to host memory and back, or whichever costs less (auto).")
+_SWAP_SPACE_BYTES = flags.DEFINE_integer("swap_space_bytes", 1 << 30, "Host memory for swapped KV pages "
+                                         "(--preemption_mode swap / auto); a request that does not fit is "
+                                         "recomputed.")
 _ENABLE_PREFIX_CACHING = flags.DEFINE_bool("enable_prefix_caching", True, "Share computed prompt pages.")
 _COMPILATION_CACHE_DIR = flags.DEFINE_string(
     "compilation_cache_dir", None,
@@ -129,7 +135,8 @@ def _engine_config():
                         max_num_batched_tokens=_MAX_NUM_BATCHED_TOKENS.value, max_num_seqs=_MAX_NUM_SEQS.value,
                         max_model_len=_MAX_MODEL_LEN.value, attention_impl=_ATTENTION_IMPL.value,
                         enable_prefix_caching=_ENABLE_PREFIX_CACHING.value,
-                        kv_cache_dtype=_KV_CACHE_DTYPE.value,
+                        kv_cache_dtype=_KV_CACHE_DTYPE.value, preemption_mode=_PREEMPTION_MODE.value,
+                        swap_space_bytes=_SWAP_SPACE_BYTES.value,
                         compilation_cache_dir=_COMPILATION_CACHE_DIR.value,
                         tensor_parallel_size=_TENSOR_PARALLEL_SIZE.value,
                         expert_parallel_size=_EXPERT_PARALLEL_SIZE.value,

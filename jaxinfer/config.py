@@ -395,6 +395,7 @@ def _normalize_logit_bias(bias) -> tuple:
 ATTENTION_IMPLS = ("xla", "pallas", "pallas_interpret", "pallas_tpu_interpret")
 # KV cache storage formats (jaxinfer.pallas.ragged_paged_attention.quantized.KV_CACHE_DTYPES).
 KV_CACHE_DTYPES = ("auto", "int8", "fp8")
+PREEMPTION_MODES = ("recompute", "swap", "auto")  # EngineConfig.preemption_mode
 
 
 @_strict_init
@@ -433,9 +434,19 @@ class EngineConfig:
     # attention (jaxinfer/pallas/ragged_paged_attention/quantized.py); ~2x the pages of a
     # bfloat16 cache in the same memory.
     kv_cache_dtype: str = "auto"
+    # What a preempted request's KV pages become (engine/swap.py): "recompute" (freed,
+    # recomputed when it resumes), "swap" (copied to a host pool of swap_space_bytes and
+    # written back; recompute when the pool is full) or "auto" (per request, the cheaper
+    # of the two by measured transfer bandwidth and prefill speed).
+    preemption_mode: str = "recompute"
+    swap_space_bytes: int = 1 << 30  # host memory for swapped pages
 
     def __post_init__(self):
         _python_ints(self)
+        _require(self.preemption_mode in PREEMPTION_MODES, "preemption_mode",
+                 f"{self.preemption_mode!r} not in {PREEMPTION_MODES}")
+        _require(_is_int(self.swap_space_bytes) and self.swap_space_bytes >= 0, "swap_space_bytes",
+                 f"must be an int >= 0, got {self.swap_space_bytes!r}")
         _require(self.compilation_cache_dir is None or isinstance(self.compilation_cache_dir, str),
                  "compilation_cache_dir", f"must be None or a str, got {self.compilation_cache_dir!r}")
         for name in ("enable_prefix_caching", "shared_prefix_attention"):

@@ -52,6 +52,8 @@ HOST_ONLY = (
     "jaxinfer/engine/shared_prefix.py",
     "jaxinfer/engine/output_processor.py",
     "jaxinfer/engine/validation.py",
+    "jaxinfer/engine/errors.py",
+    "jaxinfer/engine/swap.py",
     "jaxinfer/runtime/input_batch.py",
     "jaxinfer/runtime/step_checks.py",
     "jaxinfer/runtime/faults.py",

@@ -37,19 +37,12 @@ import threading
 import weakref
 from typing import Callable, Optional, Sequence
 
-from jaxinfer.engine.engine import Engine, StepFailed
+from jaxinfer.engine.engine import Engine
+from jaxinfer.engine.errors import EngineStopped, SlowReader, StepFailed  # noqa: F401 - re-exported
 from jaxinfer.engine.validation import NewRequest, expand_samples, sample_ids, validate_requests
 from jaxinfer.types import RequestOutput, StreamDelta
 
 _WAIT_SLICE = 0.5  # seconds; waits wake this often so that Ctrl-C reaches the waiting thread
-
-
-class EngineStopped(RuntimeError):
-    """The engine was shut down before the request finished."""
-
-
-class SlowReader(RuntimeError):
-    """The reader fell too many deltas behind; the request was aborted."""
 
 
 class RequestStream:

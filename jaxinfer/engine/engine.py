@@ -32,6 +32,14 @@ prompt's last page (partial, or full when the prompt fills its pages, as at leas
 token is always recomputed) is computed again per sample. With prefix caching off the
 samples run independently, each computing the whole prompt. Each sample is aborted by
 its own id.
+
+Preemption (EngineConfig.preemption_mode). A request preempted for lack of pages is
+recomputed later ("recompute"), or its computed pages are copied to host memory and
+written back into new pages when it resumes ("swap"; "auto" picks per request by
+measured cost): the SwapSpace of engine/swap.py holds the copies and the rule; the
+scheduler emits SwapOut / SwapIn ops with its step and `step` runs them on the runner
+(swap_out / swap_in) before the step itself. Aborting, failing or finishing a swapped
+request drops its host copy.
 """
 from __future__ import annotations
 
@@ -45,9 +53,11 @@ import numpy as np
 
 from jaxinfer.config import EngineConfig, ModelConfig, SamplingParams
 from jaxinfer.engine.block_manager import BlockManager
+from jaxinfer.engine.errors import NonFiniteOutput, RequestFailed, StepFailed  # noqa: F401 - re-exported
 from jaxinfer.engine.output_processor import OutputProcessor
 from jaxinfer.engine.request import Request
 from jaxinfer.engine.scheduler import Scheduler, SharedPrefixPolicy
+from jaxinfer.engine.swap import SwapOut, optional_space
 from jaxinfer.engine.validation import (NewRequest, RequestLimits, expand_samples, resolve_max_model_len,
                                         sample_ids, validate_requests)
 from jaxinfer.runtime.model_runner import ModelRunner
@@ -88,36 +98,6 @@ class _Counters:
         self.shared_prefix_tokens_saved += stats.shared_prefix_tokens_saved
 
 
-class StepFailed(RuntimeError):
-    """A step raised: its requests were aborted (pages freed); the engine keeps serving.
-
-    Attributes:
-      error: the exception the runner (or the update) raised.
-      request_ids: the requests of the failed step, now forgotten by the engine.
-    """
-
-    def __init__(self, error: BaseException, request_ids: list):
-        super().__init__(f"engine step failed for {len(request_ids)} request(s): {error!r}")
-        self.error = error
-        self.request_ids = request_ids
-
-
-class RequestFailed(RuntimeError):
-    """A request failed alone (the other requests went on); its pages were freed.
-
-    Attributes:
-      request_id: the failed request.
-    """
-
-    def __init__(self, request_id: str, message: str):
-        super().__init__(message)
-        self.request_id = request_id
-
-
-class NonFiniteOutput(RequestFailed):
-    """The model produced a NaN or Inf in the request's logits (e.g. an overflow)."""
-
-
 class Engine:
     """Continuous-batching engine over one ModelRunner.
 
@@ -143,8 +123,17 @@ class Engine:
         if engine_config.shared_prefix_attention and engine_config.enable_prefix_caching:
             policy = SharedPrefixPolicy(min_tokens=engine_config.shared_prefix_min_tokens,
                                         min_seqs=engine_config.shared_prefix_min_seqs)
+        mode = engine_config.preemption_mode
+        if mode != "recompute" and not getattr(runner, "supports_swap", False):
+            raise ValueError(f"preemption_mode: {mode!r} needs a runner that can copy KV pages to the host "
+                             f"(swap_out / swap_in, in one process); {type(runner).__name__} cannot here: use "
+                             f"\"recompute\"")
+        # Host bytes of one page of every layer (K and V, scales included; all stages).
+        self.swap_space = optional_space(mode, engine_config.swap_space_bytes,
+                                         runner.kv_cache_bytes // max(runner.num_pages, 1))
         self.scheduler = Scheduler(self.block_manager, max_num_batched_tokens=engine_config.max_num_batched_tokens,
-                                   max_num_seqs=engine_config.max_num_seqs, shared_prefix=policy)
+                                   max_num_seqs=engine_config.max_num_seqs, shared_prefix=policy,
+                                   swap_space=self.swap_space)
         self.output_processor = OutputProcessor(tokenizer)
         self.limits = RequestLimits(vocab_size=model_config.vocab_size, max_model_len=self.max_model_len,
                                     num_pages=runner.num_pages, page_size=runner.page_size)
@@ -259,6 +248,9 @@ class Engine:
         """
         start = time.perf_counter()
         step = self.scheduler.schedule()
+        swap_ops = self.scheduler.take_swap_ops()
+        if swap_ops:
+            self._run_swaps(swap_ops, step)
         if step is None:
             return []
         try:
@@ -297,7 +289,35 @@ class Engine:
                     self.request_errors[request.request_id] = e
         # Host time: everything but the runner's device call (its batch building counts).
         self._counters.add(stats, step.num_sequences, time.perf_counter() - start - stats.device_seconds)
+        if self.swap_space is not None:  # the "auto" rule's prefill speed
+            self.swap_space.observe_step(stats.num_tokens, step.num_sequences, stats.device_seconds, stats.is_compile)
         return deltas
+
+    def _run_swaps(self, ops: list, step) -> None:
+        """Runs the step's SwapOut / SwapIn ops in order (before the step writes any page).
+
+        A copy that raises fails the requests of every op and of the step (their pages
+        and host copies freed), as a failed step does: a request whose copy did not
+        happen has no K/V to go on with.
+        """
+        space = self.swap_space
+        try:
+            for op in ops:
+                if isinstance(op, SwapOut):
+                    host = self.runner.swap_out(op.page_ids)
+                    space.store(op.request_id, host, host.nbytes, host.stats.seconds, not host.stats.is_compile)
+                else:
+                    stats = self.runner.swap_in(space.take(op.request_id), op.page_ids)
+                    space.swapped_in(stats.nbytes, stats.seconds, not stats.is_compile)
+        except Exception as e:  # noqa: BLE001 - fail the requests involved, keep serving
+            failed = list(dict.fromkeys([op.request_id for op in ops]
+                                        + (list(step.num_scheduled_tokens) if step is not None else [])))
+            for request_id in failed:
+                request = self.requests.get(request_id)
+                if request is not None:
+                    self._fail(request, None)
+            self._counters.num_failed_steps += 1
+            raise StepFailed(e, failed) from e
 
     def take_errors(self) -> dict:
         """The requests failed alone since the last call: {request id: exception}."""
@@ -318,7 +338,9 @@ class Engine:
             "num_padded_tokens": c.num_padded_tokens,
             "mean_batch_tokens": c.num_batched_tokens / steps,
             "mean_batch_seqs": c.num_scheduled_seqs / steps,
-            "num_preemptions": self.scheduler.num_preemptions,
+            "num_preemptions": self.scheduler.num_preemptions,  # recompute + swap
+            "num_recompute_preemptions": self.scheduler.num_recompute_preemptions,
+            **_swap_metrics(self.swap_space),
             "num_failed_steps": c.num_failed_steps,
             "num_requests_added": c.num_requests_added,
             "num_requests_finished": c.num_requests_finished,
@@ -348,6 +370,14 @@ class Engine:
             # A pipelined runner's figures (pipeline_bubble_fraction, ...); none otherwise.
             **(self.runner.pipeline_metrics() if hasattr(self.runner, "pipeline_metrics") else {}),
         }
+
+
+def _swap_metrics(space) -> dict:
+    """Preemption by swapping (engine/swap.py); zeros with preemption_mode "recompute"."""
+    if space is not None:
+        return space.metrics()
+    return {"num_swap_outs": 0, "num_swap_ins": 0, "swap_out_bytes": 0, "swap_in_bytes": 0, "swap_seconds": 0.0,
+            "num_swapped_requests": 0, "swap_space_used_bytes": 0, "swap_space_bytes": 0, "num_swap_fallbacks": 0}
 
 
 def _router_metrics(counts) -> dict:

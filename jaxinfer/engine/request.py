@@ -58,6 +58,9 @@ class Request:
         self.prompt_logprobs: list = []
         self.num_computed = 0  # tokens with K/V in the cache
         self.page_ids: list = []
+        # Preempted by swapping: its first num_computed tokens' K/V wait in the engine's
+        # SwapSpace (engine/swap.py) and it holds no page until it is admitted again.
+        self.swapped_out = False
         self.status = Status.WAITING
         self.finish_reason: Optional[str] = None
         self.arrival_time = time.perf_counter()

@@ -13,7 +13,12 @@ of its prefix already in the prefix cache are shared instead of recomputed (at l
 one token is always left to compute, to produce the next-token logits). When a running
 decode needs a page and none is free, the running request of the lowest priority that
 was admitted most recently is preempted: its pages are freed (its computed full pages
-stay in the prefix cache) and it is recomputed later.
+stay in the prefix cache) and it is recomputed later -- or, with a SwapSpace
+(EngineConfig.preemption_mode "swap" / "auto", engine/swap.py), its computed pages are
+copied to host memory first (a SwapOut op) and, when it is admitted again, written into
+new pages (a SwapIn op) so that it goes on with no recompute. The engine takes the ops
+with `take_swap_ops()` right after `schedule()` and runs them, in order, before the
+step: pages a swap-out frees may be handed out, and written, in that very step.
 
 The step protocol. `schedule()` returns a frozen ScheduledStep (the runner's StepInput
 plus the tokens scheduled per request id); `update(step, output)` takes it back with
@@ -52,6 +57,7 @@ from typing import Optional
 from jaxinfer.engine.block_manager import BlockManager
 from jaxinfer.engine.request import Request, Status
 from jaxinfer.engine.shared_prefix import find_shared_prefixes
+from jaxinfer.engine.swap import SwapIn, SwapOut, SwapSpace
 from jaxinfer.types import ScheduledSequence, ScheduledStep, StepInput, StepOutput
 
 
@@ -65,14 +71,17 @@ class SharedPrefixPolicy:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, *, max_num_batched_tokens: int, max_num_seqs: int,
-                 shared_prefix: Optional[SharedPrefixPolicy] = None):
+                 shared_prefix: Optional[SharedPrefixPolicy] = None, swap_space: Optional[SwapSpace] = None):
         self.block_manager = block_manager
+        self.swap_space = swap_space  # None = every preemption recomputes
+        self.swap_ops: list = []  # SwapOut / SwapIn of the last schedule(), until take_swap_ops()
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.shared_prefix = shared_prefix
         self.waiting: list = []  # sorted by (priority, arrival_index)
         self.running: list = []  # in admission order
-        self.num_preemptions = 0
+        self.num_preemptions = 0  # both kinds
+        self.num_recompute_preemptions = 0
         self.failed: list = []  # requests update() failed (non-finite outputs), until take_failed()
         self._admissions = itertools.count()
         self._step_ids = itertools.count()
@@ -98,11 +107,35 @@ class Scheduler:
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
-        self._release_pages(request)
-        request.num_computed = 0
+        if not self._swap_out(request):
+            self._release_pages(request)
+            request.num_computed = 0
+            self.num_recompute_preemptions += 1
         request.status = Status.WAITING
         self.add(request)
         self.num_preemptions += 1
+
+    def _swap_out(self, request: Request) -> bool:
+        """Swaps a preempted request out when the SwapSpace says so and has room: its
+        computed pages go to a SwapOut op, every page it holds is freed, num_computed is
+        kept. Returns False (nothing done) for a recompute."""
+        space = self.swap_space
+        if space is None:
+            return False
+        num_pages = self.block_manager.pages_needed(request.num_computed)
+        if space.choose(num_pages, request.num_computed) != "swap" or not space.reserve(request.request_id,
+                                                                                         num_pages):
+            return False
+        self.swap_ops.append(SwapOut(request.request_id, tuple(request.page_ids[:num_pages])))
+        self.block_manager.free(request.page_ids)
+        request.page_ids = []
+        request.swapped_out = True
+        return True
+
+    def take_swap_ops(self) -> list:
+        """The SwapOut / SwapIn ops of the last schedule(), in the order they must run."""
+        ops, self.swap_ops = self.swap_ops, []
+        return ops
 
     def _victim(self) -> Request:
         # Lowest priority (largest value) first; among equals the most recently admitted.
@@ -125,8 +158,22 @@ class Scheduler:
         return True
 
     def _admit(self, request: Request) -> bool:
-        """Allocates pages for the request's tokens, sharing cached prefix pages."""
+        """Allocates pages for the request's tokens, sharing cached prefix pages (a
+        swapped-out request gets new pages instead, and a SwapIn op for its copy)."""
         bm = self.block_manager
+        if request.swapped_out:
+            num_new = bm.pages_needed(request.num_tokens)
+            if not bm.can_allocate(num_new):
+                return False
+            request.page_ids = bm.allocate(num_new)
+            num_copied = self.swap_space.num_pages_of(request.request_id)
+            self.swap_ops.append(SwapIn(request.request_id, tuple(request.page_ids[:num_copied])))
+            request.swapped_out = False
+            # Restored pages are private copies: none came from the cache, none is
+            # registered yet (update() registers those whose hash the cache lost).
+            request.num_registered_pages = 0
+            request.num_hit_pages = 0
+            return True
         num_tokens = request.num_tokens
         hashes = request.full_page_hashes(bm.page_size)
         hits = bm.match_prefix(hashes, max_pages=(num_tokens - 1) // bm.page_size)
@@ -310,3 +357,7 @@ class Scheduler:
         elif request in self.waiting:
             self.waiting.remove(request)
         self._release_pages(request)
+        if self.swap_space is not None:  # its host copy, and a copy op not yet run, go too
+            self.swap_space.discard(request.request_id)
+            self.swap_ops = [op for op in self.swap_ops if op.request_id != request.request_id]
+        request.swapped_out = False

@@ -35,6 +35,10 @@ Compilation. XLA compiles once per StepBatch.shape_key; a long mixed workload th
 compiles a bounded number of programs. A step whose key is new reports
 `is_compile=True` in its StepStats. The KV pages are donated to each step, so XLA
 updates them in place.
+
+Swapping. `swap_out(page ids)` copies pages of every layer to host memory and
+`swap_in(copy, page ids)` writes them back (runtime/kv_swap.py: bucketed, sharded
+gather / donated scatter), for preemption by swapping (EngineConfig.preemption_mode).
 """
 from __future__ import annotations
 
@@ -53,7 +57,7 @@ from jaxinfer.models import parallel
 from jaxinfer.models.quant_format import int4_format_of
 from jaxinfer.models.transformer import AttentionMetadata, PrefixRows, Transformer, logical_axes
 from jaxinfer.runtime import faults as faults_lib
-from jaxinfer.runtime import input_batch, kv_cache, sampler
+from jaxinfer.runtime import input_batch, kv_cache, kv_swap, program_memory, sampler
 from jaxinfer.runtime.input_batch import BatchConfig, DeviceBatch
 from jaxinfer.sharding import mesh as mesh_lib
 from jaxinfer.sharding import placement, rules
@@ -115,12 +119,33 @@ class ModelRunner:
                              in_shardings=(param_shardings, cache_shardings, replicated),
                              out_shardings=(replicated, cache_shardings),
                              donate_argnums=(1,))
-        self._shape_keys: set = set()
+        self._shape_keys: set = set()  # shapes whose program is compiled and held
+        self._num_compiles = 0
+        self.map_budget = program_memory.MapBudget()  # drops programs before mappings run out
         self.weight_bytes = int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self.params)))
         self.kv_cache_bytes = kv_cache.cache_bytes(self.kv_caches)
         self.weight_bytes_per_device = _max_bytes_per_device(self.params)
         self.kv_cache_bytes_per_device = _max_bytes_per_device(self.kv_caches)
         self.fault_injector: Optional[faults_lib.FaultInjector] = None  # tests only (runtime/faults.py)
+        self._page_mover = kv_swap.PageMover(self.kv_caches, self.mesh)
+
+    @property
+    def supports_swap(self) -> bool:
+        """swap_out / swap_in work here: one process (several processes would each have
+        to copy their shards; runtime/step_broadcast.py does not carry swap ops)."""
+        return jax.process_count() == 1
+
+    def swap_out(self, page_ids) -> kv_swap.HostPages:
+        """Copies pages of every layer's K/V to host memory (runtime/kv_swap.py); the
+        pages themselves are untouched (the scheduler frees them)."""
+        return kv_swap.swap_out([self._page_mover], [self.kv_caches], page_ids)
+
+    def swap_in(self, host: kv_swap.HostPages, page_ids) -> kv_swap.SwapStats:
+        """Writes a swap_out copy back into `page_ids` (new pages of the same request)."""
+        pools = [self.kv_caches]
+        stats = kv_swap.swap_in([self._page_mover], pools, host, page_ids)
+        self.kv_caches = pools[0]
+        return stats
 
     def device_info(self) -> dict:
         """The mesh and the largest per-device shares of the weights and the KV pages."""
@@ -151,7 +176,7 @@ class ModelRunner:
 
     @property
     def num_compiles(self) -> int:
-        return len(self._shape_keys)
+        return self._num_compiles
 
     def execute(self, step: StepInput) -> StepOutput:
         """Runs one step; returns, per request id, the tokens sampled at its sample offsets."""
@@ -168,7 +193,11 @@ class ModelRunner:
             self.expert_token_counts += expert_counts
         device_seconds = time.perf_counter() - device_start
         is_compile = batch.shape_key not in self._shape_keys
-        self._shape_keys.add(batch.shape_key)
+        if is_compile:
+            self._shape_keys.add(batch.shape_key)
+            self._num_compiles += 1
+            if self.map_budget.after_compile([self._step]):
+                self._shape_keys.clear()  # every program was dropped
         unpack_start = time.perf_counter()
         outputs = input_batch.unpack_outputs(batch, *results, finite=finite)
         host_seconds = (device_start - host_start) + (time.perf_counter() - unpack_start)

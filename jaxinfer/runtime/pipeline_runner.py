@@ -6,7 +6,7 @@ in wavefront order -> input_batch.unpack_outputs per part -> microbatches.merge_
 -> StepOutput -> engine. ModelRunner.from_config returns this runner for such a mesh,
 so the session and the engine see the ModelRunner interface (execute, num_pages,
 page_size, weight_bytes, kv_cache_bytes, device_info, expert_token_counts,
-num_compiles, pipeline_metrics).
+num_compiles, pipeline_metrics, swap_out / swap_in).
 
 Stages. Stage s owns the devices at pipeline index s of the engine's mesh, as a mesh of
 its own (data, expert and tensor axes kept, pipeline 1): its parameters (the sub-tree
@@ -51,7 +51,7 @@ from jaxinfer.models import parallel, pipeline
 from jaxinfer.models.quant_format import int4_format_of
 from jaxinfer.models.transformer import logical_axes
 from jaxinfer.runtime import faults as faults_lib
-from jaxinfer.runtime import input_batch, kv_cache, microbatches
+from jaxinfer.runtime import input_batch, kv_cache, kv_swap, microbatches, program_memory
 from jaxinfer.runtime.input_batch import BatchConfig, DeviceBatch
 from jaxinfer.runtime.model_runner import (_max_bytes_per_device, inject_fault, logits_of_step, rows_finite,
                                            sample_rows, stage_apply, stage_expert_counts, step_metadata)
@@ -140,13 +140,30 @@ class PipelineRunner:
         # Tokens routed to each expert over the run, per MoE layer [M, E] (router statistics).
         self.expert_token_counts = np.zeros((len(moe), config.num_experts), np.int64)
         self.schedule = microbatches.PipelineSchedule(num_stages=pp)
-        self._shape_keys: set = set()
+        self._shape_keys: set = set()  # microbatch shapes whose programs are compiled and held
+        self._num_compiles = 0
+        self.map_budget = program_memory.MapBudget()  # drops programs before mappings run out
         self.weight_bytes = int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self.params)))
         self.kv_cache_bytes = kv_cache.cache_bytes(self.kv_caches)
         self.weight_bytes_per_device = _max_bytes_per_device(self.params)
         self.stage_weight_bytes_per_device = [_max_bytes_per_device(p) for p in self.params]  # first to last
         self.kv_cache_bytes_per_device = _max_bytes_per_device(self.kv_caches)
         self.fault_injector: Optional[faults_lib.FaultInjector] = None  # tests only (runtime/faults.py)
+        self._page_movers = [kv_swap.PageMover(c, m) for c, m in zip(self.kv_caches, self.stage_meshes)]
+
+    @property
+    def supports_swap(self) -> bool:
+        """Always: every stage is in this process (checked at construction)."""
+        return True
+
+    def swap_out(self, page_ids) -> kv_swap.HostPages:
+        """Copies pages to host memory: every stage's layers (one gather per stage mesh;
+        the stages share page ids, as a step writes the same pages on every stage)."""
+        return kv_swap.swap_out(self._page_movers, self.kv_caches, page_ids)
+
+    def swap_in(self, host: kv_swap.HostPages, page_ids) -> kv_swap.SwapStats:
+        """Writes a swap_out copy back into `page_ids` on every stage."""
+        return kv_swap.swap_in(self._page_movers, self.kv_caches, host, page_ids)
 
     @classmethod
     def from_config(cls, config: ModelConfig, params, engine_config: EngineConfig, *, dtype, max_model_len: int,
@@ -185,7 +202,7 @@ class PipelineRunner:
     @property
     def num_compiles(self) -> int:
         """Distinct microbatch shapes run so far (each compiled one program per stage)."""
-        return len(self._shape_keys)
+        return self._num_compiles
 
     def execute(self, step: StepInput) -> StepOutput:
         """Runs one step as microbatches through the stages; returns, per request id, the
@@ -209,8 +226,13 @@ class PipelineRunner:
             if self._stage_moe[s]:
                 first = self._moe_layers.index(self._stage_moe[s][0])
                 self.expert_token_counts[first:first + len(self._stage_moe[s])] += sum(stage_counts)
-        is_compile = any(b.shape_key not in self._shape_keys for b in batches)
-        self._shape_keys.update(b.shape_key for b in batches)
+        new_keys = {b.shape_key for b in batches} - self._shape_keys
+        is_compile = bool(new_keys)
+        if new_keys:
+            self._shape_keys.update(new_keys)
+            self._num_compiles += len(new_keys)
+            if self.map_budget.after_compile(self._programs):
+                self._shape_keys.clear()  # every program was dropped
         unpack_start = time.perf_counter()
         outputs = microbatches.merge_outputs([input_batch.unpack_outputs(b, *r[:5], finite=r[5])
                                               for b, r in zip(batches, results)])

@@ -35,8 +35,7 @@ import uuid
 from typing import AsyncIterator, Optional, Sequence, Union
 
 from jaxinfer.config import SamplingParams
-from jaxinfer.engine.async_engine import EngineStopped, SlowReader
-from jaxinfer.engine.engine import RequestFailed
+from jaxinfer.engine.errors import EngineStopped, RequestFailed, SlowReader
 from jaxinfer.engine.validation import NewRequest
 from jaxinfer.types import StreamDelta
 

@@ -51,3 +51,28 @@ def test_the_limit_is_read_from_proc():
     if not os.path.exists(program_memory.MAX_MAP_COUNT_FILE):
         pytest.skip("no /proc/sys/vm/max_map_count")
     assert program_memory.MapBudget().limit >= 1000
+
+
+def test_a_runner_that_drops_its_programs_gives_the_same_tokens(hf_model_dir):
+    """A budget so small that every compile drops the step programs: the same greedy
+    tokens as a runner that keeps them, every compile counted (recompiles included)."""
+    from jaxinfer import EngineConfig, InferenceSession, SamplingParams
+    path, _ = hf_model_dir("llama")
+    prompts = [[5, 9, 13, 17, 21], [7, 11, 2, 3, 19, 23, 29, 31, 37, 41], [4, 8]]
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    results, compiles = [], []
+    for flush in (False, True):
+        with InferenceSession.from_pretrained(path, engine=EngineConfig(page_size=4, max_num_batched_tokens=8,
+                                                                        compilation_cache_dir="")) as session:
+            runner = session.engine.runner
+            if flush:
+                runner.map_budget = program_memory.MapBudget(fraction=0.001)  # over budget at once
+            results.append([o.token_ids for o in session.generate(prompts, params)])
+            compiles.append(session.metrics()["num_compiles"])
+            if flush:
+                assert runner.map_budget.num_flushes == compiles[-1] >= 2
+                # the shapes met again compiled again: more compiles than distinct shapes
+                again = session.generate(prompts, params)
+                assert [o.token_ids for o in again] == results[0]
+                assert session.metrics()["num_compiles"] > compiles[-1]
+    assert results[1] == results[0]
