@@ -109,6 +109,7 @@ def _record(trials, mismatches):
     path = os.environ.get("JAXINFER_FUZZ_REPORT")
     if not path:
         return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     data = json.load(open(path)) if os.path.exists(path) else {}
     entry = data.setdefault("batch_invariance", {"trials": 0, "mismatches": 0})
     entry["trials"] += trials

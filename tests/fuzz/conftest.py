@@ -46,6 +46,7 @@ def pytest_sessionfinish(session, exitstatus):
     if not path or not stats:
         return
     merged = {}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if os.path.exists(path):
         try:
             with open(path) as f:

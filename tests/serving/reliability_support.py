@@ -122,6 +122,7 @@ def record_fuzz(name: str, examples: int, failures: int) -> None:
     path = os.environ.get(FUZZ_REPORT_ENV)
     if not path:
         return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path + ".lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
