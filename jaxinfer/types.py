@@ -49,6 +49,9 @@ class RequestOutput:
     # index in [0, n); a plain request has index 0 and no parent
     index: int = 0
     parent_request_id: Optional[str] = None
+    # prompt tokens whose KV came from the prefix cache at the request's first admission
+    # (vLLM's num_cached_tokens; OpenAI's usage.prompt_tokens_details.cached_tokens)
+    num_cached_tokens: int = 0
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -126,4 +126,5 @@ class OutputProcessor:
             time_to_first_token=ttft, time_per_output_token=tpot,
             decode_compile_seconds=request.decode_compile_seconds,
             queue_time=(request.first_scheduled_time or time.perf_counter()) - request.arrival_time,
-            index=request.index, parent_request_id=request.parent_id)
+            index=request.index, parent_request_id=request.parent_id,
+            num_cached_tokens=request.num_cached_tokens or 0)

@@ -44,6 +44,7 @@ class Request:
         self.page_hashes: list = []  # hash chain of the full pages of all_ids
         self.num_registered_pages = 0  # leading pages registered in the prefix cache
         self.num_hit_pages = 0  # leading pages taken from the prefix cache at admission (not computed here)
+        self.num_cached_tokens = None  # prompt tokens of those pages at the FIRST admission (reported)
         self.prompt_ids = list(prompt_ids)
         self.prompt_tuple = tuple(self.prompt_ids)  # handed to every step that needs it (penalties)
         self.params = params

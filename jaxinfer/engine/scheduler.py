@@ -185,6 +185,8 @@ class Scheduler:
         request.num_computed = len(hits) * bm.page_size
         request.num_registered_pages = len(hits)
         request.num_hit_pages = len(hits)
+        if request.num_cached_tokens is None:  # a preempted request's re-admission is not counted
+            request.num_cached_tokens = len(hits) * bm.page_size
         bm.record_lookup(num_tokens, request.num_computed)
         return True
 

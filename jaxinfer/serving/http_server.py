@@ -351,8 +351,8 @@ class _Server:
         choices = proto.completion_choices(outputs, len(prompt_ids), n, echo, req.logprobs is not None, self.texts)
         num_completion_tokens = sum(len(out.token_ids) for out in outputs.values())
         request.state.prompt_tokens, request.state.completion_tokens = num_prompt_tokens, num_completion_tokens
-        return JSONResponse({**base, "choices": choices,
-                             "usage": proto.usage(num_prompt_tokens, num_completion_tokens)})
+        usage = proto.usage(num_prompt_tokens, num_completion_tokens, proto.cached_tokens(outputs))
+        return JSONResponse({**base, "choices": choices, "usage": usage})
 
     # ------------------------------------------------------------------ chat
 
@@ -407,8 +407,8 @@ class _Server:
         choices = proto.chat_choices(outputs, n, prefix, req.logprobs, num_top, self.texts)
         num_completion_tokens = sum(len(out.token_ids) for out in outputs.values())
         request.state.prompt_tokens, request.state.completion_tokens = len(prompt_ids), num_completion_tokens
-        return JSONResponse({**base, "choices": choices,
-                             "usage": proto.usage(len(prompt_ids), num_completion_tokens)})
+        usage = proto.usage(len(prompt_ids), num_completion_tokens, proto.cached_tokens(outputs))
+        return JSONResponse({**base, "choices": choices, "usage": usage})
 
     # ------------------------------------------------------------------ small endpoints
 

@@ -290,9 +290,24 @@ def finish_reason(reason: Optional[str]) -> Optional[str]:
     return "stop" if reason == "eos" else reason
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: Optional[int] = None) -> dict:
+    out = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+           "total_tokens": prompt_tokens + completion_tokens}
+    if cached_tokens is not None:  # OpenAI's field: prompt tokens served from the prefix cache
+        out["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    return out
+
+
+def _cached_of(result) -> int:
+    """A SampleResult's cached prompt tokens: on the first sample's last delta only."""
+    output = result.delta.output if result.delta.is_finished else None
+    return output.num_cached_tokens if output is not None and result.index == 0 else 0
+
+
+def cached_tokens(outputs: dict) -> int:
+    """Prompt tokens from the prefix cache over {(prompt index, sample index): RequestOutput},
+    counted once per prompt (its first sample)."""
+    return sum(out.num_cached_tokens for (_, index), out in outputs.items() if index == 0)
 
 
 def finite(logprob: Optional[float]) -> Optional[float]:
@@ -402,12 +417,13 @@ def completion_choices(outputs: dict, num_prompts: int, n: int, echo: Optional[l
 async def completion_chunks(results, req, base: dict, n: int, echo: Optional[list], num_prompt_tokens: int,
                             texts: TokenTexts, state):
     """/v1/completions stream chunks from (prompt index, SampleResult) pairs; `state.completion_tokens` runs on."""
-    num_tokens = 0
+    num_tokens = cached = 0
     logprobs_of: dict = {}
     echoed: set = set()
     async for p, result in results:
         index, delta = p * n + result.index, result.delta
         num_tokens += len(delta.token_ids)
+        cached += _cached_of(result)
         state.completion_tokens = num_tokens
         text = delta.text
         if echo and index not in echoed:
@@ -425,7 +441,7 @@ async def completion_chunks(results, req, base: dict, n: int, echo: Optional[lis
             chunk["usage"] = usage(num_prompt_tokens, num_tokens)
         yield chunk
     if req.include_usage:
-        yield {**base, "choices": [], "usage": usage(num_prompt_tokens, num_tokens)}
+        yield {**base, "choices": [], "usage": usage(num_prompt_tokens, num_tokens, cached)}
 
 
 def chat_choices(outputs: dict, n: int, prefix: str, want_logprobs: bool, num_top: int, texts: TokenTexts) -> list:
@@ -449,10 +465,11 @@ async def chat_chunks(results, req, base: dict, n: int, prefix: str, num_prompt_
         yield chunk(i, {"role": "assistant", "content": ""})
         if prefix:
             yield chunk(i, {"content": prefix})
-    num_tokens = 0
+    num_tokens = cached = 0
     async for _, result in results:
         delta = result.delta
         num_tokens += len(delta.token_ids)
+        cached += _cached_of(result)
         state.completion_tokens = num_tokens
         logprobs = None
         if req.logprobs and delta.token_ids:
@@ -466,4 +483,4 @@ async def chat_chunks(results, req, base: dict, n: int, prefix: str, num_prompt_
             out["usage"] = usage(num_prompt_tokens, num_tokens)
         yield out
     if req.include_usage:
-        yield {**base, "choices": [], "usage": usage(num_prompt_tokens, num_tokens)}
+        yield {**base, "choices": [], "usage": usage(num_prompt_tokens, num_tokens, cached)}

@@ -488,6 +488,9 @@ def test_chat_completions(chat_server):
     assert out.choices[0].message.role == "assistant" and out.choices[0].message.content == ref.text
     assert out.choices[0].logprobs is None
     assert out.usage.prompt_tokens == len(prompt_ids) and out.usage.completion_tokens == len(ref.token_ids)
+    # the reference run cached the prompt's full pages (one token is always computed)
+    cached = (len(prompt_ids) - 1) // session.engine.runner.page_size * session.engine.runner.page_size
+    assert out.usage.prompt_tokens_details.cached_tokens == cached
     # content as text parts, max_completion_tokens
     parts = [CHAT[0], {"role": "user", "content": [{"type": "text", "text": "def fib"}]}]
     out2 = client.chat.completions.create(model="tiny-chat", messages=parts, max_completion_tokens=8, temperature=0)
@@ -498,6 +501,7 @@ def test_chat_completions(chat_server):
     assert "".join(c.choices[0].delta.content or "" for c in chunks[:-1]) == ref.text
     assert chunks[-2].choices[0].finish_reason is not None and chunks[-1].choices == []
     assert chunks[-1].usage.prompt_tokens == len(prompt_ids)
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == cached
     assert chunks[-1].usage.completion_tokens == len(ref.token_ids)
     # echo continues the last assistant message
     partial = CHAT + [{"role": "assistant", "content": "Sure:"}]

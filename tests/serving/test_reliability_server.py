@@ -31,6 +31,7 @@ import time
 
 import grpc
 import httpx
+import openai
 import pytest
 
 from jaxinfer.runtime.faults import FaultInjector
@@ -149,6 +150,31 @@ def test_cache_salt_timing_is_indistinguishable(serving_session):
     # A cached prefix is visible in the timing within a salt, not across salts.
     assert figures["p_cold_vs_same"] < 0.01, figures
     assert figures["p_cold_vs_cross"] > 0.001, figures
+
+
+def test_cached_prompt_tokens_are_reported_per_request_and_per_tenant(serving_session):
+    """usage.prompt_tokens_details.cached_tokens (OpenAI's field): 0 for a new prompt and
+    for the same prompt under another cache_salt; the full pages of the prompt (at least
+    one token is always computed) for a repeat within the salt, plain and streamed."""
+    engine = make_engine(serving_session)
+    page = serving_session.engine.runner.page_size
+    rng = random.Random(11)
+    ids = [rng.randrange(3, serving_session.model_config.vocab_size) for _ in range(2 * page + 5)]
+    with http_server(engine) as base:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=120)
+
+        def cached(salt, **kw):
+            r = client.completions.create(model="tiny-code", prompt=ids, max_tokens=1, temperature=0,
+                                          extra_body={"cache_salt": salt, "ignore_eos": True}, **kw)
+            if kw.get("stream"):
+                r = [c for c in r if c.usage is not None][-1]
+            return r.usage.prompt_tokens_details.cached_tokens
+
+        assert cached("tenant-a") == 0
+        assert cached("tenant-a") == 2 * page
+        assert cached("tenant-b") == 0
+        assert cached("tenant-b", stream=True, stream_options={"include_usage": True}) == 2 * page
+    wait_idle(engine)
 
 
 # ---------------------------------------------------------------------- API keys and logs
