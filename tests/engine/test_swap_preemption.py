@@ -42,6 +42,7 @@ from jaxinfer.models.transformer import init_params
 from jaxinfer.runtime import kv_cache, kv_swap
 from jaxinfer.runtime.model_runner import ModelRunner
 from jaxinfer.sharding.mesh import make_mesh
+from reliability.reliability_helpers import assert_idle, run_to_end
 
 MODEL = ModelConfig(family="llama", vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                     num_kv_heads=2, head_dim=8, max_position_embeddings=128)
@@ -87,21 +88,11 @@ def _requests(shared_prefix=0, seed=0):
 
 def _run(engine: Engine, requests, max_steps=2000) -> dict:
     engine.add_requests(requests)
-    outputs = {}
-    for _ in range(max_steps):
-        if not engine.has_unfinished:
-            return outputs
-        for delta in engine.step():
-            if delta.is_finished:
-                outputs[delta.request_id] = delta.output.token_ids
-    raise AssertionError(f"the engine did not finish within {max_steps} steps")
+    return {rid: out.token_ids for rid, out in run_to_end(engine, max_steps).items()}
 
 
 def _assert_idle(engine: Engine) -> None:
-    bm = engine.block_manager
-    bm.check_consistency()
-    assert bm.num_referenced_pages() == 0 and bm.num_free_pages == bm.num_pages
-    assert not engine.requests and not engine.scheduler.running and not engine.scheduler.waiting
+    assert_idle(engine)
     m = engine.metrics()
     assert m["num_swapped_requests"] == 0 and m["swap_space_used_bytes"] == 0
 
