@@ -4,12 +4,16 @@
     jaxinfer generate --prompt "def fib(n):" --quantization int4 [--quant_group_size 128]
     jaxinfer generate --prompt "def fib(n):" --tensor_parallel_size 4 [--expert_parallel_size 2]
     jaxinfer serve [--model PATH|NAME] [--host 127.0.0.1] [--port 8000] [--grpc_port 9000] [--api_key K]
+    jaxinfer warmup [--model PATH|NAME] [--warmup grid|profile] [--warmup_context_tokens N] [engine flags]
     jaxinfer generate ... --tensor_parallel_size 16 --coordinator_address HOST0:PORT --num_processes 2 --process_id I
 
 `generate` streams the completion to stdout, then prints a one-line summary: prompt
 tokens, generated tokens, time to first token and decode tokens/s. `serve` starts the
 OpenAI-compatible HTTP API and the gRPC services (jaxinfer/serving/server.py) and
-prints their addresses once the warm-up is done; SIGTERM drains and exits 0. Without
+prints their addresses once the warm-up is done; SIGTERM drains and exits 0. `warmup`
+compiles the step programs a configuration needs (InferenceSession.warmup) into the
+persistent compilation cache, so that a later `serve` or session with the same model
+and engine flags starts warm; it prints the program count and seconds. Without
 --model the bundled default model is used. Sampling flags left out take the model
 folder's generation_config.json values; both commands take the engine flags.
 
@@ -117,7 +121,15 @@ _LOG_PROMPTS = flags.DEFINE_bool("log_prompts", False, "Write each request's pro
 _SERVED_MODEL_NAME = flags.DEFINE_string("served_model_name", None,
                                          "Model id clients send (default: the --model value).")
 
-_COMMANDS = ("generate", "serve")
+_WARMUP = flags.DEFINE_enum(
+    "warmup", None, ["grid", "profile", "none"],
+    "Programs compiled before serving (serve; default profile) or by `jaxinfer warmup` (default grid): profile = "
+    "those earlier processes of this model and engine flags compiled (recorded next to the compilation cache); "
+    "grid = those plus every decode and prompt-chunk bucket up to --warmup_context_tokens; none = neither.")
+_WARMUP_CONTEXT_TOKENS = flags.DEFINE_integer("warmup_context_tokens", None, "Longest context the warm-up grid "
+                                              "covers (default: --max_model_len).")
+
+_COMMANDS = ("generate", "serve", "warmup")
 
 
 def _sampling_params(session):
@@ -256,7 +268,8 @@ def serve() -> int:
                            max_request_body_bytes=_MAX_REQUEST_BODY_BYTES.value,
                            drain_timeout_s=_DRAIN_TIMEOUT_S.value,
                            max_generated_tokens_per_request=_MAX_GENERATED_TOKENS_PER_REQUEST.value,
-                           log_prompts=_LOG_PROMPTS.value)
+                           log_prompts=_LOG_PROMPTS.value, warmup=_WARMUP.value or "profile",
+                           warmup_context_tokens=_WARMUP_CONTEXT_TOKENS.value)
     listen = Listen(host=_HOST.value, port=_PORT.value, grpc_port=None if _GRPC_PORT.value < 0 else _GRPC_PORT.value,
                     tls_cert=_TLS_CERT.value, tls_key=_TLS_KEY.value)
     _engine_config()  # flag errors before the (slow) load
@@ -277,13 +290,36 @@ def serve() -> int:
     return run_servers(engine, listen, on_ready=ready)
 
 
+def warmup() -> int:
+    mode = _WARMUP.value or "grid"
+    if _WARMUP_CONTEXT_TOKENS.value is not None and _WARMUP_CONTEXT_TOKENS.value < 1:
+        raise app.UsageError(f"--warmup_context_tokens: must be >= 1, got {_WARMUP_CONTEXT_TOKENS.value}")
+    _engine_config()  # flag errors before the (slow) load
+    if _start_processes():
+        return _follow()
+    start = time.perf_counter()
+    session = _load_session()
+    load_seconds = time.perf_counter() - start
+    with session:
+        if session.compilation_cache_dir is None:
+            print("[jaxinfer] note: --compilation_cache_dir is off: the programs last only as long as this process",
+                  file=sys.stderr)
+        report = session.warmup(profile=mode != "none", grid=mode == "grid",
+                                context_tokens=_WARMUP_CONTEXT_TOKENS.value)
+        profile = session.shape_profile.path if session.shape_profile is not None else "off"
+    print(f"[jaxinfer] warm-up ({mode}): {report['programs']} programs ({report['compiled']} compiled or loaded, "
+          f"{report['profile_programs']} from the profile) in {report['seconds']:.2f} s | load: {load_seconds:.2f} s "
+          f"| compilation cache: {session.compilation_cache_dir or 'off'} | profile: {profile}")
+    return 0
+
+
 def main(argv):
     if len(argv) < 2 or argv[1] not in _COMMANDS:
         raise app.UsageError(f"usage: jaxinfer {{{'|'.join(_COMMANDS)}}} [flags]; got {argv[1:]}")
     if len(argv) > 2:
         raise app.UsageError(f"unexpected arguments: {argv[2:]}")
     try:
-        code = generate() if argv[1] == "generate" else serve()
+        code = {"generate": generate, "serve": serve, "warmup": warmup}[argv[1]]()
     except (ValueError, FileNotFoundError) as e:
         if _COORDINATOR_ADDRESS.value is not None and not _LOADED:  # the others may wait for this process
             _leave_job(f"jaxinfer: error: {_job_name()}: {e}", 2)

@@ -32,6 +32,7 @@ import json
 import os
 from typing import Optional, Sequence, Union
 
+from jaxinfer import __version__
 from jaxinfer import progress as progress_bars
 from jaxinfer import quant
 from jaxinfer.assets import resolve_model_path
@@ -42,6 +43,7 @@ from jaxinfer.engine.validation import NewRequest, resolve_max_model_len
 from jaxinfer.models import checkpoint, lazy_checkpoint, parallel
 from jaxinfer.models.tokenizer import load_tokenizer
 from jaxinfer.runtime import compile_cache, step_broadcast
+from jaxinfer.runtime import warmup as warmup_lib
 from jaxinfer.runtime.model_runner import ModelRunner
 from jaxinfer.sharding import distributed
 from jaxinfer.sharding.mesh import mesh_for_engine
@@ -93,12 +95,16 @@ class InferenceSession:
         # Several processes: process 0 runs the engine and sends each step; the others
         # only follow (run_follower) and take no requests.
         self._follower_runner = None
+        self.shape_profile = None
         self._channel = distributed.StepChannel() if multiprocess else None
         if multiprocess and distributed.process_index() != 0:
             self._follower_runner = runner
             self.engine = None
             self.async_engine = None
             return
+        # Every program this runner compiles is recorded for the next process's warm-up.
+        self.shape_profile = _shape_profile(self.compilation_cache_dir, model_config, engine, dtype, runner)
+        runner.shape_profile = self.shape_profile
         if multiprocess:
             runner = step_broadcast.BroadcastingRunner(runner, self._channel)
         eos = tuple(eos_token_ids) or tuple(model_config.eos_token_ids) or (
@@ -344,6 +350,32 @@ class InferenceSession:
             if step_broadcast is not None and isinstance(runner, step_broadcast.BroadcastingRunner):
                 runner.close()
 
+    def warmup(self, *, profile: bool = True, grid: bool = True, context_tokens: Optional[int] = None,
+               progress: Optional[bool] = None) -> dict:
+        """Compiles the step programs traffic will need, before the first request.
+
+        Programs come from the persistent compilation cache when an earlier process
+        compiled them (then mostly tracing time is left). Which ones (runtime/warmup.py):
+
+        Args:
+          profile: the programs earlier processes with the same model and settings
+            compiled (recorded next to the compilation cache; none when it is off).
+          grid: decode steps of every batch bucket and page bucket, prompt chunks of
+            every token bucket, greedy and sampled, up to `context_tokens`.
+          context_tokens: the longest context the grid covers (None = max_model_len).
+          progress: a bar per program (None = when stderr is a terminal or in Jupyter).
+        Returns:
+          {"programs", "compiled" (new to this process), "seconds", "profile_programs"}.
+        """
+        engine = self._leader("warmup")
+        keys = self.shape_profile.load() if profile and self.shape_profile is not None else []
+        from_profile = len(keys)
+        if grid:
+            keys = warmup_lib.merge(keys, self.engine.warmup_grid(context_tokens))
+        with progress_bars.bar(len(keys), "warm-up", "program", enabled=progress) as bar:
+            report = engine.call(lambda e: e.warmup(keys, on_program=lambda: bar.update(1)))
+        return {**report, "profile_programs": from_profile}
+
     def reset_prefix_cache(self) -> None:
         """Drops every cached prefix page, e.g. between a warm-up and a timed run."""
         self._leader("reset_prefix_cache").reset_prefix_cache()
@@ -396,6 +428,21 @@ class TokenStream:
         stream = getattr(self, "_stream", None)
         if stream is not None:
             stream.abort()
+
+
+def _shape_profile(cache_dir: Optional[str], model_config: ModelConfig, engine: EngineConfig, dtype,
+                   runner) -> Optional[warmup_lib.ShapeProfile]:
+    """The ShapeProfile of this model and setup under the compilation cache (None when off)."""
+    if not cache_dir:
+        return None
+    import jax
+    mesh = runner.mesh if hasattr(runner, "mesh") else None
+    fields = {"model": dataclasses.asdict(model_config), "dtype": str(dtype), "page_size": runner.page_size,
+              "num_pages": runner.num_pages, "kv_cache_dtype": engine.kv_cache_dtype,
+              "attention_impl": engine.attention_impl, "runner": type(runner).__name__,
+              "mesh": None if mesh is None else dict(mesh.shape), "devices": jax.device_count(),
+              "platform": jax.default_backend(), "jax": jax.__version__, "jaxinfer": __version__}
+    return warmup_lib.ShapeProfile(warmup_lib.profile_path(cache_dir, warmup_lib.fingerprint(**fields)))
 
 
 def _one_sample(params) -> None:

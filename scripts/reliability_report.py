@@ -15,8 +15,8 @@ a number):
 2. overload: a server (--server process: `jaxinfer serve` as a subprocess, its counters
    read from /metrics, its memory from /proc; inprocess: ServerHandle in this process),
    HTTP + gRPC on free 127.0.0.1 ports, with room for max_num_seqs + max_queued_requests
-   requests; each round sends 5x that many concurrent requests on each wire (after one
-   untimed round that compiles the batch shapes); refused ones must be 429 /
+   requests; each round sends 5x that many concurrent requests on each wire (after
+   untimed rounds until one compiles nothing, at most 5); refused ones must be 429 /
    RESOURCE_EXHAUSTED, accepted ones must all complete with every token. Reports the
    p50 / p99 / max client-side latency of the refusals (from the request's write to the
    response's status line, on a minimal HTTP/1.1 client; the goal: p99 under 50 ms),
@@ -61,6 +61,9 @@ _MAX_NUM_SEQS = flags.DEFINE_integer("max_num_seqs", 4, "Running slots of the me
 _MAX_QUEUED = flags.DEFINE_integer("max_queued_requests", 4, "Queued slots of the measured server.")
 _SERVER = flags.DEFINE_enum("server", "process", ["process", "inprocess"], "Measure a `jaxinfer serve` "
                             "subprocess (its own GIL: what a client sees) or a server in this process.")
+_SERVE_WARMUP = flags.DEFINE_enum("serve_warmup", "profile", ["profile", "grid", "none"],
+                                  "--server process: the server's --warmup (profile: the programs earlier servers "
+                                  "with this model and flags compiled, from the persistent compilation cache).")
 _SOAK_MINUTES = flags.DEFINE_float("soak_minutes", 30.0, "Soak duration; 0 = skip.")
 _OUTPUT = flags.DEFINE_string("output", None, "Write the Markdown table here too.")
 _RESULT_JSON = flags.DEFINE_string("result_json", None, "Write the raw figures here.")
@@ -124,7 +127,7 @@ class ProcessTarget:
     the server has its own process and GIL); its counters are read from /metrics."""
 
     def __init__(self, model: str, *, max_num_seqs: int, max_queued_requests: int, num_pages: int = 256,
-                 ready_timeout: float = 600.0):
+                 ready_timeout: float = 600.0, warmup: str = "profile"):
         import socket
         ports = []
         for _ in range(2):
@@ -137,7 +140,7 @@ class ProcessTarget:
         cmd = [sys.executable, "-m", "jaxinfer.cli", "serve", "--model", model, "--host", "127.0.0.1",
                "--port", str(ports[0]), "--grpc_port", str(ports[1]), "--max_num_seqs", str(max_num_seqs),
                "--max_queued_requests", str(max_queued_requests), "--num_pages", str(num_pages),
-               "--max_num_batched_tokens", "128"]
+               "--max_num_batched_tokens", "128", "--warmup", warmup]
         self.log = open(os.devnull, "w")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True, cwd=ROOT,
                                      env=dict(os.environ, PYTHONPATH=ROOT))
@@ -294,15 +297,21 @@ async def _grpc_round(target: str, clients: int, max_tokens: int) -> list:
         return await asyncio.gather(*(one() for _ in range(clients)))
 
 
-def measure_overload(target, *, rounds: int, factor: int = 5, max_tokens: int = 12) -> dict:
+def measure_overload(target, *, rounds: int, factor: int = 5, max_tokens: int = 12,
+                     max_warm_rounds: int = 5) -> dict:
     """`rounds` rounds per wire of factor x capacity concurrent requests; see the module doc."""
     capacity = target.capacity
     clients = factor * capacity
     results = {"http": [], "grpc": []}
-    # An untimed round per wire first: it compiles the batch shapes a full server reaches.
-    asyncio.run(_http_round(target.http_url, clients, max_tokens))
-    asyncio.run(_grpc_round(target.grpc_target, clients, max_tokens))
-    wait_idle(target)
+    # Untimed rounds per wire first, until one compiles nothing (at most max_warm_rounds):
+    # they compile the batch shapes a full server reaches (arrivals differ per round).
+    for warm_rounds in range(1, max_warm_rounds + 1):
+        compiles = target.compiles()
+        asyncio.run(_http_round(target.http_url, clients, max_tokens))
+        asyncio.run(_grpc_round(target.grpc_target, clients, max_tokens))
+        wait_idle(target)
+        if target.compiles() == compiles:
+            break
     rejected_before, compiles_before = target.rejected(), target.compiles()
     for _ in range(rounds):
         results["http"] += asyncio.run(_http_round(target.http_url, clients, max_tokens))
@@ -312,7 +321,8 @@ def measure_overload(target, *, rounds: int, factor: int = 5, max_tokens: int = 
     rejected_metric = target.rejected() - rejected_before
     # A batch shape first met during the timed rounds compiles while clients wait: its
     # Python tracing holds the GIL, and the refusals queue behind it.
-    out = {"capacity": capacity, "clients": clients, "rounds": rounds, "max_tokens": max_tokens, "idle": idle,
+    out = {"capacity": capacity, "clients": clients, "rounds": rounds, "warm_rounds": warm_rounds,
+           "max_tokens": max_tokens, "idle": idle,
            "pages_leaked": leaked, "rejected_metric": rejected_metric,
            "compiles_during_rounds": target.compiles() - compiles_before}
     for wire, rows in results.items():
@@ -544,7 +554,7 @@ def main(argv):
         session = None
         if _SERVER.value == "process":
             target = ProcessTarget(_MODEL.value, max_num_seqs=_MAX_NUM_SEQS.value,
-                                   max_queued_requests=_MAX_QUEUED.value)
+                                   max_queued_requests=_MAX_QUEUED.value, warmup=_SERVE_WARMUP.value)
         else:
             from jaxinfer import EngineConfig, InferenceSession
             session = InferenceSession.from_pretrained(_MODEL.value, engine=EngineConfig(

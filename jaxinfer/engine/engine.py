@@ -60,6 +60,7 @@ from jaxinfer.engine.scheduler import Scheduler, SharedPrefixPolicy
 from jaxinfer.engine.swap import SwapOut, optional_space
 from jaxinfer.engine.validation import (NewRequest, RequestLimits, expand_samples, resolve_max_model_len,
                                         sample_ids, validate_requests)
+from jaxinfer.runtime import warmup as warmup_lib
 from jaxinfer.runtime.model_runner import ModelRunner
 from jaxinfer.types import StepStats, StreamDelta
 
@@ -84,6 +85,9 @@ class _Counters:
     num_requests_finished: int = 0  # length, eos, stop
     num_requests_aborted: int = 0  # by the caller
     num_requests_failed: int = 0  # a failed step, a non-finite output, an error of its own
+    # warm-up (Engine.warmup): programs compiled or loaded ahead of traffic, not in num_compiles
+    warmup_programs: int = 0
+    warmup_seconds: float = 0.0
 
     def add(self, stats: StepStats, num_seqs: int, host_seconds: float) -> None:
         self.num_steps += 1
@@ -324,6 +328,39 @@ class Engine:
         errors, self.request_errors = self.request_errors, {}
         return errors
 
+    def warmup_grid(self, context_tokens: Optional[int] = None) -> list:
+        """The shape keys of this configuration's unmixed steps (runtime/warmup.grid_keys)
+        up to `context_tokens` (None = max_model_len; larger is cut to it)."""
+        if context_tokens is not None and (isinstance(context_tokens, bool) or not isinstance(context_tokens, int)
+                                           or context_tokens < 1):
+            raise ValueError(f"context_tokens: expected a positive int or None, got {context_tokens!r}")
+        context = self.max_model_len if context_tokens is None else min(context_tokens, self.max_model_len)
+        return warmup_lib.grid_keys(max_num_seqs=self.config.max_num_seqs,
+                                    max_num_batched_tokens=self.config.max_num_batched_tokens,
+                                    context_tokens=context, page_size=self.runner.page_size)
+
+    def warmup(self, keys: Sequence[tuple], on_program=None) -> dict:
+        """Compiles (or loads from the persistent cache) the step program of each shape key
+        before traffic needs it (runner.warm: no page is written, no request is touched).
+
+        Args:
+          keys: shape keys (runtime/warmup.py); invalid ones raise ValueError first.
+          on_program: called after each key (a progress bar's update).
+        Returns:
+          {"programs": keys given, "compiled": programs new to this process, "seconds"}.
+        """
+        keys = [warmup_lib.check_key(k) for k in keys]
+        start = time.perf_counter()
+        compiled = 0
+        for key in keys:
+            compiled += int(self.runner.warm(key))
+            if on_program is not None:
+                on_program()
+        seconds = time.perf_counter() - start
+        self._counters.warmup_programs += compiled
+        self._counters.warmup_seconds += seconds
+        return {"programs": len(keys), "compiled": compiled, "seconds": seconds}
+
     def reset_prefix_cache(self) -> None:
         """Forgets every cached prefix page (the next requests recompute everything)."""
         self.block_manager.reset_prefix_cache()
@@ -349,6 +386,8 @@ class Engine:
             "num_requests_tracked": len(self.requests),
             "num_compiles": c.num_compiles,
             "compile_seconds": c.compile_seconds,
+            "warmup_programs": c.warmup_programs,
+            "warmup_seconds": c.warmup_seconds,
             "device_seconds": c.device_seconds,
             "host_seconds": c.host_seconds,
             "host_ms_per_step": 1000 * c.host_seconds / steps,

@@ -167,6 +167,24 @@ class StepBatch:
     shared_prefix_tokens_saved: int  # see StepStats
 
 
+def shape_key_of(device: DeviceBatch) -> tuple:
+    """The compiled program's identity: every array shape and static field of `device`.
+
+    (T, S, D, R, Pr, max_q_len, prefix (Rp, Qp, Pp) or None, all_greedy, all_logits,
+    num_top_logprobs, penalty history width or 0, bias width or 0, fault): plain ints,
+    bools, None and one tuple, so it round-trips through JSON (runtime/warmup.py builds a
+    DeviceBatch of these shapes to compile the program before traffic needs it).
+    """
+    prefix = device.prefix
+    return (int(device.tokens.size), int(device.logits_indices.size), int(device.num_decode_rows),
+            int(device.kv_lens.size), int(device.page_tables.shape[1]), int(device.max_q_len),
+            None if prefix is None else (*map(int, prefix.q_index.shape), int(prefix.page_tables.shape[1])),
+            bool(device.all_greedy), bool(device.all_logits), int(device.num_top_logprobs),
+            0 if device.penalties is None else int(device.penalties.history.shape[1]),
+            0 if device.logit_bias is None else int(device.logit_bias.token_ids.shape[1]),
+            device.fault is not None)
+
+
 def _prefix_rows(step: StepInput, config: BatchConfig, offsets, ends, lens, max_q_len: int, num_tokens: int):
     """The prefix rows, their bucketed shape, and the prefix tokens not re-read."""
     nodes = step.shared_prefixes
@@ -332,9 +350,9 @@ def build_batch(step: StepInput, config: BatchConfig, faults: Optional[Mapping[s
     kv_lens[base:base + row_seq.size] = starts[row_seq] + row_q_end
     page_tables[base:base + row_seq.size] = tables[row_seq]
     kv_starts[base:base + row_seq.size] = suffix_page[row_seq] * page_size
-    prefix, prefix_shape, tokens_saved = None, None, 0
+    prefix, tokens_saved = None, 0
     if step.shared_prefixes:
-        prefix, prefix_shape, tokens_saved = _prefix_rows(step, config, offsets, ends, lens, max_q_len, num_tokens)
+        prefix, _, tokens_saved = _prefix_rows(step, config, offsets, ends, lens, max_q_len, num_tokens)
 
     # Sample rows, in step order.
     num_samples = np.array([len(s.sample_offsets) for s in seqs], np.int64)
@@ -377,10 +395,7 @@ def build_batch(step: StepInput, config: BatchConfig, faults: Optional[Mapping[s
         logit_bias=bias, fault=fault, max_q_len=max_q_len,
         num_decode_rows=num_decode_rows, all_greedy=bool(all_greedy), all_logits=all_logits,
         num_top_logprobs=num_top_logprobs)
-    shape_key = (num_tokens, num_sample_rows, num_decode_rows, num_rows, max_pages, max_q_len, prefix_shape,
-                 device.all_greedy, all_logits, num_top_logprobs,
-                 0 if penalties is None else penalties.history.shape[1], 0 if bias is None else bias.token_ids.shape[1],
-                 fault is not None)
+    shape_key = shape_key_of(device)
     return StepBatch(
         device=device, request_ids=tuple(s.request_id for s in seqs), token_offsets=offsets, num_tokens=lens,
         sample_starts=sample_starts, num_samples=num_samples,

@@ -33,7 +33,9 @@ produce such rows, or raise, for chosen requests or calls.
 
 Compilation. XLA compiles once per StepBatch.shape_key; a long mixed workload therefore
 compiles a bounded number of programs. A step whose key is new reports
-`is_compile=True` in its StepStats. The KV pages are donated to each step, so XLA
+`is_compile=True` in its StepStats. `warm(key)` compiles a key's program ahead of
+traffic from a dummy batch of its shapes (runtime/warmup.py), and every new key is
+recorded in `shape_profile` (when set) for the next process's warm-up. The KV pages are donated to each step, so XLA
 updates them in place.
 
 Swapping. `swap_out(page ids)` copies pages of every layer to host memory and
@@ -57,7 +59,7 @@ from jaxinfer.models import parallel
 from jaxinfer.models.quant_format import int4_format_of
 from jaxinfer.models.transformer import AttentionMetadata, PrefixRows, Transformer, logical_axes
 from jaxinfer.runtime import faults as faults_lib
-from jaxinfer.runtime import input_batch, kv_cache, kv_swap, program_memory, sampler
+from jaxinfer.runtime import input_batch, kv_cache, kv_swap, program_memory, sampler, warmup
 from jaxinfer.runtime.input_batch import BatchConfig, DeviceBatch
 from jaxinfer.sharding import mesh as mesh_lib
 from jaxinfer.sharding import placement, rules
@@ -127,6 +129,9 @@ class ModelRunner:
         self.weight_bytes_per_device = _max_bytes_per_device(self.params)
         self.kv_cache_bytes_per_device = _max_bytes_per_device(self.kv_caches)
         self.fault_injector: Optional[faults_lib.FaultInjector] = None  # tests only (runtime/faults.py)
+        # Where each newly compiled shape key is recorded for the next process's warm-up
+        # (a runtime/warmup.ShapeProfile; set by the session; None = not recorded).
+        self.shape_profile: Optional[warmup.ShapeProfile] = None
         self._page_mover = kv_swap.PageMover(self.kv_caches, self.mesh)
 
     @property
@@ -194,10 +199,7 @@ class ModelRunner:
         device_seconds = time.perf_counter() - device_start
         is_compile = batch.shape_key not in self._shape_keys
         if is_compile:
-            self._shape_keys.add(batch.shape_key)
-            self._num_compiles += 1
-            if self.map_budget.after_compile([self._step]):
-                self._shape_keys.clear()  # every program was dropped
+            self._note_compile(batch.shape_key)
         unpack_start = time.perf_counter()
         outputs = input_batch.unpack_outputs(batch, *results, finite=finite)
         host_seconds = (device_start - host_start) + (time.perf_counter() - unpack_start)
@@ -206,6 +208,31 @@ class ModelRunner:
                           is_shared_prefix=batch.device.prefix is not None,
                           shared_prefix_tokens_saved=batch.shared_prefix_tokens_saved)
         return StepOutput(outputs=outputs, stats=stats)
+
+
+    def warm(self, key: tuple) -> bool:
+        """Compiles (or loads from the persistent cache) the step program of shape `key`
+        without touching the pages (runtime/warmup.py); False when it is already held.
+
+        Raises:
+          ValueError: `key` is not a valid shape key.
+        """
+        key = warmup.check_key(key)
+        if key in self._shape_keys:
+            return False
+        results, self.kv_caches = self._step(self.params, self.kv_caches,
+                                             warmup.dummy_batch(key, self.batch_config))
+        jax.block_until_ready(results)
+        self._note_compile(key)
+        return True
+
+    def _note_compile(self, key: tuple) -> None:
+        self._shape_keys.add(key)
+        self._num_compiles += 1
+        if self.shape_profile is not None:
+            self.shape_profile.record(key)
+        if self.map_budget.after_compile([self._step]):
+            self._shape_keys.clear()  # every program was dropped
 
 
 def _max_bytes_per_device(tree) -> int:

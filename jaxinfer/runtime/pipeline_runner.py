@@ -51,7 +51,7 @@ from jaxinfer.models import parallel, pipeline
 from jaxinfer.models.quant_format import int4_format_of
 from jaxinfer.models.transformer import logical_axes
 from jaxinfer.runtime import faults as faults_lib
-from jaxinfer.runtime import input_batch, kv_cache, kv_swap, microbatches, program_memory
+from jaxinfer.runtime import input_batch, kv_cache, kv_swap, microbatches, program_memory, warmup
 from jaxinfer.runtime.input_batch import BatchConfig, DeviceBatch
 from jaxinfer.runtime.model_runner import (_max_bytes_per_device, inject_fault, logits_of_step, rows_finite,
                                            sample_rows, stage_apply, stage_expert_counts, step_metadata)
@@ -149,6 +149,7 @@ class PipelineRunner:
         self.stage_weight_bytes_per_device = [_max_bytes_per_device(p) for p in self.params]  # first to last
         self.kv_cache_bytes_per_device = _max_bytes_per_device(self.kv_caches)
         self.fault_injector: Optional[faults_lib.FaultInjector] = None  # tests only (runtime/faults.py)
+        self.shape_profile: Optional[warmup.ShapeProfile] = None  # as ModelRunner's
         self._page_movers = [kv_swap.PageMover(c, m) for c, m in zip(self.kv_caches, self.stage_meshes)]
 
     @property
@@ -217,7 +218,7 @@ class PipelineRunner:
         parts = microbatches.split_step(step, self.num_microbatches, self.page_size)
         batches = [input_batch.build_batch(part, self.batch_config, faults) for part in parts]
         device_start = time.perf_counter()
-        results, counts = self._run(batches)
+        results, counts = self._run([b.device for b in batches])
         results, counts = jax.device_get((results, counts))
         if fail:
             faults_lib.FaultInjector.fail(self.fault_injector.num_executes - 1)
@@ -229,10 +230,7 @@ class PipelineRunner:
         new_keys = {b.shape_key for b in batches} - self._shape_keys
         is_compile = bool(new_keys)
         if new_keys:
-            self._shape_keys.update(new_keys)
-            self._num_compiles += len(new_keys)
-            if self.map_budget.after_compile(self._programs):
-                self._shape_keys.clear()  # every program was dropped
+            self._note_compiles(new_keys)
         unpack_start = time.perf_counter()
         outputs = microbatches.merge_outputs([input_batch.unpack_outputs(b, *r[:5], finite=r[5])
                                               for b, r in zip(batches, results)])
@@ -244,6 +242,26 @@ class PipelineRunner:
                           is_shared_prefix=any(b.device.prefix is not None for b in batches),
                           shared_prefix_tokens_saved=sum(b.shared_prefix_tokens_saved for b in batches))
         return StepOutput(outputs=outputs, stats=stats)
+
+    def warm(self, key: tuple) -> bool:
+        """Compiles every stage's program of microbatch shape `key` from a dummy batch that
+        writes no page (runtime/warmup.py); False when it is already held."""
+        key = warmup.check_key(key)
+        if key in self._shape_keys:
+            return False
+        results, _ = self._run([warmup.dummy_batch(key, self.batch_config)])
+        jax.block_until_ready(results)
+        self._note_compiles({key})
+        return True
+
+    def _note_compiles(self, keys: set) -> None:
+        self._shape_keys.update(keys)
+        self._num_compiles += len(keys)
+        if self.shape_profile is not None:
+            for key in keys:
+                self.shape_profile.record(key)
+        if self.map_budget.after_compile(self._programs):
+            self._shape_keys.clear()  # every program was dropped
 
     def _run(self, batches: list) -> tuple:
         """Dispatches every (stage, microbatch) call in wavefront order; nothing waits.
@@ -261,7 +279,7 @@ class PipelineRunner:
                 k = tick - s
                 if not 0 <= k < m:
                     continue
-                batch = batches[k].device
+                batch = batches[k]
                 inputs = batch.tokens if s == 0 else jax.device_put(carry[k], rules.replicated(self.stage_meshes[s]))
                 out, self.kv_caches[s] = self._programs[s](self.params[s], self.kv_caches[s], inputs, batch)
                 *head, stage_counts = out

@@ -26,13 +26,13 @@ import threading
 from typing import Optional
 
 from jaxinfer.config import EngineConfig, ModelConfig
-from jaxinfer.runtime import kv_cache
+from jaxinfer.runtime import kv_cache, warmup
 from jaxinfer.sharding import distributed
 from jaxinfer.types import ScheduledSequence, SharedPrefix, StepInput, StepOutput
 
 _LOG = logging.getLogger(__name__)
 _RECORDS = {cls.__name__: cls for cls in (StepInput, ScheduledSequence, SharedPrefix)}
-_STEP, _STOP = b"S", b"Q"
+_STEP, _STOP, _WARM = b"S", b"Q", b"W"
 
 
 def encode_step(step: StepInput) -> bytes:
@@ -142,6 +142,16 @@ class BroadcastingRunner:
                 raise distributed.PeerLost(f"the step failed because {lost} ({e})") from e
             raise
 
+    def warm(self, key: tuple) -> bool:
+        """Sends a warm-up of shape `key` (runtime/warmup.py), then compiles it here: every
+        process compiles the same program, so its collectives match."""
+        key = warmup.check_key(key)
+        with self._lock:
+            if self.closed:
+                raise RuntimeError("BroadcastingRunner: closed; the other processes have stopped following steps")
+            self.channel.send(_WARM + json.dumps(list(key)).encode())
+        return self.runner.warm(key)
+
     def close(self, reason: str = "done") -> None:
         """Tells the followers to stop (once); later steps are refused."""
         with self._lock:
@@ -181,6 +191,9 @@ def follow(runner, channel, *, idle_timeout_s: Optional[float] = None) -> int:
         kind, body = message[:1], message[1:]
         if kind == _STOP:
             return steps
+        if kind == _WARM:  # a warm-up program (BroadcastingRunner.warm)
+            runner.warm(warmup.check_key(json.loads(body.decode())))
+            continue
         if kind != _STEP:
             raise ValueError(f"step channel: unknown message kind {kind!r}")
         step = decode_step(body)

@@ -130,8 +130,20 @@ class ServingConfig:
     max_generated_tokens_per_request: int = 1 << 16
     # write each request's prompt text in the log (off by default: prompts may be private)
     log_prompts: bool = False
+    # programs compiled before ready (InferenceSession.warmup): "profile" = those earlier
+    # servers of this model and setup compiled; "grid" = those plus every unmixed step
+    # bucket up to warmup_context_tokens (None = max_model_len); "none" = neither
+    warmup: str = "profile"
+    warmup_context_tokens: Optional[int] = None
 
     def __post_init__(self):
+        if self.warmup not in ("profile", "grid", "none"):
+            raise ValueError(f"warmup: expected 'profile', 'grid' or 'none', got {self.warmup!r}")
+        if self.warmup_context_tokens is not None and (
+                isinstance(self.warmup_context_tokens, bool) or not isinstance(self.warmup_context_tokens, int)
+                or self.warmup_context_tokens < 1):
+            raise ValueError(f"warmup_context_tokens: must be a positive int or None, got "
+                             f"{self.warmup_context_tokens!r}")
         if not isinstance(self.log_prompts, bool):
             raise ValueError(f"log_prompts: must be a bool, got {self.log_prompts!r}")
         for name in ("max_queued_requests", "max_request_body_bytes", "max_stop_strings",
@@ -177,6 +189,7 @@ class ServingEngine:
         self._idle = threading.Condition(self._lock)
         self.state = "starting"  # starting -> ready -> draining -> stopped
         self.warmup_seconds: Optional[float] = None
+        self.warmup_report: Optional[dict] = None  # InferenceSession.warmup's, when config.warmup != "none"
         self.started_at = time.time()
 
     # ------------------------------------------------------------------ life cycle
@@ -186,8 +199,13 @@ class ServingEngine:
         return self.state == "ready"
 
     def warm_up(self) -> float:
-        """Compiles the programs of a short request (prefill + decode); returns seconds."""
+        """Compiles the step programs of `config.warmup` (InferenceSession.warmup), then
+        runs a short request (prefill + decode; greedy and the model's default sampling)
+        through the whole path; returns seconds."""
         start = time.perf_counter()
+        if self.config.warmup != "none":
+            self.warmup_report = self.session.warmup(grid=self.config.warmup == "grid",
+                                                     context_tokens=self.config.warmup_context_tokens)
         prompt = [self.tokenizer.bos_token_id or 0] if self.tokenizer is not None else [0]
         # The model's default sampling (what requests that leave the fields out use) and greedy.
         for params in (self.session.default_sampling_params(max_tokens=3, ignore_eos=True, seed=0),

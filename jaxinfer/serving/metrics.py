@@ -64,6 +64,9 @@ class _EngineCollector:
         yield counter("num_preemptions", "Requests preempted (pages reclaimed).", m.get("num_preemptions", 0))
         yield counter("num_compiles", "XLA programs compiled by the engine's steps.", m.get("num_compiles", 0))
         yield counter("compile_seconds", "Seconds spent in steps that compiled.", m.get("compile_seconds", 0.0))
+        yield counter("warmup_programs", "Step programs compiled (or loaded) by the warm-up, before traffic.",
+                      m.get("warmup_programs", 0))
+        yield counter("warmup_seconds", "Seconds the warm-up took.", m.get("warmup_seconds", 0.0))
         yield counter("shared_prefix_steps", "Steps that ran the shared-prefix (Hydragen) attention path.",
                       m.get("shared_prefix_steps", 0))
         yield counter("shared_prefix_tokens_saved", "Prefix KV token reads saved by shared-prefix attention.",

@@ -84,6 +84,13 @@ class _Runner:
 
     def __init__(self):
         self.steps = []
+        self.warmed = []
+
+    def warm(self, key):
+        if key in self.warmed:
+            return False
+        self.warmed.append(key)
+        return True
 
     def execute(self, step):
         if step.sequences and step.sequences[0].request_id == "bad":
@@ -101,12 +108,17 @@ def test_broadcasting_runner_and_follower_run_the_same_steps():
     with pytest.raises(ValueError, match="refused"):
         leader.execute(bad)  # fails on every process alike: the follower goes on
     leader.execute(StepInput(sequences=()))
+    key = (4, 4, 0, 4, 2, 1, None, True, False, 0, 0, 0, False)
+    assert leader.warm(key) and not leader.warm(list(key))  # a warm-up program compiles on every process
+    with pytest.raises(ValueError, match="shape key"):
+        leader.warm((4, 4))
     leader.close()
     leader.close()  # once
     with pytest.raises(RuntimeError, match="closed"):
         leader.execute(_step())
     assert step_broadcast.follow(follower_runner, channel) == 3
     assert follower_runner.steps == leader_runner.steps == [_step(), StepInput(sequences=())]
+    assert follower_runner.warmed == leader_runner.warmed == [key]
     assert not channel.messages
     with pytest.raises(TimeoutError):
         step_broadcast.follow(follower_runner, channel, idle_timeout_s=0.1)
