@@ -32,7 +32,12 @@ def _eq(actual, expected, dtype=np.int32):
 def test_buckets():
     assert [bucket(n) for n in (0, 1, 2, 3, 5, 8, 9)] == [1, 1, 2, 4, 8, 8, 16]
     assert bucket(3, minimum=8) == 8
-    assert [page_bucket(n) for n in (1, 3, 16, 17, 24, 25)] == [1, 4, 16, 24, 24, 32]
+    assert [page_bucket(n) for n in (1, 3, 16, 17, 24, 25, 64, 65, 73, 240, 241)] == [1, 4, 16, 24, 24, 32, 64, 72,
+                                                                                      88, 240, 272]
+    for n in range(17, 5000):  # multiples of 8; padding at most 8 pages, or 1/8 of the row + 8 past 64
+        b = page_bucket(n)
+        assert b >= n and b % 8 == 0 and b - n <= max(7, n // 8 + 8), n
+    assert len({page_bucket(n) for n in range(1, 257)}) == 21  # 35 with multiples of 8 all the way
     assert QUERY_BLOCK == CONFIG.query_block and PREFIX_QUERY_BLOCK == CONFIG.prefix_query_block
 
 
