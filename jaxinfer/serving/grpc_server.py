@@ -264,8 +264,10 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                                    cache_salt=request.cache_salt if request.HasField("cache_salt") else None)
         outputs = [o for o in submission.outputs if o is not None]
         completion = sum(o.num_generated_tokens for o in outputs)
+        first = submission.outputs[0] if submission.outputs else None  # sample 0 holds the prompt's cache hit
         summary = pb.Summary(usage=pb.Usage(prompt_tokens=len(prompt_ids), completion_tokens=completion,
-                                            total_tokens=len(prompt_ids) + completion),
+                                            total_tokens=len(prompt_ids) + completion,
+                                            cached_tokens=first.num_cached_tokens if first is not None else 0),
                              request_id=call.request_id)
         if outputs and outputs[0].prompt_logprobs:
             summary.prompt_logprobs.extend(float(x) for x in outputs[0].prompt_logprobs if x is not None)

@@ -153,9 +153,10 @@ def test_cache_salt_timing_is_indistinguishable(serving_session):
 
 
 def test_cached_prompt_tokens_are_reported_per_request_and_per_tenant(serving_session):
-    """usage.prompt_tokens_details.cached_tokens (OpenAI's field): 0 for a new prompt and
-    for the same prompt under another cache_salt; the full pages of the prompt (at least
-    one token is always computed) for a repeat within the salt, plain and streamed."""
+    """usage.prompt_tokens_details.cached_tokens (OpenAI's field; Usage.cached_tokens on
+    gRPC): 0 for a new prompt and for the same prompt under another cache_salt; the full
+    pages of the prompt (at least one token is always computed) for a repeat within the
+    salt, plain and streamed."""
     engine = make_engine(serving_session)
     page = serving_session.engine.runner.page_size
     rng = random.Random(11)
@@ -174,6 +175,18 @@ def test_cached_prompt_tokens_are_reported_per_request_and_per_tenant(serving_se
         assert cached("tenant-a") == 2 * page
         assert cached("tenant-b") == 0
         assert cached("tenant-b", stream=True, stream_options={"include_usage": True}) == 2 * page
+    with GrpcServer(engine) as server:  # jaxinfer.v1: Usage.cached_tokens of the Summary
+        stub = pb_grpc.GenerationStub(server.channel)
+
+        def grpc_cached(salt):
+            replies = list(stub.Generate(pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=ids), max_tokens=1,
+                                                            temperature=0.0, ignore_eos=True, cache_salt=salt),
+                                         timeout=60))
+            return replies[-1].summary.usage.cached_tokens
+
+        assert grpc_cached("tenant-c") == 0
+        assert grpc_cached("tenant-c") == 2 * page
+        assert grpc_cached("tenant-a") == 2 * page
     wait_idle(engine)
 
 

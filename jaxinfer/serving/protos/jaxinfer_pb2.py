@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&jaxinfer/serving/protos/jaxinfer.proto\x12\x0bjaxinfer.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xff\x06\n\x0fGenerateRequest\x12\x15\n\x0bprompt_text\x18\x01 \x01(\tH\x00\x12\x31\n\x10prompt_token_ids\x18\x02 \x01(\x0b\x32\x15.jaxinfer.v1.TokenIdsH\x00\x12\r\n\x05model\x18\x03 \x01(\t\x12\x17\n\nmax_tokens\x18\n \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x0b \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x0c \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05top_p\x18\r \x01(\x01H\x04\x88\x01\x01\x12\x12\n\x05min_p\x18\x0e \x01(\x01H\x05\x88\x01\x01\x12\x11\n\x04seed\x18\x0f \x01(\x03H\x06\x88\x01\x01\x12\x0c\n\x04stop\x18\x10 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x11 \x03(\x05\x12\x17\n\nignore_eos\x18\x12 \x01(\x08H\x07\x88\x01\x01\x12\x15\n\x08logprobs\x18\x13 \x01(\x05H\x08\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x14 \x01(\x08H\t\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x15 \x01(\x01H\n\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x16 \x01(\x01H\x0b\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x17 \x01(\x01H\x0c\x88\x01\x01\x12?\n\nlogit_bias\x18\x18 \x03(\x0b\x32+.jaxinfer.v1.GenerateRequest.LogitBiasEntry\x12\x17\n\nmin_tokens\x18\x19 \x01(\x05H\r\x88\x01\x01\x12\x0e\n\x01n\x18\x1a \x01(\x05H\x0e\x88\x01\x01\x12\x15\n\x08priority\x18\x1e \x01(\x05H\x0f\x88\x01\x01\x12\x17\n\ncache_salt\x18\x1f \x01(\tH\x10\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x08\n\x06promptB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x08\n\x06_min_pB\x07\n\x05_seedB\r\n\x0b_ignore_eosB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobsB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\r\n\x0b_min_tokensB\x04\n\x02_nB\x0b\n\t_priorityB\r\n\x0b_cache_salt\"1\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"9\n\x0bTopLogprobs\x12*\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x19.jaxinfer.v1.TokenLogprob\"\xb1\x01\n\x0bSampleDelta\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12.\n\x0ctop_logprobs\x18\x05 \x03(\x0b\x32\x18.jaxinfer.v1.TopLogprobs\x12\x30\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x19.jaxinfer.v1.FinishReason\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\"Y\n\x07Summary\x12!\n\x05usage\x18\x01 \x01(\x0b\x32\x12.jaxinfer.v1.Usage\x12\x17\n\x0fprompt_logprobs\x18\x02 \x03(\x02\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"n\n\x10GenerateResponse\x12)\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x18.jaxinfer.v1.SampleDeltaH\x00\x12\'\n\x07summary\x18\x02 \x01(\x0b\x32\x14.jaxinfer.v1.SummaryH\x00\x42\x06\n\x04kind\"W\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x15\n\x13_add_special_tokens\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0e\n\x06pieces\x18\x02 \x03(\t\"`\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12 \n\x13skip_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x16\n\x14_skip_special_tokens\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x12\n\x10ModelInfoRequest\"\xa0\x01\n\x10SamplingDefaults\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x13\n\x0btemperature\x18\x02 \x01(\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05top_p\x18\x04 \x01(\x01\x12\r\n\x05min_p\x18\x05 \x01(\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x01H\x00\x88\x01\x01\x42\x15\n\x13_repetition_penalty\"\x89\x02\n\x11ModelInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\x05\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x19\n\x0c\x62os_token_id\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x15\n\reos_token_ids\x18\x05 \x03(\x05\x12\x15\n\rhas_tokenizer\x18\x06 \x01(\x08\x12/\n\x08\x64\x65\x66\x61ults\x18\x07 \x01(\x0b\x32\x1d.jaxinfer.v1.SamplingDefaults\x12\x18\n\x10max_top_logprobs\x18\x08 \x01(\x05\x12\x10\n\x08is_ready\x18\t \x01(\x08\x42\x0f\n\r_bos_token_id*\x8f\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x04\x32\xbb\x02\n\nGeneration\x12I\n\x08Generate\x12\x1c.jaxinfer.v1.GenerateRequest\x1a\x1d.jaxinfer.v1.GenerateResponse0\x01\x12G\n\x08Tokenize\x12\x1c.jaxinfer.v1.TokenizeRequest\x1a\x1d.jaxinfer.v1.TokenizeResponse\x12M\n\nDetokenize\x12\x1e.jaxinfer.v1.DetokenizeRequest\x1a\x1f.jaxinfer.v1.DetokenizeResponse\x12J\n\tModelInfo\x12\x1d.jaxinfer.v1.ModelInfoRequest\x1a\x1e.jaxinfer.v1.ModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&jaxinfer/serving/protos/jaxinfer.proto\x12\x0bjaxinfer.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xff\x06\n\x0fGenerateRequest\x12\x15\n\x0bprompt_text\x18\x01 \x01(\tH\x00\x12\x31\n\x10prompt_token_ids\x18\x02 \x01(\x0b\x32\x15.jaxinfer.v1.TokenIdsH\x00\x12\r\n\x05model\x18\x03 \x01(\t\x12\x17\n\nmax_tokens\x18\n \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x0b \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x0c \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05top_p\x18\r \x01(\x01H\x04\x88\x01\x01\x12\x12\n\x05min_p\x18\x0e \x01(\x01H\x05\x88\x01\x01\x12\x11\n\x04seed\x18\x0f \x01(\x03H\x06\x88\x01\x01\x12\x0c\n\x04stop\x18\x10 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x11 \x03(\x05\x12\x17\n\nignore_eos\x18\x12 \x01(\x08H\x07\x88\x01\x01\x12\x15\n\x08logprobs\x18\x13 \x01(\x05H\x08\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x14 \x01(\x08H\t\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x15 \x01(\x01H\n\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x16 \x01(\x01H\x0b\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x17 \x01(\x01H\x0c\x88\x01\x01\x12?\n\nlogit_bias\x18\x18 \x03(\x0b\x32+.jaxinfer.v1.GenerateRequest.LogitBiasEntry\x12\x17\n\nmin_tokens\x18\x19 \x01(\x05H\r\x88\x01\x01\x12\x0e\n\x01n\x18\x1a \x01(\x05H\x0e\x88\x01\x01\x12\x15\n\x08priority\x18\x1e \x01(\x05H\x0f\x88\x01\x01\x12\x17\n\ncache_salt\x18\x1f \x01(\tH\x10\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x08\n\x06promptB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x08\n\x06_min_pB\x07\n\x05_seedB\r\n\x0b_ignore_eosB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobsB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\r\n\x0b_min_tokensB\x04\n\x02_nB\x0b\n\t_priorityB\r\n\x0b_cache_salt\"1\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"9\n\x0bTopLogprobs\x12*\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x19.jaxinfer.v1.TokenLogprob\"\xb1\x01\n\x0bSampleDelta\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12.\n\x0ctop_logprobs\x18\x05 \x03(\x0b\x32\x18.jaxinfer.v1.TopLogprobs\x12\x30\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x19.jaxinfer.v1.FinishReason\"f\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\x12\x15\n\rcached_tokens\x18\x04 \x01(\x05\"Y\n\x07Summary\x12!\n\x05usage\x18\x01 \x01(\x0b\x32\x12.jaxinfer.v1.Usage\x12\x17\n\x0fprompt_logprobs\x18\x02 \x03(\x02\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"n\n\x10GenerateResponse\x12)\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x18.jaxinfer.v1.SampleDeltaH\x00\x12\'\n\x07summary\x18\x02 \x01(\x0b\x32\x14.jaxinfer.v1.SummaryH\x00\x42\x06\n\x04kind\"W\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x15\n\x13_add_special_tokens\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0e\n\x06pieces\x18\x02 \x03(\t\"`\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12 \n\x13skip_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x16\n\x14_skip_special_tokens\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x12\n\x10ModelInfoRequest\"\xa0\x01\n\x10SamplingDefaults\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x13\n\x0btemperature\x18\x02 \x01(\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05top_p\x18\x04 \x01(\x01\x12\r\n\x05min_p\x18\x05 \x01(\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x01H\x00\x88\x01\x01\x42\x15\n\x13_repetition_penalty\"\x89\x02\n\x11ModelInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\x05\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x19\n\x0c\x62os_token_id\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x15\n\reos_token_ids\x18\x05 \x03(\x05\x12\x15\n\rhas_tokenizer\x18\x06 \x01(\x08\x12/\n\x08\x64\x65\x66\x61ults\x18\x07 \x01(\x0b\x32\x1d.jaxinfer.v1.SamplingDefaults\x12\x18\n\x10max_top_logprobs\x18\x08 \x01(\x05\x12\x10\n\x08is_ready\x18\t \x01(\x08\x42\x0f\n\r_bos_token_id*\x8f\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x04\x32\xbb\x02\n\nGeneration\x12I\n\x08Generate\x12\x1c.jaxinfer.v1.GenerateRequest\x1a\x1d.jaxinfer.v1.GenerateResponse0\x01\x12G\n\x08Tokenize\x12\x1c.jaxinfer.v1.TokenizeRequest\x1a\x1d.jaxinfer.v1.TokenizeResponse\x12M\n\nDetokenize\x12\x1e.jaxinfer.v1.DetokenizeRequest\x1a\x1f.jaxinfer.v1.DetokenizeResponse\x12J\n\tModelInfo\x12\x1d.jaxinfer.v1.ModelInfoRequest\x1a\x1e.jaxinfer.v1.ModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,8 +34,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST_LOGITBIASENTRY']._loaded_options = None
   _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=2282
-  _globals['_FINISHREASON']._serialized_end=2425
+  _globals['_FINISHREASON']._serialized_start=2305
+  _globals['_FINISHREASON']._serialized_end=2448
   _globals['_TOKENIDS']._serialized_start=55
   _globals['_TOKENIDS']._serialized_end=78
   _globals['_GENERATEREQUEST']._serialized_start=81
@@ -49,25 +49,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLEDELTA']._serialized_start=1089
   _globals['_SAMPLEDELTA']._serialized_end=1266
   _globals['_USAGE']._serialized_start=1268
-  _globals['_USAGE']._serialized_end=1347
-  _globals['_SUMMARY']._serialized_start=1349
-  _globals['_SUMMARY']._serialized_end=1438
-  _globals['_GENERATERESPONSE']._serialized_start=1440
-  _globals['_GENERATERESPONSE']._serialized_end=1550
-  _globals['_TOKENIZEREQUEST']._serialized_start=1552
-  _globals['_TOKENIZEREQUEST']._serialized_end=1639
-  _globals['_TOKENIZERESPONSE']._serialized_start=1641
-  _globals['_TOKENIZERESPONSE']._serialized_end=1694
-  _globals['_DETOKENIZEREQUEST']._serialized_start=1696
-  _globals['_DETOKENIZEREQUEST']._serialized_end=1792
-  _globals['_DETOKENIZERESPONSE']._serialized_start=1794
-  _globals['_DETOKENIZERESPONSE']._serialized_end=1828
-  _globals['_MODELINFOREQUEST']._serialized_start=1830
-  _globals['_MODELINFOREQUEST']._serialized_end=1848
-  _globals['_SAMPLINGDEFAULTS']._serialized_start=1851
-  _globals['_SAMPLINGDEFAULTS']._serialized_end=2011
-  _globals['_MODELINFORESPONSE']._serialized_start=2014
-  _globals['_MODELINFORESPONSE']._serialized_end=2279
-  _globals['_GENERATION']._serialized_start=2428
-  _globals['_GENERATION']._serialized_end=2743
+  _globals['_USAGE']._serialized_end=1370
+  _globals['_SUMMARY']._serialized_start=1372
+  _globals['_SUMMARY']._serialized_end=1461
+  _globals['_GENERATERESPONSE']._serialized_start=1463
+  _globals['_GENERATERESPONSE']._serialized_end=1573
+  _globals['_TOKENIZEREQUEST']._serialized_start=1575
+  _globals['_TOKENIZEREQUEST']._serialized_end=1662
+  _globals['_TOKENIZERESPONSE']._serialized_start=1664
+  _globals['_TOKENIZERESPONSE']._serialized_end=1717
+  _globals['_DETOKENIZEREQUEST']._serialized_start=1719
+  _globals['_DETOKENIZEREQUEST']._serialized_end=1815
+  _globals['_DETOKENIZERESPONSE']._serialized_start=1817
+  _globals['_DETOKENIZERESPONSE']._serialized_end=1851
+  _globals['_MODELINFOREQUEST']._serialized_start=1853
+  _globals['_MODELINFOREQUEST']._serialized_end=1871
+  _globals['_SAMPLINGDEFAULTS']._serialized_start=1874
+  _globals['_SAMPLINGDEFAULTS']._serialized_end=2034
+  _globals['_MODELINFORESPONSE']._serialized_start=2037
+  _globals['_MODELINFORESPONSE']._serialized_end=2302
+  _globals['_GENERATION']._serialized_start=2451
+  _globals['_GENERATION']._serialized_end=2766
 # @@protoc_insertion_point(module_scope)
