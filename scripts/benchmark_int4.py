@@ -35,6 +35,7 @@ _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
 _IMPLS = flags.DEFINE_list("impls", "xla,pallas", "int4 impls to time (pallas is skipped on CPU).")
 _REPEATS = flags.DEFINE_integer("repeats", 20, "Timed calls per row (median reported).", lower_bound=1)
 _JSON = flags.DEFINE_string("json_out", "runs/bench/int4.json", "JSON report path.")
+_PLOT = flags.DEFINE_string("plot", None, "Draw ms vs M under the dense and int4 roofs here (PNG; needs matplotlib).")
 
 
 def run(m_values, k, n, group, dtype_name, impls, repeats) -> dict:
@@ -89,6 +90,9 @@ def main(argv):
         print(f"{r['m']:>5} {r['op']:>6} {r['impl']:>7} {1e3 * r['seconds']:>9.3f} {r['pct_roofline']:>7.1f} "
               f"{r['tflops']:>8.3f} {r.get('speedup_vs_dense', 1.0):>8.2f}")
     bench_common.write_json(_JSON.value, report)
+    if _PLOT.value:
+        import plotting
+        plotting.plot_int4(report, _PLOT.value)
 
 
 if __name__ == "__main__":

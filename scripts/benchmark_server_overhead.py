@@ -104,6 +104,7 @@ _SERVER_TIMEOUT = flags.DEFINE_float("server_start_timeout_s", 600.0, "Seconds t
 _REQUEST_TIMEOUT = flags.DEFINE_float("timeout_s", 600.0, "Per-request limit, seconds.")
 _SERVER_LOG = flags.DEFINE_string("server_log", "", "Write the server's output here (default: a temp file).")
 _JSON = flags.DEFINE_string("result_json", "runs/serving/server_overhead.json", "JSON report path (empty = none).")
+_PLOT = flags.DEFINE_string("plot", None, "Draw session vs server throughput and TTFT here (PNG; needs matplotlib).")
 
 FIRST_ID = 3  # prompt ids from FIRST_ID up: 0-2 are <unk>/<s>/</s> in Llama-style vocabularies
 GOAL_THROUGHPUT_OVERHEAD = 0.05  # the server may cost at most 5% of the in-process throughput
@@ -707,6 +708,9 @@ def main(argv):
     if compiles["session"] or compiles["server"]:
         print("WARNING: programs were compiled during the timed part (new step shapes); the runs and requests "
               "that compiled are left out of the figures above")
+    if _PLOT.value:
+        import plotting
+        plotting.plot_server_overhead(report, _PLOT.value)
 
 
 if __name__ == "__main__":

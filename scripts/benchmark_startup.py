@@ -1,6 +1,7 @@
 """Cold and warm start: seconds from process start to the first generated token.
 
-    python scripts/benchmark_startup.py [--preset 125m | --model tiny-code] [--runs 2] [--output FILE.json]
+    python scripts/benchmark_startup.py [--preset 125m | --model tiny-code] [--runs 2] [--output FILE.json] \
+        [--plot FILE.png]
 
 Each run is a fresh Python process (imports, jax start-up, weight load, compiles, then
 one streamed request of --prompt_len tokens), timed from just before the process is
@@ -36,6 +37,7 @@ _WARMUP = flags.DEFINE_enum("warmup", "profile", ["profile", "none"],
 _CACHE_DIR = flags.DEFINE_string("cache_dir", None, "Compilation cache folder (default: a new temp folder, so "
                                  "the first run is cold).")
 _OUTPUT = flags.DEFINE_string("output", None, "Write the results as JSON here.")
+_PLOT = flags.DEFINE_string("plot", None, "Draw the phases of each run as stacked bars here (PNG; needs matplotlib).")
 _CHILD = flags.DEFINE_float("child_spawned_at", None, "Internal: run one timed start (time.time() at spawn).")
 
 
@@ -97,6 +99,9 @@ def main(argv):
     if _OUTPUT.value:
         with open(_OUTPUT.value, "w") as f:
             json.dump(report, f, indent=2)
+    if _PLOT.value:
+        import plotting
+        plotting.plot_startup(report, _PLOT.value)
     return 0
 
 

@@ -192,3 +192,95 @@ def plot_kernels(report: dict, path: Optional[str] = None):
     c = report.get("config", {})
     return _finish(fig, path, f"Attention kernels vs roofline ({c.get('dtype', '')}, head_dim {c.get('head_dim')}; "
                               f"{_env_line(report)})")
+
+
+def plot_int4(report: dict, path: Optional[str] = None):
+    """int4 weight-only matmul: ms per call vs rows M, dense float and each int4 impl, each
+    under its own roof (weights + activations over the measured bandwidth, or flops over
+    the measured GEMM rate, whichever is longer)."""
+    plt = _pyplot()
+    k, n = report["k"], report["n"]
+    itemsize = 2 if report.get("dtype") == "bfloat16" else 4
+    bandwidth, peak = report["memory_bandwidth_gb_s"] * 1e9, report["dense_peak_tflops"] * 1e12
+    series: dict = {}
+    weights: dict = {}
+    for row in report["rows"]:
+        label = "dense (xla)" if row["op"] == "dense" else f"int4 ({row['impl']})"
+        series.setdefault(label, []).append((row["m"], 1e3 * row["seconds"]))
+        weights[row["op"]] = row["weight_bytes"]
+    if not series:
+        raise ValueError("report: no rows to plot")
+    ms = sorted({m for pts in series.values() for m, _ in pts})
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for op, color in (("dense", "tab:red"), ("int4", "tab:green")):
+        if op in weights:
+            roof = [1e3 * max((weights[op] + m * (k + n) * itemsize) / bandwidth, 2 * m * k * n / peak) for m in ms]
+            ax.plot(ms, roof, "--", color=color, label=f"{op} roof ({weights[op] / 1e6:.1f} MB of weights)")
+    for (label, pts), marker in zip(sorted(series.items()), "osD^"):
+        pts = sorted(pts)
+        ax.plot([m for m, _ in pts], [t for _, t in pts], marker + "-", label=label)
+    _log(ax, x_base=2 if len(ms) > 1 else None)
+    if len(ms) > 1:
+        ax.set_xticks(ms, [str(m) for m in ms])
+    ax.set_xlabel("rows M (tokens)")
+    ax.set_ylabel("ms per matmul (median)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    return _finish(fig, path, f"int4 matmul K={k} N={n} group {report.get('group_size')} "
+                              f"{report.get('dtype', '')} ({_env_line(report)})")
+
+
+def plot_server_overhead(report: dict, path: Optional[str] = None):
+    """In-process session vs `jaxinfer serve`: full-load tokens/s and low-load TTFT (median)."""
+    plt = _pyplot()
+    c, low = report["comparison"], report["low_load"]
+    fig, axes = plt.subplots(1, 2, figsize=(8.4, 3.6))
+    paths = ("session", "server")
+    for ax, values, ylabel, title in (
+            (axes[0], [c["session_total_tokens_per_s"], c["server_total_tokens_per_s"]], "tokens / s",
+             "full load: prompt + output tokens/s"),
+            (axes[1], [low["session"]["ttft"]["median_ms"], low["server"]["ttft"]["median_ms"]], "ms",
+             "low load: TTFT median")):
+        values = [math.nan if v is None else v for v in values]
+        bars = ax.bar(paths, values, color=["tab:blue", "tab:orange"])
+        for bar, v in zip(bars, values):
+            if math.isfinite(v):
+                ax.annotate(f"{v:.1f}", (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom", fontsize=8)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=9)
+        ax.grid(True, axis="y", alpha=0.3)
+    w = report.get("workload", {})
+    return _finish(fig, path, f"Server overhead: {report.get('model', '')}, {w.get('num_prompts')} prompts x "
+                              f"({w.get('input_len')} + {w.get('output_len')}) tokens ({_env_line(report)})")
+
+
+_STARTUP_PHASES = (("import_s", "import", "tab:gray"), ("load_s", "load", "tab:blue"),
+                   ("warmup_s", "warm-up", "tab:orange"), ("first_token_s", "first token", "tab:green"))
+
+
+def plot_startup(report: dict, path: Optional[str] = None):
+    """Seconds from process start to the first token, one stacked bar per run (cold, warm...)."""
+    runs = report.get("runs") or []
+    if not runs:
+        raise ValueError("report: no runs to plot")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 1.8 + 0.5 * len(runs)))
+    labels = [f"{r['kind']} #{r['run']}" for r in runs]
+    for key, name, color in _STARTUP_PHASES:
+        starts, widths = [], []
+        for r in runs:
+            before = [r[k] for k, _, _ in _STARTUP_PHASES[:[p[0] for p in _STARTUP_PHASES].index(key)]]
+            start = max(before) if before else 0.0
+            starts.append(start)
+            widths.append(max(r[key] - start, 0.0))
+        ax.barh(labels, widths, left=starts, color=color, label=name)
+    for i, r in enumerate(runs):
+        ax.annotate(f"{r['first_token_s']:.2f} s ({r['compiles_after_warmup']} compiles)", (r["first_token_s"], i),
+                    xytext=(4, 0), textcoords="offset points", va="center", fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds since the process was spawned")
+    ax.set_xlim(0, max(r["first_token_s"] for r in runs) * 1.45)
+    ax.grid(True, axis="x", alpha=0.3)
+    ax.legend(fontsize=8, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.35 - 0.1 / len(runs)))
+    model = os.path.basename(str(report.get("model", "")).rstrip("/"))
+    return _finish(fig, path, f"Start to first token: {model}, {report.get('prompt_len')}-token prompt")

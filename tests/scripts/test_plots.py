@@ -109,3 +109,42 @@ def test_serving_script_plots_several_rates(tmp_path):
     runs = json.loads(out.read_text())["runs"]
     assert [r["request_rate"] for r in runs] == ["100", "inf"] and all(r["completed"] == 4 for r in runs)
     _check_png(png)
+
+
+def test_int4_plot(tmp_path):
+    rows = []
+    for m in (1, 16, 64):
+        rows.append({"m": m, "op": "dense", "impl": "xla", "seconds": 1e-3 * (1 + m / 16), "weight_bytes": 64 << 20})
+        rows.append({"m": m, "op": "int4", "impl": "xla", "seconds": 4e-4 * (1 + m / 8), "weight_bytes": 9 << 20})
+    report = {"env": _ENV, "k": 4096, "n": 4096, "group_size": 128, "dtype": "float32",
+              "memory_bandwidth_gb_s": 20.0, "dense_peak_tflops": 0.1, "rows": rows}
+    fig = plotting.plot_int4(report, str(tmp_path / "int4.png"))
+    _check_png(tmp_path / "int4.png")
+    assert len(fig.axes[0].lines) == 4  # two roofs, two measured series
+    assert list(fig.axes[0].lines[-1].get_xdata()) == [1, 16, 64]
+    with pytest.raises(ValueError, match="no rows"):
+        plotting.plot_int4({**report, "rows": []})
+
+
+def test_server_overhead_plot(tmp_path):
+    report = {"env": _ENV, "model": "tiny-code", "workload": {"num_prompts": 32, "input_len": 64, "output_len": 32},
+              "comparison": {"session_total_tokens_per_s": 900.0, "server_total_tokens_per_s": 850.0},
+              "low_load": {"session": {"ttft": {"median_ms": 20.0}}, "server": {"ttft": {"median_ms": None}}}}
+    fig = plotting.plot_server_overhead(report, str(tmp_path / "overhead.png"))
+    _check_png(tmp_path / "overhead.png")
+    assert [b.get_height() for b in fig.axes[0].patches] == [900.0, 850.0]
+
+
+def test_startup_plot(tmp_path):
+    def run(i, kind, first):
+        return {"run": i, "kind": kind, "import_s": 1.9, "load_s": 3.1, "warmup_s": 3.1 if kind == "cold" else 4.5,
+                "first_token_s": first, "compiles_after_warmup": 2 if kind == "cold" else 0}
+    report = {"model": "/tmp/jaxinfer-bench-125m", "prompt_len": 32,
+              "runs": [run(0, "cold", 5.2), run(1, "warm", 4.6)]}
+    fig = plotting.plot_startup(report, str(tmp_path / "startup.png"))
+    _check_png(tmp_path / "startup.png")
+    ax = fig.axes[0]
+    assert len(ax.patches) == 8  # 4 phases x 2 runs
+    assert abs(max(p.get_x() + p.get_width() for p in ax.patches) - 5.2) < 1e-9
+    with pytest.raises(ValueError, match="no runs"):
+        plotting.plot_startup({"runs": []})
