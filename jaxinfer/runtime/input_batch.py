@@ -419,7 +419,8 @@ def build_batch(step: StepInput, config: BatchConfig, faults: Optional[Mapping[s
 
 def unpack_outputs(batch: StepBatch, sampled: np.ndarray, logprobs: np.ndarray, top_ids: np.ndarray,
                    top_logprobs: np.ndarray, prompt_logprobs: np.ndarray,
-                   finite: Optional[np.ndarray] = None) -> Mapping[str, SequenceOutput]:
+                   finite: Optional[np.ndarray] = None,
+                   tokens_finite: Optional[np.ndarray] = None) -> Mapping[str, SequenceOutput]:
     """The step's results per request id.
 
     Args:
@@ -430,6 +431,7 @@ def unpack_outputs(batch: StepBatch, sampled: np.ndarray, logprobs: np.ndarray, 
         log p (n = the bucketed num_top_logprobs; n = 0 when none was asked).
       prompt_logprobs: [T] float log p of each token's successor (empty unless all_logits).
       finite: [S] bool: the sample row's logits were all finite (None = all were).
+      tokens_finite: [T] bool: the K/V the token wrote was all finite (None = all was).
     """
     outputs = {}
     for i, request_id in enumerate(batch.request_ids):
@@ -437,7 +439,8 @@ def unpack_outputs(batch: StepBatch, sampled: np.ndarray, logprobs: np.ndarray, 
         n_top = batch.num_top_logprobs[i]
         num_prompt = batch.num_prompt_logprobs[i]
         offset = int(batch.token_offsets[i])
-        is_finite = finite is None or bool(all(finite[r] for r in rows))
+        is_finite = ((finite is None or bool(all(finite[r] for r in rows))) and
+                     (tokens_finite is None or bool(tokens_finite[offset:offset + int(batch.num_tokens[i])].all())))
         outputs[request_id] = SequenceOutput(
             request_id=request_id,
             token_ids=tuple(int(sampled[r]) for r in rows),

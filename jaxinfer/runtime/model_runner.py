@@ -26,8 +26,11 @@ Router statistics (MoE models): each step also returns, per MoE layer, the token
 routed to each expert (padding tokens excluded); the runner sums them over the run.
 
 Faults. Every step checks, per sample row, that its logits are finite (one [S, V]
-isfinite reduction on the device, fetched with the sampled ids): a row with a NaN or
-Inf gives `SequenceOutput.finite = False` and the engine fails that request alone.
+isfinite reduction on the device, fetched with the sampled ids), and per token that
+the K/V it wrote in every layer is finite (`kv_tokens_finite`): a row or token with a
+NaN or Inf gives `SequenceOutput.finite = False` and the engine fails that request
+alone, in the step that produced the value (also a mid-prompt chunk, which samples
+nothing), before its pages could reach the prefix cache.
 `fault_injector` (runtime/faults.py; None outside tests) makes the real compiled step
 produce such rows, or raise, for chosen requests or calls.
 
@@ -193,7 +196,7 @@ class ModelRunner:
         results = jax.device_get(results)
         if fail:
             faults_lib.FaultInjector.fail(self.fault_injector.num_executes - 1)
-        results, finite, expert_counts = results[:-2], results[-2], results[-1]
+        results, finite, tokens_finite, expert_counts = results[:-3], results[-3], results[-2], results[-1]
         if self._moe_layers:
             self.expert_token_counts += expert_counts
         device_seconds = time.perf_counter() - device_start
@@ -201,7 +204,7 @@ class ModelRunner:
         if is_compile:
             self._note_compile(batch.shape_key)
         unpack_start = time.perf_counter()
-        outputs = input_batch.unpack_outputs(batch, *results, finite=finite)
+        outputs = input_batch.unpack_outputs(batch, *results, finite=finite, tokens_finite=tokens_finite)
         host_seconds = (device_start - host_start) + (time.perf_counter() - unpack_start)
         stats = StepStats(device_seconds=device_seconds, host_seconds=host_seconds, is_compile=is_compile,
                           num_tokens=batch.num_real_tokens, num_padded_tokens=int(batch.device.tokens.size),
@@ -264,12 +267,32 @@ def _step_fn(model: Transformer, vocab_size: int, moe_layers: tuple, params, kv_
     logits, prompt_lp, kv_caches, state = logits_of_step(apply, batch, vocab_size, batch.tokens, kv_caches, metadata)
     counts = stage_expert_counts(state, moe_layers, model.config.num_experts, kv_caches, batch)
     logits, kv_caches = inject_fault(logits, kv_caches, batch)
-    return (*sample_rows(logits, batch), prompt_lp, rows_finite(logits), counts), kv_caches
+    return (*sample_rows(logits, batch), prompt_lp, rows_finite(logits), kv_tokens_finite(kv_caches, batch),
+            counts), kv_caches
 
 
 def rows_finite(logits: jax.Array) -> jax.Array:
     """[S] bool: every logit of the sample row is finite (the step's NaN / Inf check)."""
     return jnp.all(jnp.isfinite(logits), axis=-1)
+
+
+def kv_tokens_finite(kv_caches, batch: DeviceBatch) -> jax.Array:
+    """[T] bool: every K/V value (or scale) each token wrote this step, in every layer
+    of `kv_caches`, is finite; padding tokens (the dropped slot) are True.
+
+    This is what the prefix cache would share: a NaN in a mid-prompt chunk, which
+    samples nothing, fails its request in the step that wrote it, before its pages
+    can be registered. Integer leaves (int8 codes) are skipped: their float scales
+    carry a non-finite value.
+    """
+    ok = jnp.ones(batch.slot_mapping.shape, bool)
+    for pages in jax.tree.leaves(kv_caches):
+        if not jnp.issubdtype(pages.dtype, jnp.floating) or pages.ndim < 3:
+            continue
+        flat = pages.reshape(pages.shape[0] * pages.shape[1], -1)
+        written = jnp.take(flat, batch.slot_mapping, axis=0, mode="fill", fill_value=0)  # [T, ...]
+        ok = ok & jnp.all(jnp.isfinite(written.astype(jnp.float32)), axis=-1)
+    return ok
 
 
 def inject_fault(logits, kv_caches, batch: DeviceBatch):

@@ -53,8 +53,8 @@ from jaxinfer.models.transformer import logical_axes
 from jaxinfer.runtime import faults as faults_lib
 from jaxinfer.runtime import input_batch, kv_cache, kv_swap, microbatches, program_memory, warmup
 from jaxinfer.runtime.input_batch import BatchConfig, DeviceBatch
-from jaxinfer.runtime.model_runner import (_max_bytes_per_device, inject_fault, logits_of_step, rows_finite,
-                                           sample_rows, stage_apply, stage_expert_counts, step_metadata)
+from jaxinfer.runtime.model_runner import (_max_bytes_per_device, inject_fault, kv_tokens_finite, logits_of_step,
+                                           rows_finite, sample_rows, stage_apply, stage_expert_counts, step_metadata)
 from jaxinfer.sharding import mesh as mesh_lib
 from jaxinfer.sharding import placement, rules
 from jaxinfer.types import StepInput, StepOutput, StepStats
@@ -232,7 +232,8 @@ class PipelineRunner:
         if new_keys:
             self._note_compiles(new_keys)
         unpack_start = time.perf_counter()
-        outputs = microbatches.merge_outputs([input_batch.unpack_outputs(b, *r[:5], finite=r[5])
+        outputs = microbatches.merge_outputs([input_batch.unpack_outputs(b, *r[:5], finite=r[5],
+                                                                         tokens_finite=np.logical_and.reduce(r[6]))
                                               for b, r in zip(batches, results)])
         self.schedule.add([int(b.device.tokens.size) for b in batches])
         host_seconds = (device_start - host_start) + (time.perf_counter() - unpack_start)
@@ -268,11 +269,13 @@ class PipelineRunner:
 
         Returns:
           (per microbatch the last stage's (sampled, logprobs, top_ids, top_lps,
-          prompt_lp, finite), per stage the list of its [M_s, E] expert counts per microbatch).
+          prompt_lp, finite) and every stage's [T] K/V-finite flags (a list), per stage
+          the list of its [M_s, E] expert counts per microbatch).
         """
         pp, m = self.num_stages, len(batches)
         carry: list = [None] * m  # microbatch k's input to its next stage: tokens, then [T, D]
         results: list = [None] * m
+        token_flags: list = [[] for _ in range(m)]
         counts: list = [[] for _ in range(pp)]
         for tick in range(m + pp - 1):
             for s in range(pp):
@@ -282,10 +285,11 @@ class PipelineRunner:
                 batch = batches[k]
                 inputs = batch.tokens if s == 0 else jax.device_put(carry[k], rules.replicated(self.stage_meshes[s]))
                 out, self.kv_caches[s] = self._programs[s](self.params[s], self.kv_caches[s], inputs, batch)
-                *head, stage_counts = out
+                *head, flags, stage_counts = out
                 counts[s].append(stage_counts)
+                token_flags[k].append(flags)
                 if s == pp - 1:
-                    results[k] = tuple(head)
+                    results[k] = (*head, token_flags[k])
                 else:
                     carry[k] = head[0]
         return results, counts
@@ -293,13 +297,13 @@ class PipelineRunner:
 
 def _stage_fn(model: pipeline.PipelineStage, vocab_size: int, moe_layers: tuple, params, kv_caches, inputs,
               batch: DeviceBatch):
-    """A first or middle stage: [T] tokens or [T, D] activations -> ([T, D], counts)."""
+    """A first or middle stage: [T] tokens or [T, D] activations -> ([T, D], [T] K/V finite, counts)."""
     del vocab_size  # the last stage's
     apply = stage_apply(model, params, moe_layers)
     (x, kv_caches), state = apply(inputs, batch.positions, kv_caches, step_metadata(batch))
     counts = stage_expert_counts(state, moe_layers, model.config.num_experts, kv_caches, batch)
     _, kv_caches = inject_fault(None, kv_caches, batch)  # this stage's layers' K/V (tests only)
-    return (x, counts), kv_caches
+    return (x, kv_tokens_finite(kv_caches, batch), counts), kv_caches
 
 
 def _last_stage_fn(model: pipeline.PipelineStage, vocab_size: int, moe_layers: tuple, params, kv_caches, inputs,
@@ -311,4 +315,5 @@ def _last_stage_fn(model: pipeline.PipelineStage, vocab_size: int, moe_layers: t
                                                          step_metadata(batch))
     counts = stage_expert_counts(state, moe_layers, model.config.num_experts, kv_caches, batch)
     logits, kv_caches = inject_fault(logits, kv_caches, batch)
-    return (*sample_rows(logits, batch), prompt_lp, rows_finite(logits), counts), kv_caches
+    return (*sample_rows(logits, batch), prompt_lp, rows_finite(logits), kv_tokens_finite(kv_caches, batch),
+            counts), kv_caches

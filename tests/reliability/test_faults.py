@@ -50,15 +50,19 @@ def clean(tiny_runner):
 @pytest.mark.parametrize("value, chunk", [(math.nan, 16), (math.inf, 8)])
 def test_a_non_finite_row_fails_its_request_alone(tiny_runner, clean, value, chunk):
     # chunk 16: the victim's whole prompt is one step, where the fault lands in its
-    # logits (detected there) and its three full pages' K/V. chunk 8: the fault lands
-    # in the first chunk, which samples nothing: the poisoned K/V is registered in the
-    # prefix cache at the end of that step and the NaN shows only in the next chunk's
-    # logits; the pages the victim computed must leave the cache then.
+    # logits and its three full pages' K/V. chunk 8: the fault lands in the first
+    # chunk, which samples nothing: the step's per-token K/V check must catch it there,
+    # before any page of it is registered in the prefix cache.
     engine = make_engine(tiny_runner, max_num_batched_tokens=chunk, max_num_seqs=4)
     engine.runner.fault_injector = injector = FaultInjector(nonfinite={"victim": value})
+    failed_at = []
+    real_fail = engine.scheduler.fail
+    engine.scheduler.fail = lambda r: failed_at.append((r.request_id, r.num_computed, r.num_registered_pages)) \
+        or real_fail(r)
     _submit(engine, WORKLOAD)
     outputs = run_to_end(engine)
     assert injector.num_injected == 1
+    assert failed_at == [("victim", 0, 0)]  # failed in the step that wrote the value: nothing kept
     errors = engine.take_errors()
     assert set(errors) == {"victim"} and isinstance(errors["victim"], NonFiniteOutput)
     assert "non-finite" in str(errors["victim"]) and "victim" not in outputs
