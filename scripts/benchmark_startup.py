@@ -6,7 +6,7 @@
 Each run is a fresh Python process (imports, jax start-up, weight load, compiles, then
 one streamed request of --prompt_len tokens), timed from just before the process is
 spawned to the first token it streams. The first run ("cold") gets an empty
-compilation cache folder; every later run ("warm") reuses that folder, so its step
+compilation cache folder; every later run ("warm": the folder has entries) reuses it, so its step
 programs come from jax's persistent compilation cache, and with --warmup profile it
 first compiles what the earlier runs recorded (InferenceSession.warmup), as `serve`
 does before reporting ready. Reported per run: import, load, warm-up and
@@ -80,6 +80,7 @@ def main(argv):
         args = [sys.executable, os.path.abspath(__file__), f"--model={model}", f"--cache_dir={cache_dir}",
                 f"--prompt_len={_PROMPT_LEN.value}", f"--output_len={_OUTPUT_LEN.value}",
                 f"--warmup={_WARMUP.value}"]
+        kind = "warm" if os.path.isdir(cache_dir) and any(os.scandir(cache_dir)) else "cold"
         spawned_at = time.time()
         proc = subprocess.run(args + [f"--child_spawned_at={spawned_at!r}"], capture_output=True, text=True,
                               timeout=1800)
@@ -87,7 +88,7 @@ def main(argv):
         if proc.returncode != 0 or not lines:
             print(proc.stderr[-3000:], file=sys.stderr)
             raise RuntimeError(f"run {i} failed with exit code {proc.returncode}")
-        result = {"run": i, "kind": "cold" if i == 0 and not _CACHE_DIR.value else "warm",
+        result = {"run": i, "kind": kind,
                   **json.loads(lines[-1][len("RESULT "):])}
         runs.append(result)
         print(f"{result['kind']:>4}: import {result['import_s']:.2f} s | loaded {result['load_s']:.2f} s | "
