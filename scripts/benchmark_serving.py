@@ -169,12 +169,34 @@ async def benchmark(requests, warmups, rate: float) -> dict:
             print(f"warm-up: {len(warmups)} requests in {seconds:.2f} s, {len(failed)} failed"
                   + (f" (first: {failed[0]})" if failed else ""))
         times = lib.arrival_times(len(requests), rate, _BURSTINESS.value, _SEED.value)
+        compiles_before = await _server_compiles()
         with tqdm(total=len(requests), disable=_DISABLE_TQDM.value) as bar:
             results, duration = await lib.run_requests(requests, send, times, _MAX_CONCURRENCY.value,
                                                        _TIMEOUT.value, bar)
+        compiles_after = await _server_compiles()
     finally:
         await close()
-    return {"model": model, "results": results, "duration": duration}
+    compiles = None if compiles_before is None or compiles_after is None else compiles_after - compiles_before
+    return {"model": model, "results": results, "duration": duration, "server_compiles": compiles}
+
+
+async def _server_compiles():
+    """A jaxinfer server's `jaxinfer:num_compiles_total` (programs compiled by traffic, not
+    by its warm-up) from GET /metrics; None for other servers, the jetstream backend, or
+    when it cannot be read."""
+    if _BACKEND.value == "jetstream":
+        return None
+    import httpx
+    headers = {"Authorization": f"Bearer {_API_KEY.value}"} if _API_KEY.value else {}
+    try:
+        async with httpx.AsyncClient(timeout=10) as client:
+            text = (await client.get(_BASE_URL.value.rstrip("/") + "/metrics", headers=headers)).text
+    except httpx.HTTPError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("jaxinfer:num_compiles_total"):
+            return int(float(line.rsplit(" ", 1)[1]))
+    return None
 
 
 def _report(model, requests, results, metrics, rate: float) -> dict:
@@ -222,7 +244,14 @@ def main(argv):
         errors = [r.error for r in run["results"] if not r.success]
         if errors:
             print(f"{len(errors)} requests failed; first error: {errors[0]}")
-        reports.append(_report(run["model"], requests, run["results"], metrics, rate))
+        compiles = run["server_compiles"]
+        if compiles:
+            print(f"WARNING: the server compiled {compiles} step program(s) during the timed run (batch shapes "
+                  f"its warm-up did not cover); their stalls are in the latencies above")
+        elif compiles == 0:
+            print("server compiles during the timed run: 0")
+        reports.append({**_report(run["model"], requests, run["results"], metrics, rate),
+                        "server_compiles": compiles})
     if _RESULT_JSON.value:
         path = _RESULT_JSON.value
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -350,10 +350,18 @@ class _FakeOpenAI(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    posts, lock = 0, threading.Lock()  # a "compile" per 4 completions, on /metrics as jaxinfer's counter
+
     def do_GET(self):  # noqa: N802
+        if self.path == "/metrics":
+            with _FakeOpenAI.lock:
+                self._send(f"jaxinfer:num_compiles_total {_FakeOpenAI.posts // 4}.0\n".encode(), "text/plain")
+            return
         self._send(json.dumps({"object": "list", "data": [{"id": "fake-model"}]}).encode(), "application/json")
 
     def do_POST(self):  # noqa: N802
+        with _FakeOpenAI.lock:
+            _FakeOpenAI.posts += 1
         req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         assert req["model"] == "fake-model" and req["stream"] and req["ignore_eos"]
         n = req["max_tokens"]
@@ -371,6 +379,7 @@ class _FakeOpenAI(http.server.BaseHTTPRequestHandler):
 
 
 def test_script_against_fake_openai_server(tmp_path):
+    _FakeOpenAI.posts = 0
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FakeOpenAI)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     out = tmp_path / "result.json"
@@ -395,6 +404,8 @@ def test_script_against_fake_openai_server(tmp_path):
     assert report["flags"]["num_prompts"] == 6 and report["flags"]["goodput"] == ["ttft:10000 e2el:10000"]
     assert 0 < report["mean_ttft_ms"] < report["mean_e2el_ms"] and report["mean_tpot_ms"] > 1.5
     assert report["errors"] == []
+    # 2 warm-up + 6 timed completions: the counter went 0 -> 2 during the timed run
+    assert report["server_compiles"] == 2 and "WARNING: the server compiled 2 step program(s)" in proc.stdout
 
 
 def test_script_reports_failed_requests(tmp_path):
@@ -504,8 +515,10 @@ def test_against_live_server(tmp_path):
             assert 8 * 14 <= report["total_input_tokens"] <= 8 * 18, backend
             if backend == "openai":  # ignore_eos: every request runs to max_tokens
                 assert report["total_output_tokens"] == 64
+                assert isinstance(report["server_compiles"], int) and report["server_compiles"] >= 0
             else:
                 assert 8 <= report["total_output_tokens"] <= 64
+                assert report["server_compiles"] is None  # gRPC only: no /metrics to read
             assert 0 < report["mean_ttft_ms"] <= report["mean_e2el_ms"] < 120_000
             assert report["request_throughput"] > 0 and report["output_throughput"] > 0
     finally:
