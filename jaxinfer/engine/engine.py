@@ -377,6 +377,7 @@ class Engine:
             "mean_batch_seqs": c.num_scheduled_seqs / steps,
             "num_preemptions": self.scheduler.num_preemptions,  # recompute + swap
             "num_recompute_preemptions": self.scheduler.num_recompute_preemptions,
+            "num_prefix_waits": self.scheduler.num_prefix_waits,
             **_swap_metrics(self.swap_space),
             "num_failed_steps": c.num_failed_steps,
             "num_requests_added": c.num_requests_added,

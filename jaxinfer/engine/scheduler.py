@@ -36,6 +36,10 @@ Samples of one prompt (SamplingParams.n). A request with `wait_for` set (every s
 but the first) stays waiting, without blocking the requests behind it, until that first
 sample's prompt is computed (or it finished): its full prompt pages are then in the
 prefix cache and the sample shares them, recomputing only the prompt's last page.
+Likewise any waiting request whose leading full pages a running request is computing
+right now (same tokens, same cache salt; not yet in the prefix cache) waits until they
+are registered, instead of computing its own copies (`_prefix_in_flight`; counted in
+`num_prefix_waits`).
 
 Logit processing. Each ScheduledSequence that samples carries its penalties (with the
 prompt and the generated ids, only when a penalty is on), its logit_bias, and, while
@@ -82,6 +86,7 @@ class Scheduler:
         self.running: list = []  # in admission order
         self.num_preemptions = 0  # both kinds
         self.num_recompute_preemptions = 0
+        self.num_prefix_waits = 0  # admissions put off for a prefix in flight (_prefix_in_flight), per step
         self.failed: list = []  # requests update() failed (non-finite outputs), until take_failed()
         self._admissions = itertools.count()
         self._step_ids = itertools.count()
@@ -190,6 +195,37 @@ class Scheduler:
         bm.record_lookup(num_tokens, request.num_computed)
         return True
 
+    def _prefix_in_flight(self, request: Request) -> bool:
+        """A running request is still computing full pages of this request's prefix that
+        the prefix cache does not hold yet: admitted now, this request would compute its
+        own copies of them (the same prompt prefix twice, in the same steps). It waits
+        until they are registered and then shares them, like a later sample of its own
+        prompt (`wait_for`). Only prompt pages of prompts still being computed count, so
+        the wait ends: when the other finishes its prompt, is preempted, or leaves."""
+        bm = self.block_manager
+        if not bm.enable_prefix_caching or request.swapped_out:
+            return False
+        mine = request.full_page_hashes(bm.page_size)[:(request.num_tokens - 1) // bm.page_size]
+        if not mine:
+            return False
+        cached = None
+        for other in self.running:
+            if other.prompt_computed:
+                continue
+            theirs = other.full_page_hashes(bm.page_size)[:len(other.prompt_ids) // bm.page_size]
+            shared = 0
+            for a, b in zip(mine, theirs):  # hash chains: equal at i means equal up to i
+                if a != b:
+                    break
+                shared += 1
+            if shared <= other.num_registered_pages:
+                continue
+            if cached is None:
+                cached = len(bm.match_prefix(mine, max_pages=len(mine)))
+            if shared > cached:
+                return True
+        return False
+
     # ---------------------------------------------------------------- steps
 
     def schedule(self) -> Optional[ScheduledStep]:
@@ -224,6 +260,10 @@ class Scheduler:
                     index += 1  # a later sample of a prompt still being computed: skip it
                     continue
                 request.wait_for = None
+            if self._prefix_in_flight(request):
+                self.num_prefix_waits += 1
+                index += 1  # its prefix is being computed by a running request: wait for those pages
+                continue
             if not self._admit(request):
                 break
             self.waiting.pop(index)

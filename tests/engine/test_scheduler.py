@@ -84,7 +84,9 @@ def test_preempts_the_most_recently_admitted_and_recomputes():
     # 6 pages of 2 tokens. Three requests of 4 prompt tokens take 2 pages each; their
     # first decode needs a third page each: the newest gets preempted.
     s = Scheduler(BlockManager(6, 2), max_num_batched_tokens=100, max_num_seqs=8)
-    reqs = [_request(i, 4, max_tokens=3) for i in range(3)]
+    # Distinct prompts (identical ones would wait for the first one's pages and share them).
+    reqs = [Request(str(i), list(range(3 + 10 * i, 7 + 10 * i)), SamplingParams(max_tokens=3, temperature=0), seed=0)
+            for i in range(3)]
     for r in reqs:
         s.add(r)
     _run_step(s)  # prefill all three, each samples one token
@@ -213,3 +215,39 @@ def test_eos_ends_unless_ignored():
         _run_step(s, next_token=2)
     assert (a.output_ids, a.finish_reason) == ([2], "eos")
     assert (b.output_ids, b.finish_reason) == ([2] * 5, "length")
+
+
+def test_a_prompt_whose_prefix_is_being_computed_waits_for_those_pages():
+    s = Scheduler(BlockManager(64, 4), max_num_batched_tokens=8, max_num_seqs=8)
+    params = SamplingParams(max_tokens=2, temperature=0)
+    a = Request("a", list(range(3, 17)), params, seed=0)  # 14 tokens: 3 full pages + 2
+    b = Request("b", list(range(3, 15)) + [90, 91, 92, 93], params, seed=0)  # a's first 3 pages, then its own
+    c = Request("c", list(range(40, 46)), params, seed=0)  # nothing shared
+    other_tenant = Request("t", list(range(3, 15)) + [90, 91, 92, 93], params, seed=0, cache_salt="x")
+    for r in (a, b, c, other_tenant):
+        s.add(r)
+    _, chosen = _run_step(s)
+    assert chosen == [(a, 8)]
+    _, chosen = _run_step(s)
+    # a's third page is still being computed: b waits (without blocking c behind it).
+    assert chosen == [(a, 6), (c, 2)] and b in s.waiting and s.num_prefix_waits == 1
+    _, chosen = _run_step(s)
+    # a's prompt pages are registered: b shares all three and computes its own page
+    # only; the other tenant's hashes differ, so it never waited and shares nothing.
+    assert b in s.running and b.num_hit_pages == 3 and b.num_cached_tokens == 12
+    assert [n for r, n in chosen if r is b] == [3]  # of its 4 own tokens (a decodes, c finishes its prompt first)
+    assert s.num_prefix_waits == 1
+    while s.has_unfinished:
+        _run_step(s)
+    assert other_tenant.num_hit_pages == 0
+
+
+def test_no_wait_without_prefix_caching():
+    s = Scheduler(BlockManager(64, 4, enable_prefix_caching=False), max_num_batched_tokens=8, max_num_seqs=8)
+    params = SamplingParams(max_tokens=1, temperature=0)
+    a, b = Request("a", list(range(3, 17)), params, seed=0), Request("b", list(range(3, 17)), params, seed=0)
+    s.add(a)
+    s.add(b)
+    _run_step(s)
+    _, chosen = _run_step(s)
+    assert chosen == [(a, 6), (b, 2)] and s.num_prefix_waits == 0
