@@ -32,7 +32,6 @@ import json
 import os
 from typing import Optional, Sequence, Union
 
-from jaxinfer import __version__
 from jaxinfer import progress as progress_bars
 from jaxinfer import quant
 from jaxinfer.assets import resolve_model_path
@@ -441,7 +440,7 @@ def _shape_profile(cache_dir: Optional[str], model_config: ModelConfig, engine: 
               "num_pages": runner.num_pages, "kv_cache_dtype": engine.kv_cache_dtype,
               "attention_impl": engine.attention_impl, "runner": type(runner).__name__,
               "mesh": None if mesh is None else dict(mesh.shape), "devices": jax.device_count(),
-              "platform": jax.default_backend(), "jax": jax.__version__, "jaxinfer": __version__}
+              "platform": jax.default_backend(), "jax": jax.__version__}
     return warmup_lib.ShapeProfile(warmup_lib.profile_path(cache_dir, warmup_lib.fingerprint(**fields)))
 
 

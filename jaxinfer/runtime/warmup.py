@@ -13,8 +13,8 @@ every sample row reads token 0. Running it changes nothing but the jit cache.
 Which keys:
 - *the profile*: every program a runner compiles is appended to a JSON-lines file next
   to the persistent compilation cache (`profiles/<fingerprint>.jsonl`; the fingerprint
-  covers the model, dtype, page pool, KV dtype, attention implementation, mesh and jax
-  version, so a key is only replayed where it means the same program). The next
+  covers the model, dtype, page pool, KV dtype, attention implementation, mesh, platform
+  and jax version, so a key is only replayed where it means the same program). The next
   process warms exactly the programs its predecessors needed, also the mixed steps
   (decodes + prefill chunks) whose shapes depend on traffic;
 - *the grid* (`grid_keys`): what a configuration reaches without mixing: decode steps
