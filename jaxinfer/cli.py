@@ -308,7 +308,9 @@ def warmup() -> int:
                                 context_tokens=_WARMUP_CONTEXT_TOKENS.value)
         profile = session.shape_profile.path if session.shape_profile is not None else "off"
     print(f"[jaxinfer] warm-up ({mode}): {report['programs']} programs ({report['compiled']} compiled or loaded, "
-          f"{report['profile_programs']} from the profile) in {report['seconds']:.2f} s | load: {load_seconds:.2f} s "
+          f"{report['profile_programs']} from the profile) in {report['seconds']:.2f} s"
+          + (f" ({report['flushes']} memory-map flushes: {report['held']} held at the end, the rest in the cache)"
+             if report["flushes"] else "") + f" | load: {load_seconds:.2f} s "
           f"| compilation cache: {session.compilation_cache_dir or 'off'} | profile: {profile}")
     return 0
 

@@ -364,16 +364,17 @@ class InferenceSession:
           context_tokens: the longest context the grid covers (None = max_model_len).
           progress: a bar per program (None = when stderr is a terminal or in Jupyter).
         Returns:
-          {"programs", "compiled" (new to this process), "seconds", "profile_programs"}.
+          {"programs", "compiled" (new to this process), "seconds", "profile_programs",
+          "flushes", "held"} (see Engine.warmup: on CPU a process holds ~140 step programs).
         """
         engine = self._leader("warmup")
-        keys = self.shape_profile.load() if profile and self.shape_profile is not None else []
-        from_profile = len(keys)
-        if grid:
-            keys = warmup_lib.merge(keys, self.engine.warmup_grid(context_tokens))
+        recorded = self.shape_profile.load() if profile and self.shape_profile is not None else []
+        # The profile's programs last: should the runner have to drop its programs on the
+        # way (the memory-map budget), the ones real traffic needed are those it keeps.
+        keys = warmup_lib.merge(self.engine.warmup_grid(context_tokens) if grid else [], recorded)
         with progress_bars.bar(len(keys), "warm-up", "program", enabled=progress) as bar:
             report = engine.call(lambda e: e.warmup(keys, on_program=lambda: bar.update(1)))
-        return {**report, "profile_programs": from_profile}
+        return {**report, "profile_programs": len(recorded)}
 
     def reset_prefix_cache(self) -> None:
         """Drops every cached prefix page, e.g. between a warm-up and a timed run."""

@@ -347,19 +347,31 @@ class Engine:
           keys: shape keys (runtime/warmup.py); invalid ones raise ValueError first.
           on_program: called after each key (a progress bar's update).
         Returns:
-          {"programs": keys given, "compiled": programs new to this process, "seconds"}.
+          {"programs": keys given, "compiled": programs new to this process, "seconds",
+          "flushes": times the runner dropped every program to stay under the process's
+          memory-map limit (runtime/program_memory.py; XLA:CPU holds ~140 step programs
+          here), "held": keys whose program is still held at the end (all of them unless
+          a flush happened: then the last ones)}.
         """
         keys = [warmup_lib.check_key(k) for k in keys]
+        budget = getattr(self.runner, "map_budget", None)
+        flushes_before = budget.num_flushes if budget is not None else 0
         start = time.perf_counter()
-        compiled = 0
+        compiled, held = 0, set()
         for key in keys:
+            flushes = budget.num_flushes if budget is not None else 0
             compiled += int(self.runner.warm(key))
+            if budget is not None and budget.num_flushes != flushes:
+                held.clear()  # the runner dropped every program (this one too)
+            else:
+                held.add(key)
             if on_program is not None:
                 on_program()
         seconds = time.perf_counter() - start
         self._counters.warmup_programs += compiled
         self._counters.warmup_seconds += seconds
-        return {"programs": len(keys), "compiled": compiled, "seconds": seconds}
+        return {"programs": len(keys), "compiled": compiled, "seconds": seconds,
+                "flushes": (budget.num_flushes if budget is not None else 0) - flushes_before, "held": len(held)}
 
     def reset_prefix_cache(self) -> None:
         """Forgets every cached prefix page (the next requests recompute everything)."""

@@ -147,3 +147,34 @@ def test_profile_depends_on_the_setup(tmp_path):
         off.warmup(context_tokens=0, progress=False)
     for s in (a, b, c, off):
         s.close()
+
+
+class _FlushOnSecond:
+    """A MapBudget stand-in that drops every program after the second compile."""
+
+    def __init__(self):
+        self.num_flushes, self.calls = 0, 0
+
+    def after_compile(self, functions) -> bool:
+        self.calls += 1
+        if self.calls != 2:
+            return False
+        for fn in functions:
+            fn.clear_cache()
+        self.num_flushes += 1
+        return True
+
+
+def test_a_warmup_past_the_map_budget_reports_what_it_kept(tmp_path):
+    session = _session("")
+    runner = session.engine.runner
+    keys = [k for k in session.engine.warmup_grid(16) if k not in runner._shape_keys][:3]
+    real = runner.map_budget
+    runner.map_budget = _FlushOnSecond()
+    try:
+        report = session.async_engine.call(lambda engine: engine.warmup(keys))
+    finally:
+        runner.map_budget = real
+    assert report["compiled"] == 3 and report["flushes"] == 1 and report["held"] == 1
+    assert runner._shape_keys == {keys[2]} and runner._step._cache_size() == 1
+    session.close()
