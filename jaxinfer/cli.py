@@ -199,17 +199,28 @@ def _follow() -> int:
     return 0
 
 
+def _leader_session():
+    """Checks the engine flags (before the slow load), joins a multi-process job when the
+    flags ask for one, and loads the session. Returns (session, load seconds) in the
+    process that runs the engine; None in a follower, after it followed the steps."""
+    _engine_config()
+    if _start_processes():
+        _follow()
+        return None
+    start = time.perf_counter()
+    session = _load_session()
+    return session, time.perf_counter() - start
+
+
 def generate() -> int:
     if not _PROMPT.value:
         raise app.UsageError("--prompt is required and must not be empty")
     if _STOP.value and any(not s for s in _STOP.value):
         raise app.UsageError("stop: entries must be non-empty strings")
-    _engine_config()  # flag errors before the (slow) load
-    if _start_processes():
-        return _follow()
-    load_start = time.perf_counter()
-    session = _load_session()
-    load_seconds = time.perf_counter() - load_start
+    loaded = _leader_session()
+    if loaded is None:
+        return 0
+    session, load_seconds = loaded
     with session:
         try:
             params = _sampling_params(session)
@@ -272,12 +283,11 @@ def serve() -> int:
                            warmup_context_tokens=_WARMUP_CONTEXT_TOKENS.value)
     listen = Listen(host=_HOST.value, port=_PORT.value, grpc_port=None if _GRPC_PORT.value < 0 else _GRPC_PORT.value,
                     tls_cert=_TLS_CERT.value, tls_key=_TLS_KEY.value)
-    _engine_config()  # flag errors before the (slow) load
-    if _start_processes():
-        return _follow()
-    start = time.perf_counter()
-    session = _load_session()
-    logger.info("loaded %s in %.2f s (%.2f MB of weights)", _MODEL.value, time.perf_counter() - start,
+    loaded = _leader_session()
+    if loaded is None:
+        return 0
+    session, load_seconds = loaded
+    logger.info("loaded %s in %.2f s (%.2f MB of weights)", _MODEL.value, load_seconds,
                 session.metrics()["weight_bytes"] / 1e6)
     engine = ServingEngine(session, config, metrics=ServingMetrics(config.model_name, session.async_engine.metrics))
 
@@ -294,12 +304,10 @@ def warmup() -> int:
     mode = _WARMUP.value or "grid"
     if _WARMUP_CONTEXT_TOKENS.value is not None and _WARMUP_CONTEXT_TOKENS.value < 1:
         raise app.UsageError(f"--warmup_context_tokens: must be >= 1, got {_WARMUP_CONTEXT_TOKENS.value}")
-    _engine_config()  # flag errors before the (slow) load
-    if _start_processes():
-        return _follow()
-    start = time.perf_counter()
-    session = _load_session()
-    load_seconds = time.perf_counter() - start
+    loaded = _leader_session()
+    if loaded is None:
+        return 0
+    session, load_seconds = loaded
     with session:
         if session.compilation_cache_dir is None:
             print("[jaxinfer] note: --compilation_cache_dir is off: the programs last only as long as this process",

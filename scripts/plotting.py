@@ -48,6 +48,17 @@ def _log(ax, x_base: Optional[int] = None) -> None:
         ax.xaxis.set_minor_formatter(NullFormatter())
 
 
+def _pow2_axes(ax, xs, xlabel: str, ylabel: str) -> None:
+    """Log y; log-2 x with a tick at each x (linear for a single x); labels, grid, legend."""
+    _log(ax, x_base=2 if len(xs) > 1 else None)
+    if len(xs) > 1:
+        ax.set_xticks(xs, [str(x) for x in xs])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+
+
 def _env_line(report: dict) -> str:
     env = report.get("env") or {}
     device = env.get("device", "?")
@@ -83,12 +94,7 @@ def plot_latency(report: dict, path: Optional[str] = None):
     hf = (report.get("hf") or {}).get("decode_ms_per_token")
     if hf is not None:
         ax.plot([1], [hf], "s", color="tab:orange", label="HF transformers (batch 1)")
-    _log(ax, x_base=2)
-    ax.set_xticks(batches, [str(b) for b in batches])
-    ax.set_xlabel("batch size (sequences decoding together)")
-    ax.set_ylabel("ms per decode step (= ms/token per sequence)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    _pow2_axes(ax, batches, "batch size (sequences decoding together)", "ms per decode step (= ms/token per sequence)")
     params = report["jaxinfer"].get("num_params")
     what = f"{params / 1e6:.0f}M params, " if params else ""
     return _finish(fig, path, f"Decode latency vs batch ({what}{_env_line(report)})")
@@ -113,13 +119,7 @@ def plot_throughput(report: dict, path: Optional[str] = None):
     if off is not None and not report.get("sweep"):
         ax.plot(counts, [off["output_tokens_per_s"]], "x", color="tab:purple", ms=9,
                 label="output tokens/s, shared-prefix path off")
-    _log(ax, x_base=2 if len(counts) > 1 else None)
-    if len(counts) > 1:
-        ax.set_xticks(counts, [str(c) for c in counts])
-    ax.set_xlabel("requests submitted together")
-    ax.set_ylabel("tokens / s")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    _pow2_axes(ax, counts, "requests submitted together", "tokens / s")
     w = report.get("workload", {})
     return _finish(fig, path, f"Throughput vs requests (input {w.get('input_len')}, output {w.get('output_len')}; "
                               f"{_env_line(report)})")
@@ -219,13 +219,7 @@ def plot_int4(report: dict, path: Optional[str] = None):
     for (label, pts), marker in zip(sorted(series.items()), "osD^"):
         pts = sorted(pts)
         ax.plot([m for m, _ in pts], [t for _, t in pts], marker + "-", label=label)
-    _log(ax, x_base=2 if len(ms) > 1 else None)
-    if len(ms) > 1:
-        ax.set_xticks(ms, [str(m) for m in ms])
-    ax.set_xlabel("rows M (tokens)")
-    ax.set_ylabel("ms per matmul (median)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    _pow2_axes(ax, ms, "rows M (tokens)", "ms per matmul (median)")
     return _finish(fig, path, f"int4 matmul K={k} N={n} group {report.get('group_size')} "
                               f"{report.get('dtype', '')} ({_env_line(report)})")
 

@@ -38,8 +38,8 @@ Compilation. XLA compiles once per StepBatch.shape_key; a long mixed workload th
 compiles a bounded number of programs. A step whose key is new reports
 `is_compile=True` in its StepStats. `warm(key)` compiles a key's program ahead of
 traffic from a dummy batch of its shapes (runtime/warmup.py), and every new key is
-recorded in `shape_profile` (when set) for the next process's warm-up. The KV pages are donated to each step, so XLA
-updates them in place.
+recorded in `shape_profile` (when set) for the next process's warm-up. The KV pages
+are donated to each step, so XLA updates them in place.
 
 Swapping. `swap_out(page ids)` copies pages of every layer to host memory and
 `swap_in(copy, page ids)` writes them back (runtime/kv_swap.py: bucketed, sharded
@@ -211,7 +211,6 @@ class ModelRunner:
                           is_shared_prefix=batch.device.prefix is not None,
                           shared_prefix_tokens_saved=batch.shared_prefix_tokens_saved)
         return StepOutput(outputs=outputs, stats=stats)
-
 
     def warm(self, key: tuple) -> bool:
         """Compiles (or loads from the persistent cache) the step program of shape `key`
