@@ -26,8 +26,8 @@ requests of the step go on as if it had not been there. The request counters of
 Samples (SamplingParams.n > 1). `add_requests` runs a request of n samples as n
 requests "{request_id}-{i}" (validation.expand_samples: n = 1 each, sample 0 keeps the
 seed, sample i > 0 a seed derived from (seed, i)); their outputs carry `index` i and
-`parent_request_id`. With prefix caching on, samples 1.. wait until sample 0's prompt
-is computed and then share its full prompt pages from the prefix cache: only the
+`parent_request_id`. With prefix caching on, samples 1.. wait while sample 0 computes
+the prompt's full pages (scheduler: prefixes in flight) and then share them: only the
 prompt's last page (partial, or full when the prompt fills its pages, as at least one
 token is always recomputed) is computed again per sample. With prefix caching off the
 samples run independently, each computing the whole prompt. Each sample is aborted by
@@ -179,16 +179,11 @@ class Engine:
                     raise ValueError(f"request_id[{i}]: {item.request_id!r} is already in use")
                 taken.add(item.request_id)
             named += items
-        leaders: dict = {}  # parent id -> the Request of its sample 0, in this batch
         for r in named:
             seed = r.params.seed if r.params.seed is not None else self._seed_rng.getrandbits(63)
             request = Request(r.request_id, list(r.prompt_ids), r.params, seed, self.eos_token_ids,
                               priority=r.priority, cache_salt=r.cache_salt, arrival_index=next(self._arrivals),
                               index=r.index, parent_id=r.parent_id)
-            if r.parent_id is not None and r.index == 0:
-                leaders[r.parent_id] = request
-            elif r.parent_id is not None and self.config.enable_prefix_caching:
-                request.wait_for = leaders.get(r.parent_id)
             self.requests[r.request_id] = request
             self.output_processor.add(request)
             self.scheduler.add(request)

@@ -7,8 +7,8 @@ the tokens into text and applies stop strings. A request's tokens are its prompt
 followed by its generated ids; `num_computed` of them have their K/V in the cache.
 
 Samples of one prompt (SamplingParams.n > 1) are separate Requests ("{parent}-{i}"),
-`index` i; every sample but the first waits (`wait_for`) until the first one's prompt
-is computed, so that it finds the prompt's full pages in the prefix cache.
+`index` i; every sample but the first waits while the first one computes the prompt's
+full pages, then finds them in the prefix cache (Scheduler._prefix_in_flight).
 """
 from __future__ import annotations
 
@@ -35,7 +35,6 @@ class Request:
         self.parent_id = parent_id  # the id the prompt's samples share, or None
         # The prompt's first sample, until its prompt is computed (the scheduler admits
         # this request only then); None = no wait.
-        self.wait_for: Optional["Request"] = None
         self.prompt_computed = False  # the whole prompt had its K/V computed once
         self.priority = priority  # lower runs first (vLLM's convention)
         self.cache_salt = cache_salt  # prefix-cache namespace (per tenant)

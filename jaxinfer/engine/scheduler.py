@@ -32,14 +32,12 @@ strings, which need text, are the output processor's. A sequence whose output is
 `finite` (a NaN / Inf in its logits) gets nothing of the step: `fail` ends it, drops
 the pages it computed from the prefix cache and frees its pages.
 
-Samples of one prompt (SamplingParams.n). A request with `wait_for` set (every sample
-but the first) stays waiting, without blocking the requests behind it, until that first
-sample's prompt is computed (or it finished): its full prompt pages are then in the
-prefix cache and the sample shares them, recomputing only the prompt's last page.
-Likewise any waiting request whose leading full pages a running request is computing
-right now (same tokens, same cache salt; not yet in the prefix cache) waits until they
-are registered, instead of computing its own copies (`_prefix_in_flight`; counted in
-`num_prefix_waits`).
+Prefixes in flight. A waiting request whose leading full pages a running request is
+computing right now (same tokens, same cache salt; not yet in the prefix cache) stays
+waiting, without blocking the requests behind it, until they are registered, and then
+shares them instead of computing its own copies (`_prefix_in_flight`; counted in
+`num_prefix_waits`). The samples of one prompt (SamplingParams.n) are the common case:
+samples 1.. wait while sample 0 computes the prompt, then recompute only its last page.
 
 Logit processing. Each ScheduledSequence that samples carries its penalties (with the
 prompt and the generated ids, only when a penalty is on), its logit_bias, and, while
@@ -199,9 +197,9 @@ class Scheduler:
         """A running request is still computing full pages of this request's prefix that
         the prefix cache does not hold yet: admitted now, this request would compute its
         own copies of them (the same prompt prefix twice, in the same steps). It waits
-        until they are registered and then shares them, like a later sample of its own
-        prompt (`wait_for`). Only prompt pages of prompts still being computed count, so
-        the wait ends: when the other finishes its prompt, is preempted, or leaves."""
+        until they are registered and then shares them. Only prompt pages of prompts
+        still being computed count, so the wait ends: when the other finishes its
+        prompt, is preempted, or leaves."""
         bm = self.block_manager
         if not bm.enable_prefix_caching or request.swapped_out:
             return False
@@ -254,12 +252,6 @@ class Scheduler:
         index = 0
         while index < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[index]
-            leader = request.wait_for
-            if leader is not None:
-                if not (leader.prompt_computed or leader.is_finished):
-                    index += 1  # a later sample of a prompt still being computed: skip it
-                    continue
-                request.wait_for = None
             if self._prefix_in_flight(request):
                 self.num_prefix_waits += 1
                 index += 1  # its prefix is being computed by a running request: wait for those pages
