@@ -34,9 +34,9 @@ def _install_tpu_probe_filter() -> None:
 # device while it is imported already runs with the filter in place.
 _install_tpu_probe_filter()
 
-from jaxinfer.config import EngineConfig, ModelConfig, SamplingParams  # noqa: E402
+from jaxinfer.config import EngineConfig, ModelConfig, SamplingParams, SpeculativeConfig  # noqa: E402
 from jaxinfer.session import InferenceSession  # noqa: E402
 from jaxinfer.types import RequestOutput  # noqa: E402
 
-__all__ = ["EngineConfig", "InferenceSession", "ModelConfig", "RequestOutput", "SamplingParams"]
+__all__ = ["EngineConfig", "InferenceSession", "ModelConfig", "RequestOutput", "SamplingParams", "SpeculativeConfig"]
 __version__ = "0.1.0"

@@ -74,6 +74,12 @@ _SWAP_SPACE_BYTES = flags.DEFINE_integer("swap_space_bytes", 1 << 30, "Host memo
                                          "(--preemption_mode swap / auto); a request that does not fit is "
                                          "recomputed.")
 _ENABLE_PREFIX_CACHING = flags.DEFINE_bool("enable_prefix_caching", True, "Share computed prompt pages.")
+_SPECULATIVE_METHOD = flags.DEFINE_enum("speculative_method", None, ["ngram", "draft"],
+                                        "Speculative decoding: prompt lookup (ngram) or a draft model of the same "
+                                        "tokenizer (draft, --draft_model); default off. Outputs do not change.")
+_NUM_SPECULATIVE_TOKENS = flags.DEFINE_integer("num_speculative_tokens", 4, "Draft tokens per decode step at most.")
+_DRAFT_MODEL = flags.DEFINE_string("draft_model", None, "Draft model folder or bundled name (--speculative_method "
+                                   "draft).")
 _COMPILATION_CACHE_DIR = flags.DEFINE_string(
     "compilation_cache_dir", None,
     "Persistent XLA compilation cache folder (default: $JAXINFER_COMPILATION_CACHE_DIR, else "
@@ -142,8 +148,12 @@ def _sampling_params(session):
 
 
 def _engine_config():
-    from jaxinfer.config import EngineConfig
-    return EngineConfig(page_size=_PAGE_SIZE.value, num_pages=_NUM_PAGES.value,
+    from jaxinfer.config import EngineConfig, SpeculativeConfig
+    speculative = None
+    if _SPECULATIVE_METHOD.value is not None:
+        speculative = SpeculativeConfig(method=_SPECULATIVE_METHOD.value, draft_model=_DRAFT_MODEL.value,
+                                        num_speculative_tokens=_NUM_SPECULATIVE_TOKENS.value)
+    return EngineConfig(speculative=speculative, page_size=_PAGE_SIZE.value, num_pages=_NUM_PAGES.value,
                         max_num_batched_tokens=_MAX_NUM_BATCHED_TOKENS.value, max_num_seqs=_MAX_NUM_SEQS.value,
                         max_model_len=_MAX_MODEL_LEN.value, attention_impl=_ATTENTION_IMPL.value,
                         enable_prefix_caching=_ENABLE_PREFIX_CACHING.value,
@@ -248,7 +258,9 @@ def generate() -> int:
           f"| load: {load_seconds:.2f} s | compiles: {metrics['num_compiles']} "
           f"({metrics['compile_seconds']:.2f} s, not in decode tokens/s) "
           f"| weights: {metrics['weight_bytes'] / 1e6:.2f} MB | KV cache: {metrics['kv_cache_bytes'] / 1e6:.2f} MB, "
-          f"{metrics['num_total_pages']} pages ({_KV_CACHE_DTYPE.value})" + _mesh_summary(metrics))
+          f"{metrics['num_total_pages']} pages ({_KV_CACHE_DTYPE.value})" + _mesh_summary(metrics)
+          + (f" | speculation: {_SPECULATIVE_METHOD.value}, {metrics['spec_num_accepted_tokens']} of "
+             f"{metrics['spec_num_draft_tokens']} draft tokens accepted" if _SPECULATIVE_METHOD.value else ""))
     return 0
 
 

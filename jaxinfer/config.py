@@ -396,6 +396,32 @@ ATTENTION_IMPLS = ("xla", "pallas", "pallas_interpret", "pallas_tpu_interpret")
 # KV cache storage formats (jaxinfer.pallas.ragged_paged_attention.quantized.KV_CACHE_DTYPES).
 KV_CACHE_DTYPES = ("auto", "int8", "fp8")
 PREEMPTION_MODES = ("recompute", "swap", "auto")  # EngineConfig.preemption_mode
+SPECULATIVE_METHODS = ("ngram", "draft")  # SpeculativeConfig.method
+
+
+@_strict_init
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SpeculativeConfig:
+    """Speculative decoding (engine/speculative.py): drafts of up to num_speculative_tokens
+    ids per decode, verified in one step: "ngram" (prompt lookup of the last ngram_max ..
+    ngram_min ids) or "draft" (a smaller model of the same tokenizer, draft_model)."""
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 4  # k, in [1, 16]
+    draft_model: Optional[str] = None  # a model folder or bundled name ("draft" only)
+    ngram_max: int = 4
+    ngram_min: int = 1
+
+    def __post_init__(self):
+        _python_ints(self)
+        _require(self.method in SPECULATIVE_METHODS, "speculative.method", f"{self.method!r} not in {SPECULATIVE_METHODS}")
+        for name, low, high in (("num_speculative_tokens", 1, 16), ("ngram_min", 1, 64), ("ngram_max", 1, 64)):
+            value = getattr(self, name)
+            _require(_is_int(value) and low <= value <= high, f"speculative.{name}",
+                     f"must be an int in [{low}, {high}], got {value!r}")
+        _require(self.ngram_min <= self.ngram_max, "speculative.ngram_min", "must be <= ngram_max")
+        _require((self.draft_model is not None) == (self.method == "draft"), "speculative.draft_model",
+                 f"a model folder for method 'draft', and only there; got {self.draft_model!r}")
 
 
 @_strict_init
@@ -416,33 +442,29 @@ class EngineConfig:
     shared_prefix_attention: bool = True
     shared_prefix_min_tokens: int = 64  # cost rule: smallest shared node, in tokens
     shared_prefix_min_seqs: int = 2  # cost rule: fewest sequences sharing a node
-    # Persistent XLA compilation cache (jaxinfer/runtime/compile_cache.py): None = the
-    # $JAXINFER_COMPILATION_CACHE_DIR environment variable if set, else
-    # ~/.cache/jaxinfer/xla; "" = off (jax's own settings are left alone).
+    # Persistent XLA compilation cache (runtime/compile_cache.py): None = $JAXINFER_COMPILATION_CACHE_DIR
+    # if set, else ~/.cache/jaxinfer/xla; "" = off (jax's own settings are left alone).
     compilation_cache_dir: Optional[str] = None
-    # Device mesh of the runner (jaxinfer/sharding/mesh.py): the first tp * ep * pp
-    # devices of jax.devices(). Tensor: Megatron split of heads, MLP width and vocab;
-    # expert: MoE experts split over devices; pipeline: layers split into stages.
+    # Device mesh (sharding/mesh.py): the first tp * ep * pp devices. Tensor: Megatron split of heads,
+    # MLP width and vocab; expert: MoE experts over devices; pipeline: layers in stages.
     tensor_parallel_size: int = 1
     expert_parallel_size: int = 1
     pipeline_parallel_size: int = 1
-    # Pipeline only: the most microbatches a step is cut into (near-equal token counts,
-    # docs/pipeline.md); None = pipeline_parallel_size.
+    # Pipeline only: most microbatches per step (docs/pipeline.md); None = pipeline_parallel_size
     pipeline_microbatches: Optional[int] = None
-    # KV pages stored as "auto" (the activation dtype), "int8" or "fp8" (float8 e4m3): one
-    # byte per element plus a float32 scale per token and kv head, dequantized inside
-    # attention (jaxinfer/pallas/ragged_paged_attention/quantized.py); ~2x the pages of a
-    # bfloat16 cache in the same memory.
+    # KV pages as "auto" (activation dtype), "int8" or "fp8" (e4m3) with a float32 scale per token
+    # and kv head, dequantized in attention (pallas/ragged_paged_attention/quantized.py)
     kv_cache_dtype: str = "auto"
-    # What a preempted request's KV pages become (engine/swap.py): "recompute" (freed,
-    # recomputed when it resumes), "swap" (copied to a host pool of swap_space_bytes and
-    # written back; recompute when the pool is full) or "auto" (per request, the cheaper
-    # of the two by measured transfer bandwidth and prefill speed).
+    # A preempted request's KV pages (engine/swap.py): "recompute", "swap" (to a host pool of
+    # swap_space_bytes; recompute when full) or "auto" (the cheaper by measured speeds)
     preemption_mode: str = "recompute"
     swap_space_bytes: int = 1 << 30  # host memory for swapped pages
+    speculative: Optional[SpeculativeConfig] = None  # speculative decoding; None = off
 
     def __post_init__(self):
         _python_ints(self)
+        _require(self.speculative is None or isinstance(self.speculative, SpeculativeConfig), "speculative",
+                 f"must be None or a SpeculativeConfig, got {type(self.speculative).__name__}")
         _require(self.preemption_mode in PREEMPTION_MODES, "preemption_mode",
                  f"{self.preemption_mode!r} not in {PREEMPTION_MODES}")
         _require(_is_int(self.swap_space_bytes) and self.swap_space_bytes >= 0, "swap_space_bytes",
@@ -452,8 +474,7 @@ class EngineConfig:
         for name in ("enable_prefix_caching", "shared_prefix_attention"):
             _require(isinstance(getattr(self, name), bool), name, f"must be a bool, got {getattr(self, name)!r}")
         _require(_is_int(self.shared_prefix_min_seqs) and 2 <= self.shared_prefix_min_seqs <= MAX_MODEL_DIM,
-                 "shared_prefix_min_seqs",
-                 f"must be an int >= 2, got {self.shared_prefix_min_seqs!r}")
+                 "shared_prefix_min_seqs", f"must be an int >= 2, got {self.shared_prefix_min_seqs!r}")
         for name in ("page_size", "max_num_batched_tokens", "max_num_seqs", "max_kv_cache_bytes",
                      "shared_prefix_min_tokens", "tensor_parallel_size", "expert_parallel_size",
                      "pipeline_parallel_size"):
@@ -468,9 +489,7 @@ class EngineConfig:
                  f"{self.kv_cache_dtype!r} not in {KV_CACHE_DTYPES}")
         _require(self.num_pages is None or (_is_int(self.num_pages) and self.num_pages >= 1),
                  "num_pages", f"must be None or an int >= 1, got {self.num_pages!r}")
-        # KV slots (page * page_size + offset, and the padding slot num_pages * page_size)
-        # are int32 on the device: a bigger pool could not be addressed, and is refused
-        # here, before the engine sizes or allocates anything.
+        # KV slots (page * page_size + offset; padding slot num_pages * page_size) are int32 on the device.
         _require(self.num_pages is None or self.num_pages * self.page_size <= MAX_MODEL_DIM, "num_pages",
                  f"num_pages * page_size must be <= {MAX_MODEL_DIM} (int32 KV slots), got "
                  f"{self.num_pages} * {self.page_size}")

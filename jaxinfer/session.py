@@ -41,7 +41,7 @@ from jaxinfer.engine.engine import Engine
 from jaxinfer.engine.validation import NewRequest, resolve_max_model_len
 from jaxinfer.models import checkpoint, lazy_checkpoint, parallel
 from jaxinfer.models.tokenizer import load_tokenizer
-from jaxinfer.runtime import compile_cache, step_broadcast
+from jaxinfer.runtime import compile_cache, draft_runner, step_broadcast
 from jaxinfer.runtime import warmup as warmup_lib
 from jaxinfer.runtime.model_runner import ModelRunner
 from jaxinfer.sharding import distributed
@@ -81,6 +81,8 @@ class InferenceSession:
                 raise ValueError(f"pipeline_parallel_size: {engine.pipeline_parallel_size} > 1 is not supported "
                                  f"over several processes yet; use tensor / expert parallelism")
             distributed.check_mesh_spans_processes(mesh)
+            if engine.speculative is not None and engine.speculative.method == "draft":
+                raise ValueError("speculative.draft_model: a draft model runs in one process; use method 'ngram'")
             num_pages = step_broadcast.agreed_num_pages(
                 parallel.mesh_model_config(model_config, engine.tensor_parallel_size), engine, dtype=dtype,
                 max_model_len=max_model_len, mesh=mesh)
@@ -89,6 +91,8 @@ class InferenceSession:
                 {**{f"model.{k}": v for k, v in dataclasses.asdict(model_config).items()},
                  **{f"engine.{k}": v for k, v in dataclasses.asdict(engine).items() if k != "compilation_cache_dir"},
                  "dtype": str(dtype)})
+        draft = (draft_runner.build(model_config, engine, dtype=dtype, max_model_len=max_model_len)
+                 if engine.speculative is not None and engine.speculative.method == "draft" else None)
         runner = ModelRunner.from_config(model_config, params, engine, dtype=dtype, max_model_len=max_model_len,
                                          mesh=mesh)
         # Several processes: process 0 runs the engine and sends each step; the others
@@ -110,7 +114,7 @@ class InferenceSession:
             tuple(tokenizer.eos_token_ids) if tokenizer is not None else ())
         # Owned by the loop thread of `async_engine` once a request was made: call it
         # directly only from code that runs on that thread (AsyncEngine.call).
-        self.engine = Engine(model_config, runner, engine, tokenizer=tokenizer, eos_token_ids=eos)
+        self.engine = Engine(model_config, runner, engine, tokenizer=tokenizer, eos_token_ids=eos, draft_runner=draft)
         self.async_engine = AsyncEngine(self.engine)
 
     @classmethod

@@ -145,6 +145,8 @@ class ScheduledStep:
     step_input: StepInput  # handed to the runner as it is
     # request id -> tokens scheduled (== len of its sequence's token_ids), read-only
     num_scheduled_tokens: Mapping[str, int]
+    # request id -> draft ids fed after its last token (speculative decoding), read-only
+    draft_token_ids: Mapping[str, tuple] = dataclasses.field(default_factory=lambda: types.MappingProxyType({}))
 
     @property
     def num_tokens(self) -> int:
@@ -155,11 +157,13 @@ class ScheduledStep:
         return len(self.step_input.sequences)
 
     @classmethod
-    def make(cls, step_id: int, step_input: StepInput) -> "ScheduledStep":
+    def make(cls, step_id: int, step_input: StepInput, drafts: Optional[Mapping[str, tuple]] = None
+             ) -> "ScheduledStep":
         counts = {s.request_id: len(s.token_ids) for s in step_input.sequences}
         if len(counts) != len(step_input.sequences):
             raise ValueError("step_input.sequences: a request id appears twice in one step")
-        return cls(step_id=step_id, step_input=step_input, num_scheduled_tokens=types.MappingProxyType(counts))
+        return cls(step_id=step_id, step_input=step_input, num_scheduled_tokens=types.MappingProxyType(counts),
+                   draft_token_ids=types.MappingProxyType(dict(drafts or {})))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -16,6 +16,15 @@ prefix caching off): the memory roof of a step stays the weight bytes / bandwidt
 compute roof grows as B x 2 x parameters / GEMM rate; --plot draws ms per step against
 both (scripts/plotting.py; needs matplotlib).
 
+--speculative none,ngram,draft times batch-1 decoding once per speculation method
+(EngineConfig.speculative; draft needs --draft_model) on the same prompts and reports
+ms/token, the speed-up over "none", the acceptance rate and the mean tokens per verified
+step. --prompts code takes the prompts from the held-out Python files of the model's
+data split (the first --prompt_len tokens of --num_prompts files: a code-completion
+workload; needs the model's tokenizer, e.g. --model tiny-code):
+    python scripts/benchmark_latency.py --model tiny-code --prompts code --skip_hf \
+        --speculative none,ngram --prompt_len 256 --output_len 128
+
 With --output_len 1 there is no decode step: the decode figures are reported as n/a
 (null in the JSON). torch and transformers are needed only for the HF baseline;
 --skip_hf runs without them.
@@ -51,6 +60,12 @@ _BATCH_SIZES = flags.DEFINE_list("batch_sizes", "1", "Decode batch sizes to time
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                            "jaxinfer's parameter and activation dtype (the HF baseline stays float32).")
 _PLOT = flags.DEFINE_string("plot", None, "Also draw ms/token vs batch with the memory and compute roofs here (PNG).")
+_SPECULATIVE = flags.DEFINE_list("speculative", [], "Speculation methods to compare at batch 1 (none, ngram, draft).")
+_NUM_SPEC_TOKENS = flags.DEFINE_integer("num_speculative_tokens", 4, "Draft tokens per step at most.", lower_bound=1)
+_DRAFT_MODEL = flags.DEFINE_string("draft_model", None, "Draft model folder or bundled name (--speculative draft).")
+_PROMPTS = flags.DEFINE_enum("prompts", "random", ["random", "code"],
+                             "random ids, or the held-out Python files of the model's data split (code completion).")
+_NUM_PROMPTS = flags.DEFINE_integer("num_prompts", 8, "Prompts of the --speculative comparison.", lower_bound=1)
 
 
 def _jaxinfer(path, prompt, output_len, repeats, quantization=None, quant_group_size=128, batch_sizes=(1,)):
@@ -96,6 +111,64 @@ def _jaxinfer(path, prompt, output_len, repeats, quantization=None, quant_group_
             "batch_decode_ms_per_token": batch_ms}
 
 
+def _speculation(path, prompts, output_len, repeats, methods):
+    """Batch-1 decode of each prompt under each speculation method: ms/token and acceptance."""
+    import numpy as np
+
+    from jaxinfer import EngineConfig, InferenceSession, SamplingParams, SpeculativeConfig
+    rows = []
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    for method in methods:
+        spec = None if method == "none" else SpeculativeConfig(
+            method=method, num_speculative_tokens=_NUM_SPEC_TOKENS.value,
+            draft_model=_DRAFT_MODEL.value if method == "draft" else None)
+        engine = EngineConfig(max_num_batched_tokens=max(512, max(map(len, prompts))), enable_prefix_caching=False,
+                              compilation_cache_dir=_COMPILATION_CACHE.value, speculative=spec)
+        session = InferenceSession.from_pretrained(path, dtype=_DTYPE.value, engine=engine)
+        for prompt in prompts:  # warm-up: every shape these prompts meet
+            session.generate([prompt], params)
+        before = session.metrics()
+        tpots, outputs = [], []
+        for _ in range(repeats):
+            for prompt in prompts:
+                (out,) = session.generate([prompt], params)
+                tpots.append(out.time_per_output_token)
+                outputs.append(out.token_ids)
+        m = session.metrics()
+        drafted = m["spec_num_draft_tokens"] - before["spec_num_draft_tokens"]
+        accepted = m["spec_num_accepted_tokens"] - before["spec_num_accepted_tokens"]
+        verified = m["spec_num_drafts"] - before["spec_num_drafts"]
+        rows.append({"method": method, "decode_ms_per_token": 1000 * float(np.median(tpots)),
+                     "mean_decode_ms_per_token": 1000 * float(np.mean(tpots)),
+                     "acceptance_rate": accepted / drafted if drafted else None,
+                     "tokens_per_verify_step": 1 + accepted / verified if verified else None,
+                     "compiles_after_warmup": m["num_compiles"] - before["num_compiles"],
+                     "draft_seconds": m["spec_draft_seconds"] - before["spec_draft_seconds"], "outputs": outputs})
+        session.close()
+    base = rows[0]
+    for row in rows:
+        row["speedup_vs_first"] = base["mean_decode_ms_per_token"] / row["mean_decode_ms_per_token"]
+        row["same_tokens_as_first"] = row.pop("outputs") == base.get("outputs", None) if row is not base else True
+    base.pop("outputs", None)
+    return rows
+
+
+def _prompts(path, rng):
+    """--num_prompts prompts of --prompt_len tokens: random ids, or held-out code files."""
+    if _PROMPTS.value == "random":
+        return [[1] + rng.randint(3, 1000, size=_PROMPT_LEN.value - 1).tolist() for _ in range(_NUM_PROMPTS.value)]
+    import stdlib_corpus
+
+    from jaxinfer.assets import resolve_model_path
+    docs = stdlib_corpus.heldout_token_ids(resolve_model_path(path))
+    long_docs = [d for d in docs if len(d) >= _PROMPT_LEN.value + _OUTPUT_LEN.value]
+    if len(long_docs) < _NUM_PROMPTS.value:
+        raise app.UsageError(f"--prompts code: only {len(long_docs)} held-out files have --prompt_len + --output_len "
+                             f"tokens; ask for fewer or shorter")
+    step = len(long_docs) // _NUM_PROMPTS.value
+    return [d[:_PROMPT_LEN.value] for d in long_docs[::step][:_NUM_PROMPTS.value]]
+
+
 def _hf(path, prompt, output_len, repeats):
     import numpy as np
     import torch
@@ -134,6 +207,8 @@ def main(argv):
     path = _MODEL.value or bench_common.build_random_llama(
         _PRESET.value, os.path.join(_WORK_DIR.value, f"llama-{_PRESET.value}"))
     rng = np.random.RandomState(0)
+    if _SPECULATIVE.value:
+        return _speculation_main(path, _prompts(path, rng))
     prompt = [1] + rng.randint(3, 1000, size=_PROMPT_LEN.value - 1).tolist()
 
     bandwidth = bench_common.measure_memory_bandwidth()
@@ -197,6 +272,29 @@ def main(argv):
     if _PLOT.value:
         import plotting
         plotting.plot_latency(report, _PLOT.value)
+
+
+def _speculation_main(path, prompts):
+    methods = _SPECULATIVE.value
+    bad = [m for m in methods if m not in ("none", "ngram", "draft")]
+    if bad or len(set(methods)) != len(methods):
+        raise app.UsageError(f"--speculative: distinct methods among none, ngram, draft; got {methods}")
+    if ("draft" in methods) != (_DRAFT_MODEL.value is not None):
+        raise app.UsageError("--draft_model: needed with --speculative draft, and only then")
+    rows = _speculation(path, prompts, _OUTPUT_LEN.value, _REPEATS.value, methods)
+    print(f"\nbatch-1 decode, {len(prompts)} {_PROMPTS.value} prompts of {_PROMPT_LEN.value} tokens, "
+          f"{_OUTPUT_LEN.value} greedy tokens, k = {_NUM_SPEC_TOKENS.value}, model {path}")
+    print(f"{'method':8s}{'ms/token':>10s}{'mean':>8s}{'speed-up':>10s}{'accepted':>10s}{'tok/verify':>12s}"
+          f"{'same tokens':>13s}")
+    for r in rows:
+        print(f"{r['method']:8s}{r['decode_ms_per_token']:10.2f}{r['mean_decode_ms_per_token']:8.2f}"
+              f"{r['speedup_vs_first']:9.2f}x{_fmt(r['acceptance_rate'], 10, '.2f')}"
+              f"{_fmt(r['tokens_per_verify_step'], 12, '.2f')}{str(r['same_tokens_as_first']):>13s}")
+    print(f"speed-up: mean ms/token of {rows[0]['method']} over each method's")
+    bench_common.write_json(_JSON.value, {
+        "env": bench_common.environment(), "model": path, "prompts": _PROMPTS.value, "num_prompts": len(prompts),
+        "prompt_len": _PROMPT_LEN.value, "output_len": _OUTPUT_LEN.value,
+        "num_speculative_tokens": _NUM_SPEC_TOKENS.value, "draft_model": _DRAFT_MODEL.value, "speculation": rows})
 
 
 if __name__ == "__main__":

@@ -66,6 +66,11 @@ _COMPARE_SHARED = flags.DEFINE_bool("compare_shared_prefix_attention", False,
                                     "Run the engine with the shared-prefix path off, then on; report the ratio.")
 _ATTENTION_IMPL = flags.DEFINE_string("attention_impl", None, "EngineConfig.attention_impl (None = backend default).")
 _SEED = flags.DEFINE_integer("seed", 0, "Workload seed.")
+_SPECULATIVE = flags.DEFINE_enum("speculative_method", None, ["ngram", "draft"],
+                                 "Speculative decoding in jaxinfer's engine (default off); spec_* figures reported.")
+_NUM_SPEC_TOKENS = flags.DEFINE_integer("num_speculative_tokens", 4, "Draft tokens per decode step at most.",
+                                        lower_bound=1)
+_DRAFT_MODEL = flags.DEFINE_string("draft_model", None, "Draft model folder (--speculative_method draft).")
 _JSON = flags.DEFINE_string("json_out", "runs/bench/throughput.json", "JSON report path.")
 _SWEEP = flags.DEFINE_list("num_requests_sweep", [], "Also time the first N requests for each N (<= --num_requests).")
 _PLOT = flags.DEFINE_string("plot", None, "Also draw throughput vs number of requests here (PNG; needs matplotlib).")
@@ -112,7 +117,9 @@ def run_engine(path, prompts, output_len, engine_config, session=None):
             "shared_prefix_tokens_saved": m["shared_prefix_tokens_saved"] - before["shared_prefix_tokens_saved"],
             "mean_ttft_s": sum(o.time_to_first_token for o in outs) / len(outs),
             "mean_tpot_ms": 1000 * sum(o.time_per_output_token for o in outs) / len(outs),
-            "num_params": bench_common.num_params(session.engine.runner.params)}
+            "num_params": bench_common.num_params(session.engine.runner.params),
+            **({k: m[k] - before[k] for k in ("spec_num_drafts", "spec_num_draft_tokens", "spec_num_accepted_tokens")}
+               if engine_config.speculative is not None else {})}
 
 
 def run_hf(path, prompts, output_len, batch_size):
@@ -161,10 +168,20 @@ def main(argv):
     if counts and not 1 <= counts[0] <= counts[-1] <= len(prompts):
         raise app.UsageError(f"--num_requests_sweep: counts must lie in [1, --num_requests={len(prompts)}]")
     gemm = bench_common.measure_gemm_flops()
+    speculative = None
+    if _SPECULATIVE.value:
+        from jaxinfer import SpeculativeConfig
+        try:
+            speculative = SpeculativeConfig(method=_SPECULATIVE.value, num_speculative_tokens=_NUM_SPEC_TOKENS.value,
+                                            draft_model=_DRAFT_MODEL.value)
+        except ValueError as e:
+            raise app.UsageError(str(e)) from None
+
     def engine_config(shared):
         return EngineConfig(page_size=_PAGE_SIZE.value, max_num_batched_tokens=_MAX_BATCHED_TOKENS.value,
                             max_num_seqs=_MAX_SEQS.value, shared_prefix_attention=shared,
-                            attention_impl=_ATTENTION_IMPL.value, compilation_cache_dir=_COMPILATION_CACHE.value)
+                            attention_impl=_ATTENTION_IMPL.value, compilation_cache_dir=_COMPILATION_CACHE.value,
+                            speculative=speculative)
 
     plain = None
     if _COMPARE_SHARED.value:
@@ -228,6 +245,10 @@ def main(argv):
           f"{ours['warmup_seconds']:.1f} s, steps {ours['num_steps']}, host {ours['host_seconds']:.2f} s, "
           f"prefix-cache hit rate {ours['prefix_cache_hit_rate']:.2f}, "
           f"compilation cache: {_COMPILATION_CACHE.value or 'off'}")
+    if speculative is not None:
+        print(f"speculation ({speculative.method}, k = {speculative.num_speculative_tokens}): "
+              f"{ours['spec_num_accepted_tokens']} of {ours['spec_num_draft_tokens']} draft tokens accepted in "
+              f"{ours['spec_num_drafts']} verified sequences")
     if sweep:
         print(f"{'requests':>9s}{'out tok/s':>11s}{'computed tok/s':>16s}{'% roofline':>11s}{'seconds':>9s}")
         for row in sweep:

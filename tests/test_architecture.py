@@ -54,6 +54,7 @@ HOST_ONLY = (
     "jaxinfer/engine/validation.py",
     "jaxinfer/engine/errors.py",
     "jaxinfer/engine/swap.py",
+    "jaxinfer/engine/speculative.py",
     "jaxinfer/runtime/input_batch.py",
     "jaxinfer/runtime/step_checks.py",
     "jaxinfer/runtime/faults.py",

@@ -61,6 +61,16 @@ def test_kv_cache_dtype_flag_halves_the_bytes_of_the_same_pages(text_model_dir, 
     assert res.returncode != 0 and "kv_cache_dtype" in res.stderr
 
 
+def test_speculative_flags_give_the_same_text_and_report_acceptance(text_model_dir, plain_generate):
+    res = _cli(*_generate_args(text_model_dir[0]), "--speculative_method", "ngram", "--num_speculative_tokens", "3")
+    assert res.returncode == 0, res.stderr
+    text, summary = res.stdout.strip().rsplit("\n", 1)
+    assert text == plain_generate.stdout.strip().rsplit("\n", 1)[0]
+    assert "speculation: ngram, " in summary and "draft tokens accepted" in summary
+    res = _cli(*_generate_args(text_model_dir[0]), "--speculative_method", "draft")
+    assert res.returncode != 0 and "draft_model" in res.stderr
+
+
 def test_usage_errors(text_model_dir):
     res = _cli("generate", "--model", text_model_dir[0])
     assert res.returncode != 0 and "--prompt" in res.stderr

@@ -57,6 +57,7 @@ from jaxinfer.engine.errors import NonFiniteOutput, RequestFailed, StepFailed  #
 from jaxinfer.engine.output_processor import OutputProcessor
 from jaxinfer.engine.request import Request
 from jaxinfer.engine.scheduler import Scheduler, SharedPrefixPolicy
+from jaxinfer.engine.speculative import draft_limit, make_proposer, timed_propose
 from jaxinfer.engine.swap import SwapOut, optional_space
 from jaxinfer.engine.validation import (NewRequest, RequestLimits, expand_samples, resolve_max_model_len,
                                         sample_ids, validate_requests)
@@ -111,10 +112,11 @@ class Engine:
       engine_config: scheduling limits.
       tokenizer: optional; without it requests must be token ids and text stays "".
       eos_token_ids: ids that end a request (unless ignore_eos).
+      draft_runner: the draft model's runner, for engine_config.speculative method "draft".
     """
 
     def __init__(self, model_config: ModelConfig, runner: ModelRunner, engine_config: EngineConfig,
-                 tokenizer=None, eos_token_ids: tuple = ()):
+                 tokenizer=None, eos_token_ids: tuple = (), draft_runner=None):
         self.model_config = model_config
         self.runner = runner
         self.config = engine_config
@@ -139,6 +141,7 @@ class Engine:
                                    max_num_seqs=engine_config.max_num_seqs, shared_prefix=policy,
                                    swap_space=self.swap_space)
         self.output_processor = OutputProcessor(tokenizer)
+        self.proposer = make_proposer(engine_config.speculative, draft_runner)  # None = no speculation
         self.limits = RequestLimits(vocab_size=model_config.vocab_size, max_model_len=self.max_model_len,
                                     num_pages=runner.num_pages, page_size=runner.page_size)
         self.requests: dict = {}  # request id -> Request, until its last delta is returned
@@ -216,10 +219,15 @@ class Engine:
         self.scheduler.finish(request, "abort")
         return self._last_delta(request)
 
-    def _last_delta(self, request: Request) -> StreamDelta:
-        delta = self.output_processor.delta(request)
+    def _forget(self, request: Request) -> None:
         self.output_processor.remove(request.request_id)
         del self.requests[request.request_id]
+        if hasattr(self.proposer, "release"):  # the draft model's pages of the request
+            self.proposer.release(request.request_id)
+
+    def _last_delta(self, request: Request) -> StreamDelta:
+        delta = self.output_processor.delta(request)
+        self._forget(request)
         if request.finish_reason == "abort":
             self._counters.num_requests_aborted += 1
         else:
@@ -230,8 +238,7 @@ class Engine:
         """Ends a request with an error: pages freed, forgotten; `error` kept for take_errors()."""
         if not request.is_finished:
             self.scheduler.finish(request, "error")
-        self.output_processor.remove(request.request_id)
-        del self.requests[request.request_id]
+        self._forget(request)
         self._counters.num_requests_failed += 1
         if error is not None:
             self.request_errors[request.request_id] = error
@@ -246,7 +253,13 @@ class Engine:
           last delta (finish_reason set, with its RequestOutput) also forgets it.
         """
         start = time.perf_counter()
-        step = self.scheduler.schedule()
+        drafts = None
+        if self.proposer is not None:
+            decodes = self.scheduler.decoding()
+            k = self.config.speculative.num_speculative_tokens
+            limits = {r.request_id: draft_limit(r, k) for r in decodes}
+            drafts = timed_propose(self.proposer, decodes, limits, self.scheduler.spec) if decodes else None
+        step = self.scheduler.schedule(drafts)
         swap_ops = self.scheduler.take_swap_ops()
         if swap_ops:
             self._run_swaps(swap_ops, step)
@@ -385,6 +398,7 @@ class Engine:
             "num_preemptions": self.scheduler.num_preemptions,  # recompute + swap
             "num_recompute_preemptions": self.scheduler.num_recompute_preemptions,
             "num_prefix_waits": self.scheduler.num_prefix_waits,
+            **self.scheduler.spec.metrics(),
             **_swap_metrics(self.swap_space),
             "num_failed_steps": c.num_failed_steps,
             "num_requests_added": c.num_requests_added,

@@ -44,6 +44,13 @@ prompt and the generated ids, only when a penalty is on), its logit_bias, and, w
 fewer than min_tokens ids were generated, the ids min_tokens bans (EOS unless
 ignore_eos, stop token ids).
 
+Speculative decoding (engine/speculative.py). `schedule(drafts)` takes draft ids per
+decoding request: a decode's sequence is then its last token followed by its drafts,
+sampled at every offset, as far as the token budget allows and only when the drafts'
+pages are free (a draft never preempts). `update` appends the drafts that equal the
+token sampled before them and the token sampled after the last of those, counts the
+K/V of exactly those as computed, and frees the pages only rejected drafts occupied.
+
 Shared prefixes. With a `SharedPrefixPolicy`, each StepInput also lists the tree of
 prefix pages its sequences share (engine/shared_prefix.py), for the runner's
 shared-prefix (Hydragen) attention path.
@@ -59,6 +66,7 @@ from typing import Optional
 from jaxinfer.engine.block_manager import BlockManager
 from jaxinfer.engine.request import Request, Status
 from jaxinfer.engine.shared_prefix import find_shared_prefixes
+from jaxinfer.engine.speculative import SpecCounters, num_accepted
 from jaxinfer.engine.swap import SwapIn, SwapOut, SwapSpace
 from jaxinfer.types import ScheduledSequence, ScheduledStep, StepInput, StepOutput
 
@@ -86,6 +94,7 @@ class Scheduler:
         self.num_recompute_preemptions = 0
         self.num_prefix_waits = 0  # admissions put off for a prefix in flight (_prefix_in_flight), per step
         self.failed: list = []  # requests update() failed (non-finite outputs), until take_failed()
+        self.spec = SpecCounters()  # speculative decoding: drafts verified and accepted
         self._admissions = itertools.count()
         self._step_ids = itertools.count()
 
@@ -226,11 +235,22 @@ class Scheduler:
 
     # ---------------------------------------------------------------- steps
 
-    def schedule(self) -> Optional[ScheduledStep]:
-        """Returns the next step (None if there is nothing to run)."""
+    def decoding(self) -> list:
+        """The running requests whose next step is a decode (one token left to compute)."""
+        return [r for r in self.running if r.num_tokens - r.num_computed == 1]
+
+    def schedule(self, drafts: Optional[dict] = None) -> Optional[ScheduledStep]:
+        """Returns the next step (None if there is nothing to run).
+
+        `drafts` (speculative decoding, engine/speculative.py): request id -> draft ids
+        fed after a decode's last token and verified in this step; a decode takes them
+        as far as the token budget and the free pages go (drafts never preempt).
+        """
         budget = self.max_num_batched_tokens
         chosen: list = []  # (request, num_tokens) in batch order
         chosen_set: set = set()
+        taken_drafts: dict = {}  # request id -> the drafts it runs this step
+        bm = self.block_manager
 
         def take(request: Request, num_tokens: int) -> None:
             nonlocal budget
@@ -238,12 +258,18 @@ class Scheduler:
             chosen_set.add(request)
             budget -= num_tokens
 
-        decodes = [r for r in self.running if r.num_tokens - r.num_computed == 1]
-        for request in decodes:
+        for request in self.decoding():
             if budget == 0:
                 break
-            if request in self.running and self._grow(request, request.num_computed + 1, chosen_set):
-                take(request, 1)
+            draft = tuple((drafts or {}).get(request.request_id, ()))[:budget - 1]
+            if draft and (bm.pages_needed(request.num_computed + 1 + len(draft))
+                          - max(len(request.page_ids), bm.pages_needed(request.num_computed + 1))
+                          > bm.num_free_pages):
+                draft = ()
+            if request in self.running and self._grow(request, request.num_computed + 1 + len(draft), chosen_set):
+                take(request, 1 + len(draft))
+                if draft:
+                    taken_drafts[request.request_id] = draft
         for request in list(self.running):
             remaining = request.num_tokens - request.num_computed
             if budget == 0 or request in chosen_set or remaining <= 1:
@@ -267,18 +293,19 @@ class Scheduler:
             take(request, min(request.num_tokens - request.num_computed, budget))
         if not chosen:
             return None
-        sequences = tuple(self._sequence(r, n) for r, n in chosen)
+        sequences = tuple(self._sequence(r, n, taken_drafts.get(r.request_id, ())) for r, n in chosen)
         shared = ()
         if self.shared_prefix is not None and len(sequences) >= self.shared_prefix.min_seqs:
             shared = find_shared_prefixes(sequences, self.block_manager.page_size,
                                           min_tokens=self.shared_prefix.min_tokens,
                                           min_seqs=self.shared_prefix.min_seqs)
-        return ScheduledStep.make(next(self._step_ids), StepInput(sequences=sequences, shared_prefixes=shared))
+        return ScheduledStep.make(next(self._step_ids), StepInput(sequences=sequences, shared_prefixes=shared),
+                                  taken_drafts)
 
     @staticmethod
-    def _sequence(request: Request, num_tokens: int) -> ScheduledSequence:
+    def _sequence(request: Request, num_tokens: int, drafts: tuple = ()) -> ScheduledSequence:
         start = request.num_computed
-        ids = request.all_ids
+        ids = request.all_ids + list(drafts)
         end = start + num_tokens
         params = request.params
         samples = end == len(ids)
@@ -289,7 +316,7 @@ class Scheduler:
             token_ids=tuple(ids[start:end]),
             start_position=start,
             page_ids=tuple(request.page_ids),
-            sample_offsets=(num_tokens - 1,) if samples else (),
+            sample_offsets=tuple(range(num_tokens - 1 - len(drafts), num_tokens)) if samples else (),
             temperature=float(params.temperature),
             top_k=int(params.top_k),
             top_p=float(params.top_p),
@@ -303,7 +330,7 @@ class Scheduler:
             frequency_penalty=params.frequency_penalty,
             repetition_penalty=params.repetition_penalty,
             prompt_token_ids=request.prompt_tuple if penalties else (),
-            output_token_ids=tuple(request.output_ids) if penalties else (),
+            output_token_ids=tuple(request.output_ids) + drafts if penalties else (),
             logit_bias=params.logit_bias if samples else (),
             banned_token_ids=request.min_tokens_ban_ids if banned else (),
             ban_until_position=len(request.prompt_ids) + params.min_tokens,
@@ -335,7 +362,22 @@ class Scheduler:
                 self.fail(request)
                 continue
             first_target = request.num_computed + 1
-            request.num_computed += num_tokens
+            drafts = step.draft_token_ids.get(request_id, ())
+            tokens = out.token_ids
+            if drafts:  # the accepted drafts, then the token sampled after them
+                accepted = num_accepted(drafts, tokens)
+                self.spec.record(len(drafts), accepted)
+                tokens = tokens[:accepted + 1]
+            num_new = 0
+            for j, token in enumerate(tokens):
+                request.append_token(token, out.logprobs[j] if out.logprobs is not None else None,
+                                     out.top_logprobs[j] if out.top_logprobs is not None else None)
+                num_new += 1
+                if request.is_finished:
+                    break
+            # K/V kept: every fed token but the drafts, and the drafts now in the sequence
+            # (those before the last appended token); a rejected draft's slot is rewritten later.
+            request.num_computed += num_tokens - len(drafts) + (num_new - 1 if drafts else 0)
             if request.num_computed >= len(request.prompt_ids):
                 request.prompt_computed = True
             num_full = request.num_computed // bm.page_size
@@ -349,13 +391,11 @@ class Scheduler:
                 target = first_target + j
                 if target < len(request.prompt_ids) and target == len(request.prompt_logprobs) + 1:
                     request.prompt_logprobs.append(lp)
-            num_new = 0
-            for j, token in enumerate(out.token_ids):
-                request.append_token(token, out.logprobs[j] if out.logprobs is not None else None,
-                                     out.top_logprobs[j] if out.top_logprobs is not None else None)
-                num_new += 1
-                if request.is_finished:
-                    break
+            if drafts and not request.is_finished:  # roll back: free the pages only rejected drafts used
+                keep = bm.pages_needed(request.num_tokens)
+                if len(request.page_ids) > keep:
+                    bm.free(request.page_ids[keep:])
+                    del request.page_ids[keep:]
             if num_new:
                 touched.append((request, num_new))
             if request.is_finished:

@@ -72,6 +72,16 @@ class _EngineCollector:
         yield counter("shared_prefix_tokens_saved", "Prefix KV token reads saved by shared-prefix attention.",
                       m.get("shared_prefix_tokens_saved", 0))
         yield counter("engine_steps", "Engine steps run.", m.get("num_steps", 0))
+        # Speculative decoding, vLLM's spec_decode names (zeros when it is off).
+        yield counter("spec_decode_num_drafts", "Sequences verified with draft tokens.", m.get("spec_num_drafts", 0))
+        yield counter("spec_decode_num_draft_tokens", "Draft tokens proposed and verified.",
+                      m.get("spec_num_draft_tokens", 0))
+        yield counter("spec_decode_num_accepted_tokens", "Draft tokens accepted.", m.get("spec_num_accepted_tokens", 0))
+        per_pos = CounterMetricFamily(PREFIX + "spec_decode_num_accepted_tokens_per_pos",
+                                      "Draft tokens accepted, by position in the draft.", labels=labels + ["position"])
+        for position, count in enumerate(m.get("spec_accepted_per_position", ())):
+            per_pos.add_metric(values + [str(position)], count)
+        yield per_pos
 
 
 class ServingMetrics:

@@ -541,3 +541,29 @@ def test_chat_completions(chat_server):
     _error(httpx.post(url, json={"messages": CHAT, "model": "tiny-code"}), 404, "model")
     _error(httpx.post(url, json={"messages": CHAT, "max_tokens": 2000}), 400, "max_tokens")
     assert engine.num_in_flight == 0
+
+
+def test_speculative_server_streams_the_same_text_and_exports_spec_metrics(serving_session):
+    """A server over a session with prompt-lookup speculation: the streamed text of a greedy
+    request is the non-speculative session's, and /metrics has vLLM's spec_decode counters."""
+    from jaxinfer import InferenceSession, SpeculativeConfig
+    prompt = "x = 1\ny = 2\nx = 1\ny = 2\nx = 1\n"
+    expected = serving_session.generate([prompt], serving_session.default_sampling_params(max_tokens=12,
+                                                                                            temperature=0))[0]
+    session = InferenceSession.from_pretrained("tiny-code", engine=EngineConfig(
+        max_num_seqs=4, num_pages=64, compilation_cache_dir="", speculative=SpeculativeConfig(method="ngram")))
+    try:
+        engine = make_engine(session, warm=False)
+        engine.state = "ready"
+        with http_server(engine) as base:
+            chunks = _client(base).completions.create(model="tiny-code", prompt=prompt, max_tokens=12, temperature=0,
+                                                      stream=True)
+            assert "".join(c.choices[0].text for c in chunks if c.choices) == expected.text
+            text = httpx.get(f"{base}/metrics").text
+        drafted = _sample(engine, "jaxinfer:spec_decode_num_draft_tokens_total")
+        accepted = _sample(engine, "jaxinfer:spec_decode_num_accepted_tokens_total")
+        assert drafted > 0 and 0 <= accepted <= drafted and "jaxinfer:spec_decode_num_drafts_total" in text
+        assert sum(_sample(engine, "jaxinfer:spec_decode_num_accepted_tokens_per_pos_total", position=str(i))
+                   for i in range(4)) == accepted
+    finally:
+        session.close()
