@@ -19,7 +19,7 @@ both (scripts/plotting.py; needs matplotlib).
 --speculative none,ngram,draft times batch-1 decoding once per speculation method
 (EngineConfig.speculative; draft needs --draft_model) on the same prompts and reports
 ms/token, the speed-up over "none", the acceptance rate and the mean tokens per verified
-step. --prompts code takes the prompts from the held-out Python files of the model's
+step (--batch_sizes 1,8: also output tokens/s of the first 8 prompts run together). --prompts code takes the prompts from the held-out Python files of the model's
 data split (the first --prompt_len tokens of --num_prompts files: a code-completion
 workload; needs the model's tokenizer, e.g. --model tiny-code):
     python scripts/benchmark_latency.py --model tiny-code --prompts code --skip_hf \
@@ -111,8 +111,9 @@ def _jaxinfer(path, prompt, output_len, repeats, quantization=None, quant_group_
             "batch_decode_ms_per_token": batch_ms}
 
 
-def _speculation(path, prompts, output_len, repeats, methods):
-    """Batch-1 decode of each prompt under each speculation method: ms/token and acceptance."""
+def _speculation(path, prompts, output_len, repeats, methods, batch_sizes=()):
+    """Batch-1 decode of each prompt under each speculation method: ms/token and acceptance;
+    then, per batch size B > 1, output tokens/s of the first B prompts run together."""
     import numpy as np
 
     from jaxinfer import EngineConfig, InferenceSession, SamplingParams, SpeculativeConfig
@@ -135,6 +136,12 @@ def _speculation(path, prompts, output_len, repeats, methods):
                 tpots.append(out.time_per_output_token)
                 outputs.append(out.token_ids)
         m = session.metrics()
+        batch_rates = {}
+        for batch in [b for b in batch_sizes if 1 < b <= len(prompts)]:
+            session.generate(prompts[:batch], params)  # warm-up: this batch's shapes
+            start = time.perf_counter()
+            outs = session.generate(prompts[:batch], params)
+            batch_rates[batch] = sum(len(o.token_ids) for o in outs) / (time.perf_counter() - start)
         drafted = m["spec_num_draft_tokens"] - before["spec_num_draft_tokens"]
         accepted = m["spec_num_accepted_tokens"] - before["spec_num_accepted_tokens"]
         verified = m["spec_num_drafts"] - before["spec_num_drafts"]
@@ -143,7 +150,8 @@ def _speculation(path, prompts, output_len, repeats, methods):
                      "acceptance_rate": accepted / drafted if drafted else None,
                      "tokens_per_verify_step": 1 + accepted / verified if verified else None,
                      "compiles_after_warmup": m["num_compiles"] - before["num_compiles"],
-                     "draft_seconds": m["spec_draft_seconds"] - before["spec_draft_seconds"], "outputs": outputs})
+                     "draft_seconds": m["spec_draft_seconds"] - before["spec_draft_seconds"],
+                     "batch_output_tokens_per_s": batch_rates, "outputs": outputs})
         session.close()
     base = rows[0]
     for row in rows:
@@ -281,7 +289,13 @@ def _speculation_main(path, prompts):
         raise app.UsageError(f"--speculative: distinct methods among none, ngram, draft; got {methods}")
     if ("draft" in methods) != (_DRAFT_MODEL.value is not None):
         raise app.UsageError("--draft_model: needed with --speculative draft, and only then")
-    rows = _speculation(path, prompts, _OUTPUT_LEN.value, _REPEATS.value, methods)
+    try:
+        batch_sizes = sorted({int(b) for b in _BATCH_SIZES.value})
+    except ValueError:
+        raise app.UsageError(f"--batch_sizes: expected integers, got {_BATCH_SIZES.value}") from None
+    if any(b > len(prompts) for b in batch_sizes):
+        raise app.UsageError(f"--batch_sizes: at most --num_prompts ({len(prompts)}) with --speculative")
+    rows = _speculation(path, prompts, _OUTPUT_LEN.value, _REPEATS.value, methods, batch_sizes)
     print(f"\nbatch-1 decode, {len(prompts)} {_PROMPTS.value} prompts of {_PROMPT_LEN.value} tokens, "
           f"{_OUTPUT_LEN.value} greedy tokens, k = {_NUM_SPEC_TOKENS.value}, model {path}")
     print(f"{'method':8s}{'ms/token':>10s}{'mean':>8s}{'speed-up':>10s}{'accepted':>10s}{'tok/verify':>12s}"
@@ -291,6 +305,9 @@ def _speculation_main(path, prompts):
               f"{r['speedup_vs_first']:9.2f}x{_fmt(r['acceptance_rate'], 10, '.2f')}"
               f"{_fmt(r['tokens_per_verify_step'], 12, '.2f')}{str(r['same_tokens_as_first']):>13s}")
     print(f"speed-up: mean ms/token of {rows[0]['method']} over each method's")
+    for batch in [b for b in batch_sizes if b > 1]:
+        print(f"batch {batch}: output tokens/s " + ", ".join(
+            f"{r['method']} {r['batch_output_tokens_per_s'][batch]:.0f}" for r in rows))
     bench_common.write_json(_JSON.value, {
         "env": bench_common.environment(), "model": path, "prompts": _PROMPTS.value, "num_prompts": len(prompts),
         "prompt_len": _PROMPT_LEN.value, "output_len": _OUTPUT_LEN.value,
