@@ -118,13 +118,14 @@ def _workload(seed, num=12, repeat=True):
     return prompts, params
 
 
-@pytest.mark.parametrize("case", ["chunked", "tiny_pool_swap", "prefix_cache"])
+@pytest.mark.parametrize("case", ["chunked", "tiny_pool_swap", "tiny_pool_recompute", "prefix_cache"])
 def test_ngram_greedy_equals_hf(case, oracle):
     path, generate = oracle
     prompts, params = _workload(1)
     engine = {"chunked": dict(page_size=4, max_num_batched_tokens=8, max_num_seqs=6),
               "tiny_pool_swap": dict(page_size=4, num_pages=20, max_num_batched_tokens=64,
                                      preemption_mode="swap"),
+              "tiny_pool_recompute": dict(page_size=4, num_pages=18, max_num_batched_tokens=64),
               "prefix_cache": dict(page_size=4, max_num_batched_tokens=64)}[case]
     if case == "prefix_cache":
         prompts = [prompts[1][:8] + p for p in prompts]  # a common prefix
@@ -135,7 +136,7 @@ def test_ngram_greedy_equals_hf(case, oracle):
     m = session.metrics()
     assert m["num_free_pages"] == m["num_total_pages"], "pages leaked"
     assert 0 < m["spec_num_accepted_tokens"] < m["spec_num_draft_tokens"]  # both outcomes happened
-    if case == "tiny_pool_swap":
+    if case.startswith("tiny_pool"):
         assert m["num_preemptions"] > 0
     if case == "prefix_cache":
         assert m["prefix_cache_hits"] > 0
