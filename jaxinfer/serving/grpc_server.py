@@ -23,7 +23,7 @@ Policies, the same as the HTTP front end's (serving/core.py does the work):
   cancels the handler task, and the handler closes the request's stream, which aborts
   every sample and frees its KV pages within one engine step;
 - one log line per call (logger "jaxinfer.serving.grpc"): method, request id (metadata
-  `x-request-id` when sent, echoed in the initial metadata), status, tokens, seconds.
+  `x-request-id` when sent, echoed in the initial metadata, or with an error in the trailing metadata), status, tokens, seconds.
 """
 from __future__ import annotations
 
@@ -97,6 +97,18 @@ class _Call:
         self.request_id = _metadata_value(context.invocation_metadata(), "x-request-id") or uuid.uuid4().hex
         self.start = time.perf_counter()
         self.tokens = 0  # generated tokens sent
+        self._metadata_sent = False
+
+    async def send_metadata(self) -> None:
+        """The x-request-id echo, sent with the first response (a refused call sends none:
+        its status and the id go out together as trailers, one write instead of two)."""
+        if not self._metadata_sent:
+            self._metadata_sent = True
+            await self.context.send_initial_metadata((("x-request-id", self.request_id),))
+
+    async def write(self, message) -> None:
+        await self.send_metadata()
+        await self.context.write(message)
 
 
 async def _serve(engine: ServingEngine, method: str, context, body: Callable):
@@ -104,8 +116,9 @@ async def _serve(engine: ServingEngine, method: str, context, body: Callable):
     call = _Call(method, context)
     status, error = "OK", None
     try:
-        await context.send_initial_metadata((("x-request-id", call.request_id),))
-        return await body(call)
+        result = await body(call)
+        await call.send_metadata()
+        return result
     except ServingError as e:
         status, error = e.grpc_code, e
     except grpc.aio.AbortError:  # the call was ended already
@@ -120,7 +133,7 @@ async def _serve(engine: ServingEngine, method: str, context, body: Callable):
         status, error = "INTERNAL", ServingError(f"internal error (request id {call.request_id}); see the server log")
     finally:
         _log_call(method, call.request_id, status, call.tokens, time.perf_counter() - call.start)
-    trailing = (("error-param", error.param),) if error.param else ()
+    trailing = (("x-request-id", call.request_id),) + ((("error-param", error.param),) if error.param else ())
     await context.abort(grpc.StatusCode[error.grpc_code], error.message, trailing_metadata=trailing)
 
 
@@ -140,7 +153,7 @@ async def _stream(engine: ServingEngine, call: _Call, prompt_ids: list, params: 
             call.tokens += len(result.delta.token_ids)
             message = emit(result)
             if message is not None:
-                await call.context.write(message)
+                await call.write(message)
     finally:
         await results.aclose()  # runs the submission's cleanup: abort, release the admission slot
         if any(o is None for o in submission.outputs):
@@ -271,7 +284,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                              request_id=call.request_id)
         if outputs and outputs[0].prompt_logprobs:
             summary.prompt_logprobs.extend(float(x) for x in outputs[0].prompt_logprobs if x is not None)
-        await call.context.write(pb.GenerateResponse(summary=summary))
+        await call.write(pb.GenerateResponse(summary=summary))
 
     def _tokenizer(self, field: str):
         if self.engine.tokenizer is None:

@@ -266,11 +266,13 @@ def test_model_info(server):
 ], ids=["max_tokens", "top_p", "token_id", "empty_prompt", "no_prompt", "model"])
 def test_generate_invalid_argument_names_the_field(server, fields, field):
     with pytest.raises(grpc.RpcError) as info:
-        list(pb_grpc.GenerationStub(server.channel).Generate(pb.GenerateRequest(**fields), timeout=10))
+        list(pb_grpc.GenerationStub(server.channel).Generate(pb.GenerateRequest(**fields), timeout=10,
+                                                             metadata=(("x-request-id", f"bad-{field}"),)))
     code = grpc.StatusCode.NOT_FOUND if field == "model" else grpc.StatusCode.INVALID_ARGUMENT
     assert info.value.code() == code
     assert info.value.details().startswith(f"{field}:"), info.value.details()
-    assert dict(info.value.trailing_metadata()).get("error-param") == field
+    trailing = dict(info.value.trailing_metadata())
+    assert trailing.get("error-param") == field and trailing.get("x-request-id") == f"bad-{field}"
     assert server.engine.num_in_flight == 0
 
 
