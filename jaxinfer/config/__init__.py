@@ -7,13 +7,16 @@ field and its allowed range, so bad input is rejected on the host before any wor
 from __future__ import annotations
 
 import dataclasses
-import itertools
-import math
-import numbers
-import operator
-import sys
 from collections.abc import Iterable, Mapping
 from typing import Optional, Sequence, Union
+
+from jaxinfer.config.checks import UnknownFieldError, as_token_id, np_bool_types  # noqa: F401 - re-exported
+from jaxinfer.config.checks import bounded_tuple as _bounded_tuple
+from jaxinfer.config.checks import is_int as _is_int
+from jaxinfer.config.checks import is_number as _is_number
+from jaxinfer.config.checks import python_ints as _python_ints
+from jaxinfer.config.checks import require as _require
+from jaxinfer.config.checks import strict_init as _strict_init
 
 # Families the model code implements. The checkpoint registry maps HF `model_type`
 # strings onto these.
@@ -27,32 +30,6 @@ ROPE_TYPES = ("default", "linear", "llama3")
 MAX_MODEL_DIM = 2**31 - 1
 MAX_NUM_LAYERS = 4096
 
-
-def _require(cond: bool, field: str, message: str) -> None:
-    if not cond:
-        raise ValueError(f"{field}: {message}")
-
-
-class UnknownFieldError(ValueError, TypeError):
-    """A keyword that is not a field of the config class (a TypeError too, like Python's own)."""
-
-
-def _strict_init(cls):
-    """Makes `cls(...)` raise UnknownFieldError naming an unknown keyword or positional args."""
-    init = cls.__init__
-    fields = tuple(f.name for f in dataclasses.fields(cls) if f.init)
-
-    def __init__(self, *args, **kwargs):
-        if args:
-            raise UnknownFieldError(f"{cls.__name__}: takes keyword arguments only, got {len(args)} positional")
-        unknown = [k for k in kwargs if k not in fields]
-        if unknown:
-            raise UnknownFieldError(f"{unknown[0]}: not a field of {cls.__name__} (fields: {', '.join(fields)})")
-        init(self, **kwargs)
-
-    __init__.__doc__, __init__.__wrapped__ = init.__doc__, init
-    cls.__init__ = __init__
-    return cls
 
 
 @_strict_init
@@ -190,49 +167,6 @@ MAX_TEMPERATURE = 1e6
 MAX_REPETITION_PENALTY = 1e6
 MAX_STOP_STRINGS = 1024  # most stop strings per request (each is searched in every step's text)
 MAX_STOP_TOKEN_IDS = 1 << 16  # most stop token ids per request
-
-
-def _bounded_tuple(values, limit: int, field: str, what: str) -> tuple:
-    """tuple(values), reading at most limit + 1 items (an endless iterator is refused, not a hang)."""
-    out = tuple(itertools.islice(values, limit + 1))
-    _require(len(out) <= limit, field, f"at most {limit} {what}, got more")
-    return out
-
-
-def _python_ints(config) -> None:
-    """Numpy integer fields of a frozen config -> python ints (code behind it checks `int`)."""
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        if _is_int(value) and type(value) is not int:
-            object.__setattr__(config, f.name, int(value))
-
-
-def _is_int(value) -> bool:
-    """An int or numpy integer, not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np_bool_types()))
-
-
-def _is_number(value) -> bool:
-    """A finite int / float (numpy scalars included), not a bool."""
-    return (isinstance(value, numbers.Real) and not isinstance(value, (bool, np_bool_types()))
-            and math.isfinite(value))
-
-
-def np_bool_types() -> tuple:
-    """numpy's bool scalar type when numpy is loaded (config imports no numpy itself)."""
-    np = sys.modules.get("numpy")
-    return (np.bool_,) if np is not None else ()
-
-
-def as_token_id(value, field: str) -> int:
-    """An int token id (numpy integers accepted); ValueError naming `field` otherwise."""
-    message = f"{field}: token ids must be ints, got {value!r} ({type(value).__name__})"
-    if isinstance(value, bool) or not hasattr(value, "__index__"):
-        raise ValueError(message)
-    try:
-        return operator.index(value)
-    except TypeError:  # e.g. a numpy array of several ids (a nested list passed as a prompt)
-        raise ValueError(message) from None
 
 
 @_strict_init
