@@ -74,6 +74,11 @@ _SWAP_SPACE_BYTES = flags.DEFINE_integer("swap_space_bytes", 1 << 30, "Host memo
                                          "(--preemption_mode swap / auto); a request that does not fit is "
                                          "recomputed.")
 _ENABLE_PREFIX_CACHING = flags.DEFINE_bool("enable_prefix_caching", True, "Share computed prompt pages.")
+_DISAGGREGATION = flags.DEFINE_enum("disaggregation", None, ["splitwise"],
+                                    "Splitwise: prompts on the first --prefill_tensor_parallel_size devices, decodes "
+                                    "on the next --decode_tensor_parallel_size (default: colocated).")
+_PREFILL_TP = flags.DEFINE_integer("prefill_tensor_parallel_size", 1, "Splitwise: devices of the prefill mesh.")
+_DECODE_TP = flags.DEFINE_integer("decode_tensor_parallel_size", 1, "Splitwise: devices of the decode mesh.")
 _SPECULATIVE_METHOD = flags.DEFINE_enum("speculative_method", None, ["ngram", "draft"],
                                         "Speculative decoding: prompt lookup (ngram) or a draft model of the same "
                                         "tokenizer (draft, --draft_model); default off. Outputs do not change.")
@@ -153,7 +158,9 @@ def _engine_config():
     if _SPECULATIVE_METHOD.value is not None:
         speculative = SpeculativeConfig(method=_SPECULATIVE_METHOD.value, draft_model=_DRAFT_MODEL.value,
                                         num_speculative_tokens=_NUM_SPECULATIVE_TOKENS.value)
-    return EngineConfig(speculative=speculative, page_size=_PAGE_SIZE.value, num_pages=_NUM_PAGES.value,
+    return EngineConfig(speculative=speculative, disaggregation=_DISAGGREGATION.value,
+                        prefill_tensor_parallel_size=_PREFILL_TP.value, decode_tensor_parallel_size=_DECODE_TP.value,
+                        page_size=_PAGE_SIZE.value, num_pages=_NUM_PAGES.value,
                         max_num_batched_tokens=_MAX_NUM_BATCHED_TOKENS.value, max_num_seqs=_MAX_NUM_SEQS.value,
                         max_model_len=_MAX_MODEL_LEN.value, attention_impl=_ATTENTION_IMPL.value,
                         enable_prefix_caching=_ENABLE_PREFIX_CACHING.value,

@@ -18,12 +18,11 @@ same session over the global mesh; process 0 runs the engine and its runner send
 step to the others (runtime/step_broadcast.py), which call `run_follower()` and take
 no requests. Closing process 0's session stops them.
 
-Design note: the session always goes through the loop thread, also for a single
-caller, rather than stepping the engine inline when no other thread is active. One
-path means one set of races to reason about (none: only the loop thread touches the
-engine); its cost is a thread hand-off per finished request for `generate` (readers
-wait for the last delta only) and per step for `stream`, measured as noise in
-scripts/benchmark_latency.py (see BUILD.md).
+Design note: the session always goes through the loop thread, also for a single caller:
+one path, one set of races (none: only the loop thread touches the engine), at the cost
+of a thread hand-off per finished request (`generate`) or step (`stream`), measured as
+noise (scripts/benchmark_latency.py, BUILD.md). `EngineConfig(disaggregation="splitwise")`
+builds a SplitwiseEngine over a prefill and a decode runner (engine/splitwise.py).
 """
 from __future__ import annotations
 
@@ -37,6 +36,7 @@ from jaxinfer import quant
 from jaxinfer.assets import resolve_model_path
 from jaxinfer.config import EngineConfig, ModelConfig, SamplingParams
 from jaxinfer.engine.async_engine import AsyncEngine, RequestStream
+from jaxinfer.engine import splitwise
 from jaxinfer.engine.engine import Engine
 from jaxinfer.engine.validation import NewRequest, resolve_max_model_len
 from jaxinfer.models import checkpoint, lazy_checkpoint, parallel
@@ -81,8 +81,8 @@ class InferenceSession:
                 raise ValueError(f"pipeline_parallel_size: {engine.pipeline_parallel_size} > 1 is not supported "
                                  f"over several processes yet; use tensor / expert parallelism")
             distributed.check_mesh_spans_processes(mesh)
-            if engine.speculative is not None and engine.speculative.method == "draft":
-                raise ValueError("speculative.draft_model: a draft model runs in one process; use method 'ngram'")
+            if engine.speculative is not None and engine.speculative.method == "draft" or engine.disaggregation:
+                raise ValueError("speculative.draft_model / disaggregation: one process only for now")
             num_pages = step_broadcast.agreed_num_pages(
                 parallel.mesh_model_config(model_config, engine.tensor_parallel_size), engine, dtype=dtype,
                 max_model_len=max_model_len, mesh=mesh)
@@ -93,8 +93,10 @@ class InferenceSession:
                  "dtype": str(dtype)})
         draft = (draft_runner.build(model_config, engine, dtype=dtype, max_model_len=max_model_len)
                  if engine.speculative is not None and engine.speculative.method == "draft" else None)
-        runner = ModelRunner.from_config(model_config, params, engine, dtype=dtype, max_model_len=max_model_len,
-                                         mesh=mesh)
+        if engine.disaggregation is not None:  # a prefill and a decode runner (engine/splitwise.py)
+            runners = splitwise.build_runners(model_config, params, engine, dtype=dtype, max_model_len=max_model_len)
+        runner = runners[0] if engine.disaggregation else ModelRunner.from_config(
+            model_config, params, engine, dtype=dtype, max_model_len=max_model_len, mesh=mesh)
         # Several processes: process 0 runs the engine and sends each step; the others
         # only follow (run_follower) and take no requests.
         self._follower_runner = None
@@ -114,7 +116,9 @@ class InferenceSession:
             tuple(tokenizer.eos_token_ids) if tokenizer is not None else ())
         # Owned by the loop thread of `async_engine` once a request was made: call it
         # directly only from code that runs on that thread (AsyncEngine.call).
-        self.engine = Engine(model_config, runner, engine, tokenizer=tokenizer, eos_token_ids=eos, draft_runner=draft)
+        self.engine = (splitwise.SplitwiseEngine(model_config, runner, runners[1], engine, tokenizer=tokenizer,
+                                                 eos_token_ids=eos) if engine.disaggregation else
+                       Engine(model_config, runner, engine, tokenizer=tokenizer, eos_token_ids=eos, draft_runner=draft))
         self.async_engine = AsyncEngine(self.engine)
 
     @classmethod

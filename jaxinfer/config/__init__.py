@@ -394,11 +394,26 @@ class EngineConfig:
     preemption_mode: str = "recompute"
     swap_space_bytes: int = 1 << 30  # host memory for swapped pages
     speculative: Optional[SpeculativeConfig] = None  # speculative decoding; None = off
+    # Splitwise prefill/decode disaggregation (engine/splitwise.py), "splitwise" or None (colocated):
+    # prompts run on the first num_prefill_devices devices (tensor parallel over all of them;
+    # None = prefill_tensor_parallel_size), decodes on the next decode_tensor_parallel_size.
+    disaggregation: Optional[str] = None
+    num_prefill_devices: Optional[int] = None
+    prefill_tensor_parallel_size: int = 1
+    decode_tensor_parallel_size: int = 1
 
     def __post_init__(self):
         _python_ints(self)
         _require(self.speculative is None or isinstance(self.speculative, SpeculativeConfig), "speculative",
                  f"must be None or a SpeculativeConfig, got {type(self.speculative).__name__}")
+        _require(self.disaggregation in (None, "splitwise"), "disaggregation",
+                 f"must be None or 'splitwise', got {self.disaggregation!r}")
+        _require(self.num_prefill_devices in (None, self.prefill_tensor_parallel_size), "num_prefill_devices",
+                 f"must equal prefill_tensor_parallel_size ({self.prefill_tensor_parallel_size}: the prefill mesh is "
+                 f"tensor parallel over all its devices), got {self.num_prefill_devices!r}")
+        _require(self.disaggregation is None or self.tensor_parallel_size * self.expert_parallel_size
+                 * self.pipeline_parallel_size == 1, "tensor_parallel_size",
+                 "with disaggregation, set prefill_tensor_parallel_size / decode_tensor_parallel_size instead")
         _require(self.preemption_mode in PREEMPTION_MODES, "preemption_mode",
                  f"{self.preemption_mode!r} not in {PREEMPTION_MODES}")
         _require(_is_int(self.swap_space_bytes) and self.swap_space_bytes >= 0, "swap_space_bytes",
@@ -411,7 +426,7 @@ class EngineConfig:
                  "shared_prefix_min_seqs", f"must be an int >= 2, got {self.shared_prefix_min_seqs!r}")
         for name in ("page_size", "max_num_batched_tokens", "max_num_seqs", "max_kv_cache_bytes",
                      "shared_prefix_min_tokens", "tensor_parallel_size", "expert_parallel_size",
-                     "pipeline_parallel_size"):
+                     "pipeline_parallel_size", "prefill_tensor_parallel_size", "decode_tensor_parallel_size"):
             value = getattr(self, name)
             _require(_is_int(value) and value >= 1, name, f"must be an int >= 1, got {value!r}")
             _require(name == "max_kv_cache_bytes" or value <= MAX_MODEL_DIM, name,

@@ -216,7 +216,7 @@ class Engine:
         request = self.requests.get(request_id)
         if request is None:
             return None
-        self.scheduler.finish(request, "abort")
+        self._finish(request, "abort")
         return self._last_delta(request)
 
     def _forget(self, request: Request) -> None:
@@ -237,7 +237,7 @@ class Engine:
     def _fail(self, request: Request, error: Optional[BaseException]) -> None:
         """Ends a request with an error: pages freed, forgotten; `error` kept for take_errors()."""
         if not request.is_finished:
-            self.scheduler.finish(request, "error")
+            self._finish(request, "error")
         self._forget(request)
         self._counters.num_requests_failed += 1
         if error is not None:
@@ -265,30 +265,47 @@ class Engine:
             self._run_swaps(swap_ops, step)
         if step is None:
             return []
+        touched, stats = self._execute(self.scheduler, self.runner, step)
+        deltas = self._deliver(touched, stats)
+        # Host time: everything but the runner's device call (its batch building counts).
+        self._counters.add(stats, step.num_sequences, time.perf_counter() - start - stats.device_seconds)
+        if self.swap_space is not None:  # the "auto" rule's prefill speed
+            self.swap_space.observe_step(stats.num_tokens, step.num_sequences, stats.device_seconds, stats.is_compile)
+        return deltas
+
+    def _execute(self, scheduler: Scheduler, runner, step, result=None) -> tuple:
+        """Runs `step` on `runner` (or takes its output from `result()`, a step run
+        elsewhere) and applies it to `scheduler`; returns (touched, stats).
+
+        A runner (or update) error fails the step's requests and raises StepFailed; a
+        request with non-finite logits fails alone (NonFiniteOutput)."""
         try:
-            step_output = self.runner.execute(step.step_input)
-            touched = self.scheduler.update(step, step_output)
+            step_output = result() if result is not None else runner.execute(step.step_input)
+            touched = scheduler.update(step, step_output)
         except Exception as e:  # noqa: BLE001 - fail this step's requests only
             failed = list(step.num_scheduled_tokens)
-            self.scheduler.take_failed()  # (a partial update's): failed below with the rest
+            scheduler.take_failed()  # (a partial update's): failed below with the rest
             for request_id in failed:
                 request = self.requests.get(request_id)
                 if request is not None:
                     self._fail(request, None)  # the error travels in StepFailed
             self._counters.num_failed_steps += 1
             raise StepFailed(e, failed) from e
-        for request in self.scheduler.take_failed():  # non-finite logits: failed alone
+        for request in scheduler.take_failed():  # non-finite logits: failed alone
             self._fail(request, NonFiniteOutput(
                 request.request_id, f"request {request.request_id!r}: the model produced a non-finite value (NaN or "
                 f"Inf) in its logits in step {step.step_id}; the request was failed and its pages were not cached"))
-        stats = step_output.stats
+        return touched, step_output.stats
+
+    def _deliver(self, touched: list, stats: StepStats) -> list:
+        """Text and stream deltas of the requests that received tokens (stop strings end them)."""
         deltas = []
         for request, num_new in touched:
             try:
                 if stats.is_compile and len(request.output_ids) > num_new:  # a decode step of this request
                     request.decode_compile_seconds += stats.device_seconds
                 if self.output_processor.process(request, num_new) == "stop":
-                    self.scheduler.finish(request)
+                    self._finish(request)
                     request.finish_reason = "stop"
                 if request.is_finished:
                     deltas.append(self._last_delta(request))
@@ -299,11 +316,11 @@ class Engine:
                     self._fail(request, e)
                 else:
                     self.request_errors[request.request_id] = e
-        # Host time: everything but the runner's device call (its batch building counts).
-        self._counters.add(stats, step.num_sequences, time.perf_counter() - start - stats.device_seconds)
-        if self.swap_space is not None:  # the "auto" rule's prefill speed
-            self.swap_space.observe_step(stats.num_tokens, step.num_sequences, stats.device_seconds, stats.is_compile)
         return deltas
+
+    def _finish(self, request: Request, reason: Optional[str] = None) -> None:
+        """Ends a request in the scheduler that holds it (with `reason` unless it has one)."""
+        self.scheduler.finish(request, reason)
 
     def _run_swaps(self, ops: list, step) -> None:
         """Runs the step's SwapOut / SwapIn ops in order (before the step writes any page).

@@ -95,6 +95,10 @@ class Scheduler:
         self.num_prefix_waits = 0  # admissions put off for a prefix in flight (_prefix_in_flight), per step
         self.failed: list = []  # requests update() failed (non-finite outputs), until take_failed()
         self.spec = SpecCounters()  # speculative decoding: drafts verified and accepted
+        # Called before a waiting request (not swapped out) is admitted; False = not yet,
+        # and nothing behind it is admitted either (Splitwise: its decode pages are reserved
+        # first, engine/splitwise.py). None = always.
+        self.admission_gate = None
         self._admissions = itertools.count()
         self._step_ids = itertools.count()
 
@@ -282,6 +286,8 @@ class Scheduler:
                 self.num_prefix_waits += 1
                 index += 1  # its prefix is being computed by a running request: wait for those pages
                 continue
+            if self.admission_gate is not None and not request.swapped_out and not self.admission_gate(request):
+                break
             if not self._admit(request):
                 break
             self.waiting.pop(index)
@@ -401,6 +407,22 @@ class Scheduler:
             if request.is_finished:
                 self.finish(request)
         return touched
+
+    def detach(self, request: Request) -> None:
+        """Takes a running request out (Splitwise: its prompt is done here and moves to the
+        decode side): its pages are freed, the full ones it registered stay cached."""
+        self.running.remove(request)
+        self._release_pages(request)
+
+    def attach(self, request: Request, page_ids: list, num_cached_pages: int) -> None:
+        """Takes a request whose first num_computed tokens' K/V are already in `page_ids`
+        (Splitwise: copied from the prefill side; its leading num_cached_pages came from
+        this side's prefix cache) as a running request."""
+        request.page_ids = list(page_ids)
+        request.num_registered_pages = request.num_hit_pages = num_cached_pages
+        request.status = Status.RUNNING
+        request.admission_index = next(self._admissions)
+        self.running.append(request)
 
     def fail(self, request: Request) -> None:
         """Ends a request whose step produced a non-finite value (finish reason "error").

@@ -121,3 +121,21 @@ def shard_map(fn, mesh: Mesh, in_specs, out_specs):
             return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
     from jax.experimental.shard_map import shard_map as experimental_shard_map
     return experimental_shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
+
+
+def splitwise_meshes(num_prefill_devices: int, prefill_tensor_parallel_size: int,
+                     decode_tensor_parallel_size: int) -> tuple[Mesh, Mesh]:
+    """The two meshes of a disaggregated engine: the first num_prefill_devices devices
+    (tensor parallel over all of them), then the next decode_tensor_parallel_size.
+
+    Raises:
+      ValueError: too few devices, naming the sizes.
+    """
+    devices = jax.devices()
+    needed = num_prefill_devices + decode_tensor_parallel_size
+    if needed > len(devices):
+        raise ValueError(f"num_prefill_devices + decode_tensor_parallel_size: {num_prefill_devices} + "
+                         f"{decode_tensor_parallel_size} = {needed} devices, but only {len(devices)} are available")
+    return (make_mesh(tensor=prefill_tensor_parallel_size, devices=devices[:num_prefill_devices]),
+            make_mesh(tensor=decode_tensor_parallel_size, devices=devices[num_prefill_devices:needed]))
+

@@ -209,6 +209,39 @@ def check_sizes_are_refused_before_loading():
             raise AssertionError(f"{name} {sizes} must be refused")
 
 
+def check_splitwise_disaggregation():
+    """Prefill on devices 0-1 (TP 2), decode on 2-3 (TP 2) or on 2 alone (TP 1, the KV
+    resharded on the way): greedy tokens equal HF, seeded ones equal one device's, every
+    handed-off prompt's pages copied once, nothing leaked; bad layouts refused by name."""
+    from jaxinfer import InferenceSession
+    from jaxinfer.config import EngineConfig
+    path, want = _model("llama")
+    with _session(path) as one:
+        sampled = [o.token_ids for o in one.generate(PROMPTS, _sampled())]
+    for decode_tp in (2, 1):
+        with _session(path, disaggregation="splitwise", prefill_tensor_parallel_size=2,
+                      decode_tensor_parallel_size=decode_tp) as session:
+            assert [o.token_ids for o in session.generate(PROMPTS, _greedy())] == want, decode_tp
+            assert [o.token_ids for o in session.generate(PROMPTS, _sampled())] == sampled, decode_tp
+            engine = session.engine
+            assert {d.id for d in engine.runner.mesh.devices.flat} == {0, 1}
+            assert {d.id for d in engine.decode_runner.mesh.devices.flat} == set(range(2, 2 + decode_tp))
+            m = session.metrics()
+            assert m["num_kv_transfers"] == 2 * len(PROMPTS) and m["kv_transfer_bytes"] > 0, m
+            assert m["num_free_pages"] == m["num_total_pages"] and m["num_decode_reservations"] == 0, m
+    for sizes, message in [(dict(prefill_tensor_parallel_size=4, decode_tensor_parallel_size=2),
+                            "prefill_tensor_parallel_size / decode_tensor_parallel_size"),
+                           (dict(prefill_tensor_parallel_size=4, decode_tensor_parallel_size=8),
+                            "num_prefill_devices + decode_tensor_parallel_size")]:
+        try:
+            InferenceSession.from_pretrained(path, engine=EngineConfig(disaggregation="splitwise", **sizes))
+        except ValueError as err:
+            assert message in str(err), (sizes, str(err))
+        else:
+            raise AssertionError(f"{sizes} must be refused")
+
+
 CHECKS = [check_llama_tensor_parallel, check_memory_per_device_agrees_with_the_planner, check_moe_expert_parallel,
-          check_int4_and_shared_prefix_under_tensor_parallel, check_sizes_are_refused_before_loading]
+          check_int4_and_shared_prefix_under_tensor_parallel, check_sizes_are_refused_before_loading,
+          check_splitwise_disaggregation]
 SLOW_CHECKS = [check_pallas_attention_per_shard, check_moe_more_layouts]

@@ -30,7 +30,7 @@ EIGHT_DEVICE_CHECKS = ["check_meshes", "check_float_leaves", "check_int4_leaves"
                        "check_per_shard_loading", "check_llama_tensor_parallel",
                        "check_memory_per_device_agrees_with_the_planner", "check_moe_expert_parallel",
                        "check_int4_and_shared_prefix_under_tensor_parallel", "check_sizes_are_refused_before_loading",
-                       "check_qwen3_pipeline_parallel", "check_pipeline_sizes_refused"]
+                       "check_qwen3_pipeline_parallel", "check_pipeline_sizes_refused", "check_splitwise_disaggregation"]
 SLOW_EIGHT_DEVICE_CHECKS = ["check_pallas_attention_per_shard", "check_moe_more_layouts", "check_pipeline_more_layouts",
                             "check_moe_pipeline_parallel"]
 

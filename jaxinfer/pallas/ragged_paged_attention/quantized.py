@@ -35,7 +35,7 @@ import numpy as np
 __all__ = ["KV_CACHE_DTYPES", "QMAX", "QuantizedPages", "dequantize", "is_quantized", "quantize_tokens",
            "storage_dtype", "token_head_bytes"]
 
-# EngineConfig.kv_cache_dtype values (config.py repeats them: it does not import jax).
+# EngineConfig.kv_cache_dtype values (jaxinfer/config repeats them: it does not import jax).
 KV_CACHE_DTYPES = ("auto", "int8", "fp8")
 QMAX = {"int8": 127.0, "fp8": 448.0}  # the largest magnitude of each storage format
 _STORAGE = {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn}
