@@ -6,6 +6,8 @@
     python scripts/benchmark_serving.py --dataset shared_prefix --shared_prefix_len 1024 --num_prefixes 4 \\
         --goodput "ttft:500 tpot:50" --max_concurrency 32 --result_json runs/bench/serving.json
     python scripts/benchmark_serving.py --request_rates 1,4,16,inf --plot runs/bench/serving.png ...
+    python scripts/benchmark_serving.py --dataset mixed --random_input_len 32 --random_output_len 64 \
+        --mixed_long_fraction 0.2 --mixed_long_input_len 768 --mixed_long_output_len 4 ...  # TPOT of decodes
 
 Drives any server that speaks the OpenAI HTTP API (vLLM, `jaxinfer serve`; --backend
 openai for /v1/completions, openai-chat for /v1/chat/completions) or JetStream's gRPC
@@ -62,7 +64,11 @@ _BURSTINESS = flags.DEFINE_float("burstiness", 1.0, "Gamma shape of the arrivals
 _MAX_CONCURRENCY = flags.DEFINE_integer("max_concurrency", None, "Most requests in flight (default: unbounded).",
                                         lower_bound=1)
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the workload and the arrivals.")
-_DATASET = flags.DEFINE_enum("dataset", "random", ["random", "shared_prefix", "json"], "Workload.")
+_DATASET = flags.DEFINE_enum("dataset", "random", ["random", "shared_prefix", "json", "mixed"], "Workload.")
+_LONG_FRACTION = flags.DEFINE_float("mixed_long_fraction", 0.2, "mixed: share of long-prompt requests.")
+_LONG_INPUT = flags.DEFINE_integer("mixed_long_input_len", 1024, "mixed: tokens of a long prompt.", lower_bound=1)
+_LONG_OUTPUT = flags.DEFINE_integer("mixed_long_output_len", 8, "mixed: output tokens of a long-prompt request.",
+                                    lower_bound=1)
 _INPUT_LEN = flags.DEFINE_integer("random_input_len", 1024, "Prompt tokens (random; the suffix for shared_prefix).",
                                   lower_bound=1)
 _OUTPUT_LEN = flags.DEFINE_integer("random_output_len", 128, "Output tokens (random, shared_prefix).", lower_bound=1)
@@ -107,7 +113,23 @@ def build_workload(maker: lib.PromptMaker, num_prompts: int, seed: int) -> list[
     if _DATASET.value == "shared_prefix":
         return lib.shared_prefix_workload(maker, num_prompts, _PREFIX_LEN.value, _NUM_PREFIXES.value,
                                           _INPUT_LEN.value, _OUTPUT_LEN.value, _RANGE_RATIO.value, seed)
+    if _DATASET.value == "mixed":
+        return lib.mixed_workload(maker, num_prompts, _INPUT_LEN.value, _OUTPUT_LEN.value, _LONG_FRACTION.value,
+                                  _LONG_INPUT.value, _LONG_OUTPUT.value, seed)
     return lib.random_workload(maker, num_prompts, _INPUT_LEN.value, _OUTPUT_LEN.value, _RANGE_RATIO.value, seed)
+
+
+def _decode_heavy_tpot(requests, results) -> dict:
+    """--dataset mixed: TPOT percentiles (ms) of the decode-heavy requests alone (the ones
+    whose inter-token gaps a long prefill beside them stretches)."""
+    import numpy as np
+    tpots = [lib.tpot(r) * 1000 for q, r in zip(requests, results)
+             if r.success and r.output_tokens > 1 and q.output_len == _OUTPUT_LEN.value]
+    if not tpots:
+        return {}
+    return {"decode_heavy_requests": len(tpots), "decode_heavy_mean_tpot_ms": float(np.mean(tpots)),
+            "decode_heavy_p50_tpot_ms": float(np.percentile(tpots, 50)),
+            "decode_heavy_p99_tpot_ms": float(np.percentile(tpots, 99))}
 
 
 async def _openai_sender(connections: int):
@@ -205,6 +227,8 @@ def _report(model, requests, results, metrics, rate: float) -> dict:
     values["api_key"] = "<set>" if values["api_key"] else None  # no secret in a result file
     values["request_rate"] = str(values["request_rate"])  # inf is not JSON
     metrics = {**metrics, "request_rate": f"{rate:g}"}  # the rate of this run ("inf": all at once)
+    if _DATASET.value == "mixed":
+        metrics.update(_decode_heavy_tpot(requests, results))
     return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "backend": _BACKEND.value,
             "target": _GRPC_TARGET.value if _BACKEND.value == "jetstream" else _BASE_URL.value, "model": model,
             "flags": values, **metrics,
@@ -241,6 +265,12 @@ def main(argv):
         run = asyncio.run(benchmark(requests, warmups if i == 0 else [], rate))
         metrics = lib.compute_metrics(run["results"], run["duration"], percentiles, slos)
         print(lib.format_table(metrics, _MAX_CONCURRENCY.value))
+        if _DATASET.value == "mixed":
+            heavy = _decode_heavy_tpot(requests, run["results"])
+            if heavy:
+                print(f"decode-heavy requests ({heavy['decode_heavy_requests']}): TPOT mean "
+                      f"{heavy['decode_heavy_mean_tpot_ms']:.2f} ms, p50 {heavy['decode_heavy_p50_tpot_ms']:.2f} ms, "
+                      f"p99 {heavy['decode_heavy_p99_tpot_ms']:.2f} ms")
         errors = [r.error for r in run["results"] if not r.success]
         if errors:
             print(f"{len(errors)} requests failed; first error: {errors[0]}")

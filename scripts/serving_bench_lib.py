@@ -163,6 +163,23 @@ def random_workload(maker: PromptMaker, num_prompts: int, input_len: int, output
     return out
 
 
+def mixed_workload(maker: PromptMaker, num_prompts: int, input_len: int, output_len: int, long_fraction: float,
+                   long_input_len: int, long_output_len: int, seed: int = 0) -> list[RequestInput]:
+    """Decode-heavy requests (input_len prompt, output_len tokens) with a share
+    `long_fraction` of long-prompt ones (long_input_len, long_output_len) among them, in
+    random order: the workload where a long prefill computed beside decodes stalls them
+    (Splitwise's interference)."""
+    if not 0 <= long_fraction <= 1:
+        raise ValueError(f"long_fraction: must be in [0, 1], got {long_fraction}")
+    rng = np.random.default_rng(seed)
+    out = []
+    for is_long in rng.random(num_prompts) < long_fraction:
+        n, m = (long_input_len, long_output_len) if is_long else (input_len, output_len)
+        prompt = maker.text(rng, n)
+        out.append(RequestInput(prompt, maker.count(prompt) if maker.tokenizer else n, m))
+    return out
+
+
 def shared_prefix_workload(maker: PromptMaker, num_prompts: int, prefix_len: int, num_prefixes: int,
                            suffix_len: int, output_len: int, range_ratio: float = 0.0,
                            seed: int = 0) -> list[RequestInput]:
