@@ -31,18 +31,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
 from jaxinfer.pallas.grouped_lora import reference
+from jaxinfer.pallas.tiling import pow2_block, round_up
 
 MAX_BLOCK_M = 64  # row tile; decode-sized T uses a 16-row tile
 MAX_BLOCK_K = 64  # contraction step
 MAX_BLOCK_N = 128  # output columns per program
-
-
-def _pow2_block(size: int, largest: int) -> int:
-    return min(largest, max(16, 1 << (size - 1).bit_length()))
-
-
-def _round_up(size: int, block: int) -> int:
-    return -(-size // block) * block
 
 
 def _kernel(offsets_ref, x_ref, w_ref, h_ref, b_ref, out_ref, *, block_k: int, num_k_blocks: int,
@@ -82,13 +75,13 @@ def grouped_lora_matmul(x: jax.Array, w: jax.Array, lora_a: jax.Array, lora_b: j
     num_groups, rank, _ = lora_a.shape
     a_cat, b_cat = reference.stack_lora(lora_a, lora_b)  # [I, R], [R, O]
     h = reference.down_projection(x, a_cat)  # [T, R]
-    block_m = _pow2_block(num_rows, MAX_BLOCK_M)
-    block_k = _pow2_block(num_in, MAX_BLOCK_K)
-    block_n = _pow2_block(num_out, MAX_BLOCK_N)
-    padded_rows, padded_in, padded_out = (_round_up(num_rows, block_m), _round_up(num_in, block_k),
-                                          _round_up(num_out, block_n))
+    block_m = pow2_block(num_rows, MAX_BLOCK_M)
+    block_k = pow2_block(num_in, MAX_BLOCK_K)
+    block_n = pow2_block(num_out, MAX_BLOCK_N)
+    padded_rows, padded_in, padded_out = (round_up(num_rows, block_m), round_up(num_in, block_k),
+                                          round_up(num_out, block_n))
     stacked = num_groups * rank
-    padded_rank = _pow2_block(stacked, 1 << 30)
+    padded_rank = pow2_block(stacked, 1 << 30)
     if (padded_rows, padded_in) != (num_rows, num_in):
         x = jnp.pad(x, ((0, padded_rows - num_rows), (0, padded_in - num_in)))
     if (padded_in, padded_out) != (num_in, num_out):
@@ -98,7 +91,7 @@ def grouped_lora_matmul(x: jax.Array, w: jax.Array, lora_a: jax.Array, lora_b: j
     if (padded_rank, padded_out) != (stacked, num_out):
         b_cat = jnp.pad(b_cat, ((0, padded_rank - stacked), (0, padded_out - num_out)))
     offsets = reference.group_offsets(group_sizes, num_rows)  # [G + 1]
-    num_offsets = _pow2_block(num_groups + 1, 1 << 30)
+    num_offsets = pow2_block(num_groups + 1, 1 << 30)
     offsets = jnp.pad(offsets, (0, num_offsets - (num_groups + 1)), mode="edge")  # [L]
     kernel = functools.partial(_kernel, block_k=block_k, num_k_blocks=padded_in // block_k,
                                num_groups=num_groups, rank=rank, scale=scale)

@@ -33,21 +33,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from jaxinfer.pallas.grouped_lora import reference
+from jaxinfer.pallas.tiling import lane_block, row_block
 
 MAX_BLOCK_M = 128
-LANE_BLOCKS = (512, 256, 128)  # bk / bn candidates, largest first
 LANES = 128
 
-
-def _block_m(num_rows: int) -> int:
-    return min(MAX_BLOCK_M, -(-num_rows // 16) * 16)
-
-
-def _lane_block(size: int) -> int:
-    for block in LANE_BLOCKS:
-        if size % block == 0:
-            return block
-    return size
 
 
 def _kernel(offsets_ref, x_ref, w_ref, h_ref, b_ref, out_ref, acc_ref, *, num_groups: int, rank: int,
@@ -92,7 +82,7 @@ def grouped_lora_matmul(x: jax.Array, w: jax.Array, lora_a: jax.Array, lora_b: j
     num_groups, rank, _ = lora_a.shape
     a_cat, b_cat = reference.stack_lora(lora_a, lora_b)  # [I, R], [R, O]
     h = reference.down_projection(x, a_cat)  # [T, R]
-    block_m, block_k, block_n = _block_m(num_rows), _lane_block(num_in), _lane_block(num_out)
+    block_m, block_k, block_n = row_block(num_rows, MAX_BLOCK_M), lane_block(num_in), lane_block(num_out)
     padded_rows = -(-num_rows // block_m) * block_m
     stacked = num_groups * rank
     padded_rank = -(-stacked // LANES) * LANES

@@ -30,18 +30,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
 from jaxinfer.pallas.grouped_matmul import reference
+from jaxinfer.pallas.tiling import pow2_block, round_up
 
 MAX_BLOCK_M = 64  # row tile; decode-sized M uses a 16-row tile
 MAX_BLOCK_K = 64  # contraction step
 MAX_BLOCK_N = 128  # output columns per program
-
-
-def _pow2_block(size: int, largest: int) -> int:
-    return min(largest, max(16, 1 << (size - 1).bit_length()))
-
-
-def _round_up(size: int, block: int) -> int:
-    return -(-size // block) * block
 
 
 def _kernel(visit_group_ref, visit_tile_ref, num_visits_ref, offsets_ref, lhs_ref, rhs_ref, out_ref, *,
@@ -77,11 +70,11 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, ou
     """See reference.grouped_matmul. Shapes are validated by the public op."""
     num_rows, num_in = lhs.shape
     num_groups, _, num_cols = rhs.shape
-    block_m = _pow2_block(num_rows, MAX_BLOCK_M)
-    block_k = _pow2_block(num_in, MAX_BLOCK_K)
-    block_n = _pow2_block(num_cols, MAX_BLOCK_N)
-    padded_rows, padded_in, padded_cols = (_round_up(num_rows, block_m), _round_up(num_in, block_k),
-                                           _round_up(num_cols, block_n))
+    block_m = pow2_block(num_rows, MAX_BLOCK_M)
+    block_k = pow2_block(num_in, MAX_BLOCK_K)
+    block_n = pow2_block(num_cols, MAX_BLOCK_N)
+    padded_rows, padded_in, padded_cols = (round_up(num_rows, block_m), round_up(num_in, block_k),
+                                           round_up(num_cols, block_n))
     if (padded_rows, padded_in) != (num_rows, num_in):
         lhs = jnp.pad(lhs, ((0, padded_rows - num_rows), (0, padded_in - num_in)))
     if (padded_in, padded_cols) != (num_in, num_cols):

@@ -31,20 +31,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from jaxinfer.pallas.grouped_matmul import reference
+from jaxinfer.pallas.tiling import lane_block, row_block
 
 MAX_BLOCK_M = 128
-LANE_BLOCKS = (512, 256, 128)  # bk / bn candidates, largest first
 
-
-def _block_m(num_rows: int) -> int:
-    return min(MAX_BLOCK_M, -(-num_rows // 16) * 16)
-
-
-def _lane_block(size: int) -> int:
-    for block in LANE_BLOCKS:
-        if size % block == 0:
-            return block
-    return size
 
 
 def _kernel(visit_group_ref, visit_tile_ref, num_visits_ref, offsets_ref, lhs_ref, rhs_ref, out_ref, acc_ref):
@@ -82,7 +72,7 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, ou
     """
     num_rows, num_in = lhs.shape
     num_cols = rhs.shape[2]
-    block_m, block_k, block_n = _block_m(num_rows), _lane_block(num_in), _lane_block(num_cols)
+    block_m, block_k, block_n = row_block(num_rows, MAX_BLOCK_M), lane_block(num_in), lane_block(num_cols)
     padded_rows = -(-num_rows // block_m) * block_m
     if padded_rows != num_rows:
         lhs = jnp.pad(lhs, ((0, padded_rows - num_rows), (0, 0)))
