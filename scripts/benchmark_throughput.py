@@ -119,7 +119,7 @@ def run_engine(path, prompts, output_len, engine_config, session=None):
             "mean_tpot_ms": 1000 * sum(o.time_per_output_token for o in outs) / len(outs),
             "num_params": bench_common.num_params(session.engine.runner.params),
             **({k: m[k] - before[k] for k in ("spec_num_drafts", "spec_num_draft_tokens", "spec_num_accepted_tokens")}
-               if engine_config.speculative is not None else {})}
+               if session.engine.config.speculative is not None else {})}
 
 
 def run_hf(path, prompts, output_len, batch_size):

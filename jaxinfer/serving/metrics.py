@@ -72,6 +72,11 @@ class _EngineCollector:
         yield counter("shared_prefix_tokens_saved", "Prefix KV token reads saved by shared-prefix attention.",
                       m.get("shared_prefix_tokens_saved", 0))
         yield counter("engine_steps", "Engine steps run.", m.get("num_steps", 0))
+        # Splitwise disaggregation (zeros when colocated).
+        yield counter("kv_transfers", "Prompts whose KV was copied from the prefill to the decode runner.",
+                      m.get("num_kv_transfers", 0))
+        yield counter("kv_transfer_bytes", "KV bytes copied from the prefill to the decode runner.",
+                      m.get("kv_transfer_bytes", 0))
         # Speculative decoding, vLLM's spec_decode names (zeros when it is off).
         yield counter("spec_decode_num_drafts", "Sequences verified with draft tokens.", m.get("spec_num_drafts", 0))
         yield counter("spec_decode_num_draft_tokens", "Draft tokens proposed and verified.",

@@ -25,12 +25,22 @@ def model(oracle):
     return config, params, generate
 
 
-def _splitwise(model, prefill_pages=64, decode_pages=64, **fields):
+@pytest.fixture(scope="module")
+def runners(model):
+    """A prefill and a decode runner of 64 pages of 4, shared by the tests (each builds its
+    own SplitwiseEngine, i.e. fresh page pools' bookkeeping, over them): their compiled
+    programs are reused, and stale page contents are never read (pages are written
+    before they are attended)."""
+    config, params, _ = model
+    return tuple(ModelRunner(config, params, page_size=4, num_pages=64) for _ in range(2))
+
+
+def _splitwise(model, runners=None, decode_pages=64, **fields):
     config, params, _ = model
     fields.setdefault("page_size", 4)
     engine_config = EngineConfig(**fields)
-    runners = [ModelRunner(config, params, page_size=fields["page_size"], num_pages=n)
-               for n in (prefill_pages, decode_pages)]
+    if runners is None:
+        runners = [ModelRunner(config, params, page_size=fields["page_size"], num_pages=n) for n in (64, decode_pages)]
     return SplitwiseEngine(config, *runners, engine_config)
 
 
@@ -68,11 +78,11 @@ def _no_leak(engine):
 
 
 @pytest.mark.parametrize("case", ["chunked", "small_decode_pool"])
-def test_greedy_tokens_equal_hf(model, case):
+def test_greedy_tokens_equal_hf(model, runners, case):
     generate = model[2]
     prompts, params = _workload(0)
     if case == "chunked":  # prompts in chunks of 8 tokens; decodes beside them on the other side
-        engine = _splitwise(model, max_num_batched_tokens=8, max_num_seqs=6)
+        engine = _splitwise(model, runners, max_num_batched_tokens=8, max_num_seqs=6)
     else:  # 12 decode pages: prompts wait for decode reservations, decodes get preempted
         engine = _splitwise(model, decode_pages=12, max_num_batched_tokens=32)
     outs = _run(engine, prompts, params)
@@ -86,19 +96,19 @@ def test_greedy_tokens_equal_hf(model, case):
         assert m["num_preemptions"] > 0
 
 
-def test_seeded_sampling_equals_the_colocated_engine(model):
+def test_seeded_sampling_equals_the_colocated_engine(model, runners):
     config, params, _ = model
     prompts, _ = _workload(1, num=6)
     sampled = [SamplingParams(max_tokens=6, temperature=1.0, top_p=0.9, seed=i, ignore_eos=True) for i in range(6)]
     colocated = Engine(config, ModelRunner(config, params, page_size=4, num_pages=64), EngineConfig(page_size=4))
     want = [o.token_ids for o in _run(colocated, prompts, sampled)]
-    assert [o.token_ids for o in _run(_splitwise(model), prompts, sampled)] == want
+    assert [o.token_ids for o in _run(_splitwise(model, runners), prompts, sampled)] == want
 
 
-def test_a_prefix_cached_on_the_decode_side_is_not_sent_again(model):
+def test_a_prefix_cached_on_the_decode_side_is_not_sent_again(model, runners):
     prompts, params = _workload(2, num=2, prefix=16)  # 4 shared full pages of 4
     params = [SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)] * 2
-    engine = _splitwise(model)
+    engine = _splitwise(model, runners)
     _run(engine, prompts[:1], params[:1])
     first = engine.metrics()["kv_transfer_bytes"]
     _run(engine, prompts[1:], params[1:])
@@ -111,15 +121,15 @@ def test_a_prefix_cached_on_the_decode_side_is_not_sent_again(model):
     _no_leak(engine)
 
 
-def test_aborts_release_both_sides_and_a_failed_copy_fails_one_request(model):
+def test_aborts_release_both_sides_and_a_failed_copy_fails_one_request(model, runners):
     prompts, params = _workload(3, num=8)
     params = [SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)] * 8
-    engine = _splitwise(model, max_num_batched_tokens=8)
+    engine = _splitwise(model, runners, max_num_batched_tokens=8)
     outs = _run(engine, prompts, params, abort_after=(3, [0, 5, 7]))
     assert sum(o.finish_reason == "abort" for o in outs) >= 1
     _no_leak(engine)
     # A copy that raises fails its request alone; the others finish.
-    engine = _splitwise(model)
+    engine = _splitwise(model, runners)
     copy = engine.transfer
     calls = []
 
@@ -153,7 +163,7 @@ def test_configurations_it_does_not_run_are_refused(model):
 
 
 def test_warmup_compiles_each_key_on_both_runners(model):
-    engine = _splitwise(model, max_num_seqs=2, max_num_batched_tokens=8)
+    engine = _splitwise(model, max_num_seqs=2, max_num_batched_tokens=8)  # own runners: nothing compiled yet
     keys = engine.warmup_grid(16)[:2]
     calls = []
     report = engine.warmup(keys, on_program=lambda: calls.append(1))

@@ -19,12 +19,12 @@ def _run(*args):
 def test_latency_speculation_comparison(tmp_path):
     out = tmp_path / "spec.json"
     res = _run("--model", "tiny-code", "--prompts", "code", "--skip_hf", "--speculative", "none,ngram",
-               "--prompt_len", "48", "--output_len", "12", "--num_prompts", "2", "--repeats", "1",
+               "--prompt_len", "32", "--output_len", "8", "--num_prompts", "1", "--repeats", "1",
                "--num_speculative_tokens", "3", "--json_out", str(out))
     assert res.returncode == 0, res.stderr[-2000:]
     report = json.loads(out.read_text())
     rows = {r["method"]: r for r in report["speculation"]}
-    assert set(rows) == {"none", "ngram"} and report["num_prompts"] == 2 and report["prompts"] == "code"
+    assert set(rows) == {"none", "ngram"} and report["num_prompts"] == 1 and report["prompts"] == "code"
     assert rows["none"]["acceptance_rate"] is None and rows["none"]["speedup_vs_first"] == 1.0
     assert rows["ngram"]["same_tokens_as_first"] is True
     assert rows["ngram"]["tokens_per_verify_step"] is None or rows["ngram"]["tokens_per_verify_step"] >= 1.0

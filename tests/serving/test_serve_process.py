@@ -268,3 +268,21 @@ def test_tls_api_key_sigkill_restart_sigterm_drain(tmp_path):
     assert not lost, lost  # every accepted request completed
     _no_secrets(second)
     assert any("drained" in line for line in second.stderr)
+
+
+@pytest.mark.slow  # a second server process (~30 s); the engine is tested in tests/engine/test_splitwise.py
+def test_splitwise_server_streams_the_colocated_tokens(monkeypatch, serving_session):
+    """`jaxinfer serve --disaggregation splitwise` on two fake CPU devices: a streamed greedy
+    completion (openai client) is the colocated session's text, and /metrics counts the copies."""
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    expected = serving_session.generate([PROMPT], serving_session.default_sampling_params(max_tokens=12,
+                                                                                        temperature=0))[0]
+    with serve("--disaggregation", "splitwise", "--warmup", "none") as p:
+        base = f"http://127.0.0.1:{p.port}"
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", timeout=120, max_retries=0)
+        chunks = client.completions.create(model="tiny-code", prompt=PROMPT, max_tokens=12, temperature=0,
+                                           stream=True)
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == expected.text
+        text = httpx.get(f"{base}/metrics", timeout=30).text
+        transfers = [line for line in text.splitlines() if line.startswith("jaxinfer:kv_transfers_total")]
+        assert transfers and float(transfers[0].rsplit(" ", 1)[1]) >= 1.0, transfers  # its warm-up requests too
