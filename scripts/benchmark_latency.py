@@ -158,11 +158,11 @@ def _speculation(path, prompts, output_len, repeats, methods, batch_sizes=()):
                      "draft_seconds": m["spec_draft_seconds"] - before["spec_draft_seconds"],
                      "batch_output_tokens_per_s": batch_rates, "outputs": outputs})
         session.close()
-    base = rows[0]
+    first_outputs = rows[0]["outputs"]
     for row in rows:
-        row["speedup_vs_first"] = base["mean_decode_ms_per_token"] / row["mean_decode_ms_per_token"]
-        row["same_tokens_as_first"] = row.pop("outputs") == base.get("outputs", None) if row is not base else True
-    base.pop("outputs", None)
+        row["speedup_vs_first"] = rows[0]["mean_decode_ms_per_token"] / row["mean_decode_ms_per_token"]
+    for row in rows:
+        row["same_tokens_as_first"] = row.pop("outputs") == first_outputs
     return rows
 
 

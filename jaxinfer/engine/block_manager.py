@@ -134,6 +134,17 @@ class BlockManager:
                 del self._free_cached[page]
             self._ref_counts[page] += 1
 
+    def acquire(self, hashes: Sequence[bytes], max_hit_pages: int, num_tokens: int) -> Optional[tuple]:
+        """Pages for num_tokens tokens, the leading ones shared from the cache (the longest
+        cached prefix of `hashes`, at most max_hit_pages): (pages, number shared), or None
+        (nothing taken) when they cannot all be had."""
+        hits = self.match_prefix(hashes, max_pages=max_hit_pages)
+        num_new = self.pages_needed(num_tokens) - len(hits)
+        if not self.can_admit(hits, num_new):
+            return None
+        self.share(hits)
+        return list(hits) + self.allocate(num_new), len(hits)
+
     def record_lookup(self, num_query_tokens: int, num_hit_tokens: int) -> None:
         self.num_cache_queries += num_query_tokens
         self.num_cache_hits += num_hit_tokens

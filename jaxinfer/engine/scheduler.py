@@ -191,18 +191,14 @@ class Scheduler:
             request.num_hit_pages = 0
             return True
         num_tokens = request.num_tokens
-        hashes = request.full_page_hashes(bm.page_size)
-        hits = bm.match_prefix(hashes, max_pages=(num_tokens - 1) // bm.page_size)
-        num_new = bm.pages_needed(num_tokens) - len(hits)
-        if not bm.can_admit(hits, num_new):
+        taken = bm.acquire(request.full_page_hashes(bm.page_size), (num_tokens - 1) // bm.page_size, num_tokens)
+        if taken is None:
             return False
-        bm.share(hits)
-        request.page_ids = list(hits) + bm.allocate(num_new)
-        request.num_computed = len(hits) * bm.page_size
-        request.num_registered_pages = len(hits)
-        request.num_hit_pages = len(hits)
+        request.page_ids, num_hits = taken
+        request.num_computed = num_hits * bm.page_size
+        request.num_registered_pages = request.num_hit_pages = num_hits
         if request.num_cached_tokens is None:  # a preempted request's re-admission is not counted
-            request.num_cached_tokens = len(hits) * bm.page_size
+            request.num_cached_tokens = request.num_computed
         bm.record_lookup(num_tokens, request.num_computed)
         return True
 

@@ -243,9 +243,9 @@ def timed_propose(proposer, requests: Sequence, limits: Mapping[str, int], count
         return proposer.propose(requests, limits)
     except Exception:  # noqa: BLE001 - speculation is an optimisation: decode without it
         counters.num_proposer_errors += 1
-        if isinstance(proposer, DraftModelProposer):
-            for request in requests:
-                proposer.release(request.request_id)
+        release = getattr(proposer, "release", None)  # the draft model's state may be half written
+        for request in requests if release is not None else ():
+            release(request.request_id)
         return {}
     finally:
         counters.draft_seconds += time.perf_counter() - start

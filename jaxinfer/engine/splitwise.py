@@ -110,13 +110,11 @@ class SplitwiseEngine(Engine):
         if len(d.running) + len(self._reserved) >= d.max_num_seqs:
             return False
         bm = self.decode_block_manager
-        num_prompt = len(request.prompt_ids)
-        hits = bm.match_prefix(request.full_page_hashes(bm.page_size), max_pages=num_prompt // bm.page_size)
-        num_new = bm.pages_needed(num_prompt + 1) - len(hits)
-        if not bm.can_admit(hits, num_new):
+        num_prompt = len(request.prompt_ids)  # every full prompt page may come from the cache here
+        taken = bm.acquire(request.full_page_hashes(bm.page_size), num_prompt // bm.page_size, num_prompt + 1)
+        if taken is None:
             return False
-        bm.share(hits)
-        self._reserved[request.request_id] = (list(hits) + bm.allocate(num_new), len(hits))
+        self._reserved[request.request_id] = taken
         return True
 
     def _release_reservation(self, request_id: str) -> None:

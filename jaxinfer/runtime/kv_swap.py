@@ -70,6 +70,12 @@ def bucket(num_pages: int) -> int:
     return 1 << max(num_pages - 1, 0).bit_length()
 
 
+def padded_ids(page_ids: Sequence[int], size: int) -> np.ndarray:
+    """int32 page ids padded to `size` by repeating the last one (a copy's bucket)."""
+    page_ids = [int(p) for p in page_ids]
+    return np.asarray(page_ids + [page_ids[-1]] * (size - len(page_ids)), np.int32)
+
+
 def _gather(caches, ids):
     return jax.tree.map(lambda pages: pages[ids], caches)
 
@@ -105,7 +111,7 @@ class PageMover:
         """Host copies (numpy) of `page_ids` of every leaf; returns (tree, compiled)."""
         n = len(page_ids)
         size = bucket(n)
-        ids = np.asarray(list(page_ids) + [page_ids[-1]] * (size - n), np.int32)
+        ids = padded_ids(page_ids, size)
         compiled = not self._seen("gather", size)
         rows = jax.device_get(self._gather(caches, ids))
         return jax.tree.map(lambda x: np.ascontiguousarray(x[:n]), rows), compiled
@@ -115,7 +121,7 @@ class PageMover:
         new pool (the old one is donated) and whether the call compiled."""
         n = len(page_ids)
         size = bucket(n)
-        ids = np.asarray(list(page_ids) + [page_ids[-1]] * (size - n), np.int32)
+        ids = padded_ids(page_ids, size)
 
         def pad(x):
             return x if size == n else np.concatenate([x, np.repeat(x[-1:], size - n, axis=0)])

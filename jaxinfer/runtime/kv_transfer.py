@@ -27,7 +27,6 @@ import time
 from typing import Sequence
 
 import jax
-import numpy as np
 
 from jaxinfer.runtime import kv_swap
 from jaxinfer.sharding import rules
@@ -73,9 +72,7 @@ class PageTransfer:
             return TransferStats(0, 0, 0.0, False)
         start = time.perf_counter()
         size = kv_swap.bucket(n)
-        pad = [n - 1] * (size - n)
-        src_ids = np.asarray([int(p) for p in src_pages] + [int(src_pages[i]) for i in pad], np.int32)
-        dst_ids = np.asarray([int(p) for p in dst_pages] + [int(dst_pages[i]) for i in pad], np.int32)
+        src_ids, dst_ids = kv_swap.padded_ids(src_pages, size), kv_swap.padded_ids(dst_pages, size)
         is_compile = size not in self._sizes
         self._sizes.add(size)
         rows = self._gather(self.src.kv_caches, src_ids)
