@@ -83,7 +83,7 @@ def _background(rng):
 def _trial(engine, rng, max_steps=400):
     """One trial: returns {needle name: its tokens}; every other request is aborted at the end."""
     join_at = int(rng.randint(0, 6))
-    needle_ids, others, out = {}, [], {}
+    needle_ids, others, out, streamed = {}, [], {}, {}
     for step in range(max_steps):
         if step == join_at:
             needle_ids = {engine.add_request(NEEDLE_PROMPT, params): name for name, params in NEEDLES.items()}
@@ -91,8 +91,12 @@ def _trial(engine, rng, max_steps=400):
             for _ in range(int(rng.randint(1, 4))):
                 others.append(engine.add_request(*_background(rng)))
         for delta in engine.step():
-            if delta.request_id in needle_ids and delta.is_finished:
-                out[needle_ids[delta.request_id]] = delta.output.token_ids
+            if delta.request_id in needle_ids:
+                name = needle_ids[delta.request_id]
+                streamed[name] = streamed.get(name, []) + list(delta.token_ids)
+                if delta.is_finished:  # the streamed deltas add up to the final output
+                    out[name] = delta.output.token_ids
+                    assert streamed[name] == out[name], (name, streamed[name], out[name])
         if step > join_at and len(out) == len(NEEDLES):
             break
     else:

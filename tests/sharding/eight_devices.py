@@ -14,6 +14,7 @@ head dim 16), float and int4 (group size 32).
 from __future__ import annotations
 
 import sys
+import time
 import traceback
 
 import jax
@@ -257,13 +258,14 @@ def main() -> int:
     failed = 0
     # `--slow`: only the layouts kept for `-m slow` runs.
     for check in SLOW_CHECKS if "--slow" in sys.argv else CHECKS:
+        start = time.perf_counter()
         try:
             check()
         except Exception:  # noqa: BLE001 - every failure is reported with its traceback
             failed += 1
             print(f"FAIL {check.__name__}: " + traceback.format_exc().replace("\n", "\n    "), flush=True)
-        else:
-            print(f"PASS {check.__name__}", flush=True)
+        else:  # the time keeps the suite's budget visible (the test prints stdout on failure)
+            print(f"PASS {check.__name__}: {time.perf_counter() - start:.1f} s", flush=True)
     return 1 if failed else 0
 
 

@@ -95,20 +95,20 @@ def _run_layouts(name: str, layouts, check_scores: bool = True) -> list:
 
 
 def check_qwen3_pipeline_parallel():
-    one, pp2, pp2_tp2 = _run_layouts("qwen3", [{}, dict(pipeline_parallel_size=2),
-                                               dict(pipeline_parallel_size=2, tensor_parallel_size=2)])
+    one, pp2 = _run_layouts("qwen3", [{}, dict(pipeline_parallel_size=2)])
     # m = min(pp, tokens) microbatches of near-equal tokens: every step but the scored
     # request's last one (1 decode token: m = 1, bubble 1/2) has two of equal padded
     # cost (8 + 8 prefill tokens, 1 + 1 decodes): bubble (p - 1) / (m + p - 1) = 1/3.
-    for m in (pp2, pp2_tp2):
-        assert m["pipeline_stages"] == 2 and 1.8 < m["pipeline_microbatches_per_step"] < 2.0, m
-        assert 1 / 3 < m["pipeline_bubble_fraction"] < 0.35, m["pipeline_bubble_fraction"]
-    assert pp2["pipeline_bubble_fraction"] == pp2_tp2["pipeline_bubble_fraction"]
+    _assert_two_stage_bubble(pp2)
     # Half the layers per device: half the KV bytes; weights roughly half (stage 1 holds
     # the LM head, stage 0 the embedding).
     assert pp2["kv_cache_bytes_per_device"] * 2 == one["kv_cache_bytes_per_device"]
-    assert pp2_tp2["kv_cache_bytes_per_device"] * 2 == pp2["kv_cache_bytes_per_device"]
     assert pp2["weight_bytes_per_device"] < 0.6 * one["weight_bytes_per_device"], (pp2, one)
+
+
+def _assert_two_stage_bubble(metrics):
+    assert metrics["pipeline_stages"] == 2 and 1.8 < metrics["pipeline_microbatches_per_step"] < 2.0, metrics
+    assert 1 / 3 < metrics["pipeline_bubble_fraction"] < 0.35, metrics["pipeline_bubble_fraction"]
 
 
 def check_pipeline_sizes_refused():
@@ -149,7 +149,13 @@ def check_pipeline_more_layouts():
     # PP 4 (one layer per stage) and PP 2 x TP 4 (KV heads 2 < TP: repeated).
     _run_layouts("qwen3", [{}, dict(pipeline_parallel_size=4), dict(pipeline_parallel_size=2, tensor_parallel_size=4)])
     # Tied embeddings: the last stage holds a copy of the table (the planner counts it).
-    _run_layouts("qwen2", [{}, dict(pipeline_parallel_size=2), dict(pipeline_parallel_size=2, tensor_parallel_size=2)])
+    _, pp2, pp2_tp2 = _run_layouts("qwen2", [{}, dict(pipeline_parallel_size=2),
+                                             dict(pipeline_parallel_size=2, tensor_parallel_size=2)])
+    # TP inside each stage: the same schedule (bubble), half the KV bytes per device.
+    for metrics in (pp2, pp2_tp2):
+        _assert_two_stage_bubble(metrics)
+    assert pp2["pipeline_bubble_fraction"] == pp2_tp2["pipeline_bubble_fraction"]
+    assert pp2_tp2["kv_cache_bytes_per_device"] * 2 == pp2["kv_cache_bytes_per_device"]
 
 
 def check_moe_pipeline_parallel():
