@@ -79,12 +79,15 @@ _DISAGGREGATION = flags.DEFINE_enum("disaggregation", None, ["splitwise"],
                                     "on the next --decode_tensor_parallel_size (default: colocated).")
 _PREFILL_TP = flags.DEFINE_integer("prefill_tensor_parallel_size", 1, "Splitwise: devices of the prefill mesh.")
 _DECODE_TP = flags.DEFINE_integer("decode_tensor_parallel_size", 1, "Splitwise: devices of the decode mesh.")
-_SPECULATIVE_METHOD = flags.DEFINE_enum("speculative_method", None, ["ngram", "draft"],
-                                        "Speculative decoding: prompt lookup (ngram) or a draft model of the same "
-                                        "tokenizer (draft, --draft_model); default off. Outputs do not change.")
+_SPECULATIVE_METHOD = flags.DEFINE_enum("speculative_method", None, ["ngram", "draft", "early_exit"],
+                                        "Speculative decoding: prompt lookup (ngram), a draft model of the same "
+                                        "tokenizer (draft, --draft_model), or a recursive model's first loops "
+                                        "(early_exit, --draft_loops); default off. Outputs do not change.")
 _NUM_SPECULATIVE_TOKENS = flags.DEFINE_integer("num_speculative_tokens", 4, "Draft tokens per decode step at most.")
 _DRAFT_MODEL = flags.DEFINE_string("draft_model", None, "Draft model folder or bundled name (--speculative_method "
                                    "draft).")
+_DRAFT_LOOPS = flags.DEFINE_integer("draft_loops", 1, "Loops of the recursive model that draft (--speculative_method "
+                                    "early_exit).")
 _COMPILATION_CACHE_DIR = flags.DEFINE_string(
     "compilation_cache_dir", None,
     "Persistent XLA compilation cache folder (default: $JAXINFER_COMPILATION_CACHE_DIR, else "
@@ -157,7 +160,8 @@ def _engine_config():
     speculative = None
     if _SPECULATIVE_METHOD.value is not None:
         speculative = SpeculativeConfig(method=_SPECULATIVE_METHOD.value, draft_model=_DRAFT_MODEL.value,
-                                        num_speculative_tokens=_NUM_SPECULATIVE_TOKENS.value)
+                                        num_speculative_tokens=_NUM_SPECULATIVE_TOKENS.value,
+                                        draft_loops=_DRAFT_LOOPS.value)
     return EngineConfig(speculative=speculative, disaggregation=_DISAGGREGATION.value,
                         prefill_tensor_parallel_size=_PREFILL_TP.value, decode_tensor_parallel_size=_DECODE_TP.value,
                         page_size=_PAGE_SIZE.value, num_pages=_NUM_PAGES.value,

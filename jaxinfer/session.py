@@ -81,7 +81,7 @@ class InferenceSession:
                 raise ValueError(f"pipeline_parallel_size: {engine.pipeline_parallel_size} > 1 is not supported "
                                  f"over several processes yet; use tensor / expert parallelism")
             distributed.check_mesh_spans_processes(mesh)
-            if engine.speculative is not None and engine.speculative.method == "draft" or engine.disaggregation:
+            if engine.speculative is not None and engine.speculative.method != "ngram" or engine.disaggregation:
                 raise ValueError("speculative.draft_model / disaggregation: one process only for now")
             num_pages = step_broadcast.agreed_num_pages(
                 parallel.mesh_model_config(model_config, engine.tensor_parallel_size), engine, dtype=dtype,
@@ -91,8 +91,8 @@ class InferenceSession:
                 {**{f"model.{k}": v for k, v in dataclasses.asdict(model_config).items()},
                  **{f"engine.{k}": v for k, v in dataclasses.asdict(engine).items() if k != "compilation_cache_dir"},
                  "dtype": str(dtype)})
-        draft = (draft_runner.build(model_config, engine, dtype=dtype, max_model_len=max_model_len)
-                 if engine.speculative is not None and engine.speculative.method == "draft" else None)
+        draft = draft_runner.for_engine(model_config, params, engine, model_path, dtype=dtype,
+                                        max_model_len=max_model_len)  # None without a draft model
         if engine.disaggregation is not None:  # a prefill and a decode runner (engine/splitwise.py)
             runners = splitwise.build_runners(model_config, params, engine, dtype=dtype, max_model_len=max_model_len)
         runner = runners[0] if engine.disaggregation else ModelRunner.from_config(

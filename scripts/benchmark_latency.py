@@ -60,9 +60,12 @@ _BATCH_SIZES = flags.DEFINE_list("batch_sizes", "1", "Decode batch sizes to time
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                            "jaxinfer's parameter and activation dtype (the HF baseline stays float32).")
 _PLOT = flags.DEFINE_string("plot", None, "Also draw ms/token vs batch with the memory and compute roofs here (PNG).")
-_SPECULATIVE = flags.DEFINE_list("speculative", [], "Speculation methods to compare at batch 1 (none, ngram, draft).")
+_SPECULATIVE = flags.DEFINE_list("speculative", [], "Speculation methods to compare at batch 1 (none, ngram, draft, "
+                                                   "early_exit: --model must be a recursive folder).")
 _NUM_SPEC_TOKENS = flags.DEFINE_integer("num_speculative_tokens", 4, "Draft tokens per step at most.", lower_bound=1)
 _DRAFT_MODEL = flags.DEFINE_string("draft_model", None, "Draft model folder or bundled name (--speculative draft).")
+_DRAFT_LOOPS = flags.DEFINE_integer("draft_loops", 1, "Loops of the recursive model that draft (--speculative "
+                                    "early_exit).", lower_bound=1)
 _PROMPTS = flags.DEFINE_enum("prompts", "random", ["random", "code"],
                              "random ids, or the held-out Python files of the model's data split (code completion).")
 _NUM_PROMPTS = flags.DEFINE_integer("num_prompts", 8, "Prompts of the --speculative comparison.", lower_bound=1)
@@ -127,7 +130,7 @@ def _speculation(path, prompts, output_len, repeats, methods, batch_sizes=()):
     for method in methods:
         spec = None if method == "none" else SpeculativeConfig(
             method=method, num_speculative_tokens=_NUM_SPEC_TOKENS.value,
-            draft_model=_DRAFT_MODEL.value if method == "draft" else None)
+            draft_model=_DRAFT_MODEL.value if method == "draft" else None, draft_loops=_DRAFT_LOOPS.value)
         engine = EngineConfig(max_num_batched_tokens=max(512, max(map(len, prompts))), enable_prefix_caching=False,
                               compilation_cache_dir=_COMPILATION_CACHE.value, speculative=spec)
         session = InferenceSession.from_pretrained(path, dtype=_DTYPE.value, engine=engine)
@@ -295,9 +298,9 @@ def main(argv):
 
 def _speculation_main(path, prompts):
     methods = _SPECULATIVE.value
-    bad = [m for m in methods if m not in ("none", "ngram", "draft")]
+    bad = [m for m in methods if m not in ("none", "ngram", "draft", "early_exit")]
     if bad or len(set(methods)) != len(methods):
-        raise app.UsageError(f"--speculative: distinct methods among none, ngram, draft; got {methods}")
+        raise app.UsageError(f"--speculative: distinct methods among none, ngram, draft, early_exit; got {methods}")
     if ("draft" in methods) != (_DRAFT_MODEL.value is not None):
         raise app.UsageError("--draft_model: needed with --speculative draft, and only then")
     try:
@@ -322,7 +325,8 @@ def _speculation_main(path, prompts):
     bench_common.write_json(_JSON.value, {
         "env": bench_common.environment(), "model": path, "prompts": _PROMPTS.value, "num_prompts": len(prompts),
         "prompt_len": _PROMPT_LEN.value, "output_len": _OUTPUT_LEN.value,
-        "num_speculative_tokens": _NUM_SPEC_TOKENS.value, "draft_model": _DRAFT_MODEL.value, "speculation": rows})
+        "num_speculative_tokens": _NUM_SPEC_TOKENS.value, "draft_model": _DRAFT_MODEL.value,
+        "draft_loops": _DRAFT_LOOPS.value if "early_exit" in methods else None, "speculation": rows})
 
 
 if __name__ == "__main__":

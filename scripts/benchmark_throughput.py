@@ -66,11 +66,13 @@ _COMPARE_SHARED = flags.DEFINE_bool("compare_shared_prefix_attention", False,
                                     "Run the engine with the shared-prefix path off, then on; report the ratio.")
 _ATTENTION_IMPL = flags.DEFINE_string("attention_impl", None, "EngineConfig.attention_impl (None = backend default).")
 _SEED = flags.DEFINE_integer("seed", 0, "Workload seed.")
-_SPECULATIVE = flags.DEFINE_enum("speculative_method", None, ["ngram", "draft"],
+_SPECULATIVE = flags.DEFINE_enum("speculative_method", None, ["ngram", "draft", "early_exit"],
                                  "Speculative decoding in jaxinfer's engine (default off); spec_* figures reported.")
 _NUM_SPEC_TOKENS = flags.DEFINE_integer("num_speculative_tokens", 4, "Draft tokens per decode step at most.",
                                         lower_bound=1)
 _DRAFT_MODEL = flags.DEFINE_string("draft_model", None, "Draft model folder (--speculative_method draft).")
+_DRAFT_LOOPS = flags.DEFINE_integer("draft_loops", 1, "Loops of the recursive --model that draft (--speculative_method "
+                                    "early_exit).", lower_bound=1)
 _JSON = flags.DEFINE_string("json_out", "runs/bench/throughput.json", "JSON report path.")
 _SWEEP = flags.DEFINE_list("num_requests_sweep", [], "Also time the first N requests for each N (<= --num_requests).")
 _PLOT = flags.DEFINE_string("plot", None, "Also draw throughput vs number of requests here (PNG; needs matplotlib).")
@@ -173,7 +175,7 @@ def main(argv):
         from jaxinfer import SpeculativeConfig
         try:
             speculative = SpeculativeConfig(method=_SPECULATIVE.value, num_speculative_tokens=_NUM_SPEC_TOKENS.value,
-                                            draft_model=_DRAFT_MODEL.value)
+                                            draft_model=_DRAFT_MODEL.value, draft_loops=_DRAFT_LOOPS.value)
         except ValueError as e:
             raise app.UsageError(str(e)) from None
 

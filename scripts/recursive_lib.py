@@ -49,7 +49,6 @@ final norm and LM head (tied or not, as the config says) of jaxinfer's `final_lo
 """
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 import os
@@ -58,68 +57,13 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-LORA_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-INITS = ("stepwise", "average", "lower", "stepwise_ends")
-NORM_MODES = ("auto", "shared", "per_loop")
-WEIGHTS_FILE = "model.safetensors"
+from jaxinfer.models.recursive import (INITS, LORA_TARGETS, NORM_MODES, WEIGHTS_FILE,  # noqa: F401 (re-exported)
+                                      RecursiveSpec, expected_tensors, flatten as _flatten, is_target as _is_target,
+                                      merged_layer, read_recursive, unflatten as _unflatten, unrolled_params)
+
 SUMMARY_FILE = "conversion_summary.json"
 COPIED_FILES = ("generation_config.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json", "data_split.json")
-
-
-@dataclasses.dataclass(frozen=True)
-class RecursiveSpec:
-    """Shape of the recursive model; every field is validated (ValueError naming the flag)."""
-
-    num_layers: int  # L of the original model
-    num_blocks: int  # B: shared layers per loop
-    init: str  # one of INITS
-    lora_rank: int  # r; 0 = pure Recursive Transformer
-    norms: str = "auto"  # one of NORM_MODES; "auto" is resolved in __post_init__
-    exit_after_loops: tuple = ()  # loop counts with early-exit logits; () = every loop count
-
-    def __post_init__(self):
-        if not isinstance(self.num_blocks, int) or self.num_blocks < 1:
-            raise ValueError(f"num_blocks: must be a positive int, got {self.num_blocks!r}")
-        if self.num_layers % self.num_blocks:
-            raise ValueError(f"num_blocks: {self.num_blocks} does not divide the model's {self.num_layers} "
-                             f"layers (num_hidden_layers); choose one of "
-                             f"{[b for b in range(1, self.num_layers + 1) if self.num_layers % b == 0]}")
-        if self.init not in INITS:
-            raise ValueError(f"init: {self.init!r} is not one of {', '.join(INITS)}")
-        if not isinstance(self.lora_rank, int) or self.lora_rank < 0:
-            raise ValueError(f"lora_rank: must be an int >= 0 (0 = no LoRA), got {self.lora_rank!r}")
-        if self.norms not in NORM_MODES:
-            raise ValueError(f"norms: {self.norms!r} is not one of {', '.join(NORM_MODES)}")
-        if self.norms == "auto":
-            object.__setattr__(self, "norms", "per_loop" if self.lora_rank > 0 else "shared")
-        exits = tuple(sorted(set(int(k) for k in self.exit_after_loops))) or tuple(range(1, self.num_loops + 1))
-        if exits[0] < 1 or exits[-1] > self.num_loops:
-            raise ValueError(f"exit_after_loops: {list(exits)} must lie in 1..{self.num_loops} (the number of loops)")
-        object.__setattr__(self, "exit_after_loops", exits)
-
-    @property
-    def num_loops(self) -> int:
-        return self.num_layers // self.num_blocks
-
-    def source_layers(self) -> list[list[int]]:
-        """For each block position j, the original layers its shared weights come from."""
-        b, loops, n = self.num_blocks, self.num_loops, self.num_layers
-        if self.init == "lower":
-            return [[j] for j in range(b)]
-        if self.init == "stepwise":
-            return [[j * loops] for j in range(b)]
-        if self.init == "stepwise_ends":
-            return [[0]] if b == 1 else [[int(np.floor(j * (n - 1) / (b - 1) + 0.5))] for j in range(b)]
-        return [[loop * b + j for loop in range(loops)] for j in range(b)]
-
-    def section(self) -> dict:
-        """The "recursive" entry of config.json."""
-        return {"num_blocks": self.num_blocks, "num_loops": self.num_loops, "init": self.init,
-                "lora_rank": self.lora_rank, "lora_targets": list(LORA_TARGETS) if self.lora_rank else [],
-                "exit_after_loops": list(self.exit_after_loops), "norms": self.norms,
-                "source_layers": self.source_layers()}
 
 
 def resolve_model_dir(name: str) -> str:
@@ -135,32 +79,6 @@ def resolve_model_dir(name: str) -> str:
 
 
 # ---------------------------------------------------------------------------- conversion
-
-def _flatten(tree: Mapping, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(_flatten(value, name + "."))
-        else:
-            out[name] = value
-    return out
-
-
-def _unflatten(flat: Mapping) -> dict:
-    tree: dict = {}
-    for name, value in flat.items():
-        node = tree
-        *parents, leaf = name.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return tree
-
-
-def _is_target(name: str) -> bool:
-    return name.endswith(".kernel") and name[:-len(".kernel")] in LORA_TARGETS
-
 
 def check_supported(config, params: Optional[Mapping] = None) -> None:
     """Refuses what the conversion does not cover: MoE layers and int4 parameters."""
@@ -214,33 +132,6 @@ def convert(config, params: Mapping, spec: RecursiveSpec) -> dict:
     return {"outer": outer, "block": block, "lora": lora, "per_loop": per_loop}
 
 
-def merged_layer(rp: Mapping, loop: int, j: int) -> dict:
-    """jaxinfer DecoderLayer parameters of block layer j in `loop`: shared + (B A)^T, its vectors.
-
-    Works on numpy and on traced jax arrays alike.
-    """
-    import jax
-    import jax.numpy as jnp
-
-    flat = dict(rp["block"][j])
-    flat.update(rp["per_loop"][loop][j])
-    for target, ab in rp["lora"][loop][j].items():
-        key = target + ".kernel"
-        delta = jnp.matmul(ab["A"].T, ab["B"].T, precision=jax.lax.Precision.HIGHEST)  # (B A)^T: [in, out]
-        flat[key] = flat[key] + delta.astype(flat[key].dtype)
-    return _unflatten(flat)
-
-
-def unrolled_params(rp: Mapping, spec: RecursiveSpec, num_loops: Optional[int] = None) -> dict:
-    """A plain jaxinfer parameter tree of num_loops * B layers (every loop merged): what
-    jaxinfer's Transformer (with num_layers set to match) runs unchanged."""
-    params = dict(rp["outer"])
-    for loop in range(spec.num_loops if num_loops is None else num_loops):
-        for j in range(spec.num_blocks):
-            params[f"layers_{loop * spec.num_blocks + j}"] = merged_layer(rp, loop, j)
-    return params
-
-
 def reconstruction_error(config, params: Mapping, spec: RecursiveSpec, rp: Mapping) -> dict:
     """||W_orig - (W_shared + B A)||_F / ||W_orig||_F over every relaxed linear weight: mean and max."""
     import jax
@@ -277,51 +168,6 @@ def parameter_counts(config, spec: RecursiveSpec, rp: Mapping) -> dict:
 
 # ---------------------------------------------------------------------------- folder I/O
 
-def _hf_name(key: str) -> tuple[str, bool]:
-    """jaxinfer flat key -> (HF suffix, stored transposed): kernel/scale -> weight."""
-    *path, leaf = key.split(".")
-    if leaf == "kernel":
-        return ".".join(path) + ".weight", True
-    return ".".join(path) + (".bias" if leaf == "bias" else ".weight"), False
-
-
-def _outer_names(config) -> dict:
-    names = {"embed_tokens": ("model.embed_tokens.weight", False), "norm.scale": ("model.norm.weight", False)}
-    if not config.tie_word_embeddings:
-        names["lm_head.kernel"] = ("lm_head.weight", True)
-    return names
-
-
-def _expected_tensors(config, spec: RecursiveSpec) -> dict:
-    """HF tensor name -> (where in rp, transposed, shape in the file) for a config and spec."""
-    from jaxinfer.models.transformer import param_shapes
-
-    shapes = param_shapes(config)
-    out = {}
-    for key, (name, transpose) in _outer_names(config).items():
-        shape = tuple(_flatten(shapes)[key].shape)
-        out[name] = (("outer", key), transpose, shape[::-1] if transpose else shape)
-    layer = {k: tuple(v.shape) for k, v in _flatten(shapes["layers_0"]).items()}
-    for j in range(spec.num_blocks):
-        for key, shape in layer.items():
-            suffix, transpose = _hf_name(key)
-            file_shape = shape[::-1] if transpose else shape
-            if _is_target(key) or spec.norms == "shared":
-                out[f"model.layers.{j}.{suffix}"] = (("block", j, key), transpose, file_shape)
-            for loop in range(spec.num_loops):
-                if _is_target(key) and spec.lora_rank:
-                    r = min(spec.lora_rank, *shape)
-                    target = key[:-len(".kernel")]
-                    out[f"model.layers.{j}.{target}.lora.{loop}.A"] = (("lora", loop, j, target, "A"), False,
-                                                                      (r, shape[0]))
-                    out[f"model.layers.{j}.{target}.lora.{loop}.B"] = (("lora", loop, j, target, "B"), False,
-                                                                      (shape[1], r))
-                elif not _is_target(key) and spec.norms == "per_loop":
-                    stem, ext = suffix.rsplit(".", 1)
-                    out[f"model.layers.{j}.{stem}.loop.{loop}.{ext}"] = (("per_loop", loop, j, key), False, file_shape)
-    return out
-
-
 def _get(rp, where):
     node = rp
     for k in where:
@@ -340,7 +186,7 @@ def save_recursive(path: str, hf_config: Mapping[str, Any], config, spec: Recurs
     os.makedirs(path, exist_ok=True)
     tensors = {}
     view = dict(rp, outer=_flatten(rp["outer"]))
-    for name, (where, transpose, _) in _expected_tensors(config, spec).items():
+    for name, (where, transpose, _) in expected_tensors(config, spec).items():
         value = np.asarray(jax.device_get(_get(view, where)))
         tensors[name] = np.ascontiguousarray(value.T if transpose else value)
     from jaxinfer.models.safetensors_reader import write_safetensors
@@ -357,45 +203,17 @@ def save_recursive(path: str, hf_config: Mapping[str, Any], config, spec: Recurs
 
 
 def load_recursive(path: str) -> tuple[Any, dict, RecursiveSpec, dict]:
-    """(ModelConfig of the original model, config.json dict, spec, rp) of a converted folder."""
-    from jaxinfer.models.checkpoint import read_hf_config
-    from jaxinfer.models.registry import model_config_from_hf
-    from jaxinfer.models.safetensors_reader import read_safetensors
+    """(ModelConfig of the original model, config.json dict, spec, rp) of a converted folder
+    (read and checked by jaxinfer.models.recursive)."""
+    from jaxinfer.models.checkpoint import read_model_config
 
-    hf = read_hf_config(path)
-    section = hf.get("recursive")
-    if not isinstance(section, dict):
+    hf, config = read_model_config(path)
+    if "recursive" not in hf:
         raise ValueError(f"{path}/config.json: no \"recursive\" section (not written by convert_recursive.py)")
-    config = model_config_from_hf({k: v for k, v in hf.items() if k != "recursive"})
-    spec = RecursiveSpec(config.num_layers, section["num_blocks"], section["init"], section["lora_rank"],
-                         section["norms"], tuple(section["exit_after_loops"]))
-    if section.get("num_loops") != spec.num_loops:
-        raise ValueError(f"{path}/config.json: recursive.num_loops {section.get('num_loops')} != "
-                         f"num_hidden_layers / num_blocks = {spec.num_loops}")
-    tensors = read_safetensors(os.path.join(path, WEIGHTS_FILE))
-    expected = _expected_tensors(config, spec)
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{path}/{WEIGHTS_FILE}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    rp: dict = {"outer": {}, "block": [{} for _ in range(spec.num_blocks)],
-                "lora": [[{} for _ in range(spec.num_blocks)] for _ in range(spec.num_loops)],
-                "per_loop": [[{} for _ in range(spec.num_blocks)] for _ in range(spec.num_loops)]}
-    for name, (where, transpose, shape) in expected.items():
-        value = np.array(tensors[name])
-        if tuple(value.shape) != shape:
-            raise ValueError(f"{path}/{WEIGHTS_FILE}: tensor {name} has shape {tuple(value.shape)}, expected {shape}")
-        value = value.T if transpose else value
-        if where[0] == "outer":
-            rp["outer"][where[1]] = value
-        elif where[0] == "block":
-            rp["block"][where[1]][where[2]] = value
-        elif where[0] == "per_loop":
-            rp["per_loop"][where[1]][where[2]][where[3]] = value
-        else:
-            rp["lora"][where[1]][where[2]].setdefault(where[3], {})[where[4]] = value
-    rp["outer"] = _unflatten(rp["outer"])
-    return config, hf, spec, rp
+    import jax
+
+    spec, rp = read_recursive(path, hf, config)
+    return config, hf, spec, jax.tree.map(np.array, rp)  # writable copies, off the file's memory map
 
 
 # ---------------------------------------------------------------------------- reference forward

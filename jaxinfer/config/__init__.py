@@ -330,7 +330,7 @@ ATTENTION_IMPLS = ("xla", "pallas", "pallas_interpret", "pallas_tpu_interpret")
 # KV cache storage formats (jaxinfer.pallas.ragged_paged_attention.quantized.KV_CACHE_DTYPES).
 KV_CACHE_DTYPES = ("auto", "int8", "fp8")
 PREEMPTION_MODES = ("recompute", "swap", "auto")  # EngineConfig.preemption_mode
-SPECULATIVE_METHODS = ("ngram", "draft")  # SpeculativeConfig.method
+SPECULATIVE_METHODS = ("ngram", "draft", "early_exit")  # SpeculativeConfig.method
 
 
 @_strict_init
@@ -338,18 +338,21 @@ SPECULATIVE_METHODS = ("ngram", "draft")  # SpeculativeConfig.method
 class SpeculativeConfig:
     """Speculative decoding (engine/speculative.py): drafts of up to num_speculative_tokens
     ids per decode, verified in one step: "ngram" (prompt lookup of the last ngram_max ..
-    ngram_min ids) or "draft" (a smaller model of the same tokenizer, draft_model)."""
+    ngram_min ids), "draft" (a smaller model of the same tokenizer, draft_model) or
+    "early_exit" (self-speculation: a recursive model's first draft_loops loops draft)."""
 
     method: str = "ngram"
     num_speculative_tokens: int = 4  # k, in [1, 16]
     draft_model: Optional[str] = None  # a model folder or bundled name ("draft" only)
     ngram_max: int = 4
     ngram_min: int = 1
+    draft_loops: int = 1  # "early_exit": loops of the recursive model the draft runs (< its loops)
 
     def __post_init__(self):
         _python_ints(self)
         _require(self.method in SPECULATIVE_METHODS, "speculative.method", f"{self.method!r} not in {SPECULATIVE_METHODS}")
-        for name, low, high in (("num_speculative_tokens", 1, 16), ("ngram_min", 1, 64), ("ngram_max", 1, 64)):
+        for name, low, high in (("num_speculative_tokens", 1, 16), ("ngram_min", 1, 64), ("ngram_max", 1, 64),
+                                ("draft_loops", 1, 64)):
             value = getattr(self, name)
             _require(_is_int(value) and low <= value <= high, f"speculative.{name}",
                      f"must be an int in [{low}, {high}], got {value!r}")

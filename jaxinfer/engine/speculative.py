@@ -33,7 +33,9 @@ Proposers.
 - `DraftModelProposer`: a smaller model of the same tokenizer on its own runner and
   page pool, decoding greedily k steps ahead (Leviathan et al.). It keeps each
   request's draft KV between steps and recomputes only what verification changed (the
-  ids after the longest common prefix of what it fed and what was accepted).
+  ids after the longest common prefix of what it fed and what was accepted). Method
+  "early_exit" uses it too, with a recursive target's first loops as the draft model
+  (self-speculation; runtime/draft_runner.py builds that runner).
 
 Budgets. A request drafts at most min(k, max_tokens left - 1) ids (so drafts never
 write past max_model_len), drafts never preempt anyone (the scheduler drops them when
@@ -230,8 +232,8 @@ def make_proposer(config: Optional[SpeculativeConfig], draft_runner=None):
     if config.method == "ngram":
         return NgramProposer(config)
     if draft_runner is None:
-        raise ValueError("speculative.draft_model: method 'draft' needs the draft model's runner (the session "
-                         "builds it from draft_model)")
+        raise ValueError(f"speculative.method: {config.method!r} needs the draft model's runner (the session "
+                         f"builds it: runtime/draft_runner.py)")
     return DraftModelProposer(draft_runner, config)
 
 

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer.config import ModelConfig
-from jaxinfer.models import quant_format, registry
+from jaxinfer.models import quant_format, recursive, registry
 from jaxinfer.models.layers import Int4Format
 from jaxinfer.models.quant_format import CheckpointQuantization
 from jaxinfer.models.folder_paths import resolve_in_folder
@@ -408,6 +408,8 @@ def load_model(path: str, dtype="float32", on_host: bool = False) -> tuple[Model
     `on_host` keeps an HF folder's leaves in numpy (orbax folders restore to the device).
     """
     hf_config, config = read_model_config(path)
+    if recursive.is_recursive(hf_config):  # shared block + per-loop LoRA, merged per loop
+        return config, recursive.load_unrolled(path, hf_config, config, resolve_dtype(dtype), on_host), hf_config
     return config, load_params(path, config, dtype, checkpoint_quantization(hf_config), on_host), hf_config
 
 

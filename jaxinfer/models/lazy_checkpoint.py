@@ -22,7 +22,7 @@ import os
 import numpy as np
 
 from jaxinfer.config import ModelConfig
-from jaxinfer.models import checkpoint
+from jaxinfer.models import checkpoint, recursive
 from jaxinfer.sharding.placement import MappedSource, StackedSource
 
 
@@ -33,6 +33,8 @@ def _refusal(path: str) -> str | None:
     if os.path.isdir(os.path.join(path, checkpoint.ORBAX_DIR)):
         return f"{path}: an orbax folder; load it with jaxinfer.models.checkpoint.load_params"
     config_file = os.path.join(path, "config.json")
+    if os.path.exists(config_file) and recursive.is_recursive(checkpoint.read_hf_config(path)):
+        return f"{path}: a recursive folder (shared block + LoRA); load it with jaxinfer.models.checkpoint.load_model"
     if os.path.exists(config_file) and "quantization_config" in checkpoint.read_hf_config(path):
         return (f"{path}: an int4 folder (config.json has a quantization_config); its tensors are repacked "
                 f"when loaded, so load it with jaxinfer.models.checkpoint.load_params")
