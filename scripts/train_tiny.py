@@ -34,13 +34,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
-from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import stdlib_corpus  # noqa: E402  (scripts/ sibling)
+import train_lib  # noqa: E402  (scripts/ sibling)
 from jaxinfer.config import ModelConfig  # noqa: E402
 from jaxinfer.models import checkpoint  # noqa: E402
 from jaxinfer.models.transformer import AttentionMetadata, Transformer, init_params  # noqa: E402
@@ -219,31 +218,6 @@ def prepare_data(cfg: TrainConfig, work_dir: str) -> tuple[stdlib_corpus.DataSpl
     return split, stream, stats
 
 
-def sample_batch(stream: np.ndarray, data_key: jax.Array, step: int, batch: int, length: int) -> np.ndarray:
-    """[batch, length + 1] random windows of the stream; a function of (seed, step) only."""
-    starts = np.asarray(jax.random.randint(jax.random.fold_in(data_key, step), (batch,), 0,
-                                           stream.size - length - 1))
-    return np.stack([stream[s:s + length + 1] for s in starts]).astype(np.int32)
-
-
-# ---------------------------------------------------------------------------- training
-
-def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    # NOTE: adamw runs at learning rate 1 and the step scales its update by the
-    # scheduled rate, so the schedule's length can be fitted after the run has started
-    # (see --max_steps 0). AdamW's update is linear in the rate, so this is plain AdamW.
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
-    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
-                       optax.adamw(learning_rate=1.0, b1=0.9, b2=0.95, eps=1e-8,
-                                   weight_decay=cfg.weight_decay, mask=decay_mask))
-
-
-def lr_schedule(cfg: TrainConfig, total_steps: int) -> optax.Schedule:
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
-        decay_steps=max(total_steps, cfg.warmup_steps + 1), end_value=cfg.learning_rate * cfg.min_lr_ratio)
-
-
 def make_train_step(model: Transformer, tx: optax.GradientTransformation, batch: int, length: int):
     positions = jnp.tile(jnp.arange(length, dtype=jnp.int32), batch)  # [B * L]
     metadata = AttentionMetadata.dense(batch, length)
@@ -252,35 +226,15 @@ def make_train_step(model: Transformer, tx: optax.GradientTransformation, batch:
         inputs = windows[:, :-1].reshape(-1)  # [B * L]
         targets = windows[:, 1:].reshape(-1)  # [B * L]
         logits, _ = model.apply({"params": params}, inputs, positions, None, metadata)  # [B * L, V]
-        return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+        return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean(), {}
 
-    # NOTE: no buffer donation: an async orbax save may still be reading the previous state.
-    @jax.jit
-    def train_step(state, windows, lr):
-        loss, grads = jax.value_and_grad(loss_fn)(state["params"], windows)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        updates = jax.tree.map(lambda u: lr * u, updates)
-        params = optax.apply_updates(state["params"], updates)
-        return {"params": params, "opt_state": opt_state}, {"loss": loss, "grad_norm": optax.global_norm(grads)}
-
-    return train_step
-
-
-def _trim_log(path: str, max_step: int) -> None:
-    """Drops log rows after the restored checkpoint (they are about to be redone)."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        rows = [line for line in f if line.strip() and json.loads(line)["step"] <= max_step]
-    with open(path, "w") as f:
-        f.writelines(rows)
+    return train_lib.make_step(loss_fn, tx)
 
 
 def train(cfg: TrainConfig, stream: np.ndarray, work_dir: str) -> tuple[dict, dict]:
-    """Runs (or resumes) the training loop. Returns (params, meta)."""
+    """Runs (or resumes) the training loop (scripts/train_lib.py). Returns (params, meta)."""
     model_cfg = cfg.model_config()
-    model = Transformer(model_cfg)
-    tx = make_optimizer(cfg)
+    tx = train_lib.make_optimizer(cfg.grad_clip, cfg.weight_decay)
     root_key = jax.random.key(cfg.seed)
     init_key, data_key = jax.random.fold_in(root_key, 0), jax.random.fold_in(root_key, 1)
 
@@ -288,108 +242,14 @@ def train(cfg: TrainConfig, stream: np.ndarray, work_dir: str) -> tuple[dict, di
         params = init_params(model_cfg, init_key)
         return {"params": params, "opt_state": tx.init(params)}
 
-    manager = ocp.CheckpointManager(os.path.abspath(os.path.join(work_dir, "checkpoints")),
-                                    options=ocp.CheckpointManagerOptions(max_to_keep=2))
-    log_path = os.path.join(work_dir, "train_log.jsonl")
-    meta = {"step": 0, "total_steps": _MAX_STEPS.value or None, "tokens": 0, "elapsed_s": 0.0}
-    latest = manager.latest_step()
-    if latest is not None:
-        abstract = jax.eval_shape(fresh_state)
-        restored = manager.restore(latest, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-        state, meta = restored["state"], dict(restored["meta"])
-        if _MAX_STEPS.value:
-            meta["total_steps"] = _MAX_STEPS.value
-        _trim_log(log_path, meta["step"])
-        logging.info("resumed from step %d (%d tokens, %.1f min of training so far)", meta["step"],
-                     meta["tokens"], meta["elapsed_s"] / 60)
-    else:
-        state = fresh_state()
-        _trim_log(log_path, 0)  # rows of a run killed before its first checkpoint
-    num_params = sum(x.size for x in jax.tree.leaves(state["params"]))
-    logging.info("model: %s, %.2fM parameters", model_cfg, num_params / 1e6)
-
-    train_step = make_train_step(model, tx, cfg.batch_size, cfg.seq_len)
-    tokens_per_step = cfg.batch_size * cfg.seq_len
-    budget_s = _MAX_MINUTES.value * 60
-    session_start, elapsed_before = time.time(), meta["elapsed_s"]
-    elapsed = lambda: elapsed_before + time.time() - session_start  # noqa: E731
-    last_save = time.time()
-    # --max_steps 0: the step count is fitted to the budget, first after
-    # --calibration_steps, then at every checkpoint; fit_since = (time, step) of the last fit.
-    auto_steps = not _MAX_STEPS.value
-    fit_since = None
-    step = start_step = meta["step"]
-    schedule = lr_schedule(cfg, meta["total_steps"] or cfg.warmup_steps + 1)
-
-    def save(step):
-        meta.update(step=step, elapsed_s=elapsed())
-        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                   meta=ocp.args.JsonSave(dict(meta))), force=True)
-
-    bar = tqdm(total=meta["total_steps"], initial=step, desc="train", unit="step", mininterval=5,
-               smoothing=0.1, file=sys.stderr)
-    recent = []  # (time, tokens) of the last steps, for the tokens/s shown
-    loss_ema = None
-    stopped_by_budget = False
-    with open(log_path, "a") as log:
-        while meta["total_steps"] is None or step < meta["total_steps"]:
-            if elapsed() >= budget_s:
-                # NOTE: only when the machine got slower than the last fit predicted.
-                stopped_by_budget = True
-                break
-            lr = float(schedule(step))
-            windows = sample_batch(stream, data_key, step, cfg.batch_size, cfg.seq_len)
-            state, metrics = train_step(state, jnp.asarray(windows), jnp.float32(lr))
-            loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
-            if not np.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss} at step {step}")
-            step += 1
-            meta["tokens"] += tokens_per_step
-            now = time.time()
-            recent = (recent + [(now, meta["tokens"])])[-20:]
-            tok_s = (recent[-1][1] - recent[0][1]) / max(1e-9, recent[-1][0] - recent[0][0]) if len(recent) > 1 else 0.0
-            loss_ema = loss if loss_ema is None else 0.95 * loss_ema + 0.05 * loss
-            log.write(json.dumps({"step": step, "tokens": meta["tokens"], "loss": round(loss, 5), "lr": lr,
-                                  "grad_norm": round(grad_norm, 4), "elapsed_s": round(elapsed(), 2),
-                                  "tokens_per_s": round(tok_s, 1)}) + "\n")
-            log.flush()
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_ema:.3f}", tok_s=f"{tok_s:.0f}", lr=f"{lr:.2e}", refresh=False)
-
-            if auto_steps and fit_since is None and step == start_step + 2:  # compiled by now
-                fit_since = (now, step)
-            elif auto_steps and fit_since and (
-                    (meta["total_steps"] is None and step == fit_since[1] + _CALIBRATION_STEPS.value)
-                    or now - last_save >= _CHECKPOINT_MINUTES.value * 60):
-                # Fit (then every checkpoint, re-fit) the step count to the time left,
-                # from the speed since the last fit: another process may share the CPU.
-                seconds_per_step = (now - fit_since[0]) / (step - fit_since[1])
-                remaining = budget_s - elapsed()
-                meta["total_steps"] = max(step + int(0.97 * remaining / seconds_per_step), cfg.warmup_steps + 1,
-                                          step + 1)
-                meta["seconds_per_step"] = seconds_per_step
-                schedule = lr_schedule(cfg, meta["total_steps"])
-                bar.total = meta["total_steps"]
-                fit_since = (now, step)
-                logging.info("fit: %.2f s/step (%.0f tokens/s) -> %d steps in the %.1f min budget", seconds_per_step,
-                             tokens_per_step / seconds_per_step, meta["total_steps"], budget_s / 60)
-            if now - last_save >= _CHECKPOINT_MINUTES.value * 60:
-                save(step)
-                last_save = now
-    bar.close()
-    meta["stopped_by_budget"] = stopped_by_budget
-    if stopped_by_budget:
-        logging.warning("wall-clock budget of %.1f min reached at step %d of %s; stopping", budget_s / 60, step,
-                        meta["total_steps"])
-    if meta["total_steps"] is None:  # the budget ran out before calibration finished
-        meta["total_steps"] = step
-    if manager.latest_step() != step:
-        save(step)
-    meta.update(step=step, elapsed_s=elapsed())
-    manager.wait_until_finished()
-    manager.close()
-    return state["params"], meta
+    logging.info("model: %s, %.2fM parameters", model_cfg,
+                 sum(x.size for x in jax.tree.leaves(jax.eval_shape(fresh_state)["params"])) / 1e6)
+    return train_lib.run_loop(
+        fresh_state=fresh_state, train_step=make_train_step(Transformer(model_cfg), tx, cfg.batch_size, cfg.seq_len),
+        stream=stream, data_key=data_key, work_dir=work_dir, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
+        schedule_for=lambda total: train_lib.lr_schedule(cfg.learning_rate, cfg.min_lr_ratio, cfg.warmup_steps, total),
+        warmup_steps=cfg.warmup_steps, max_minutes=_MAX_MINUTES.value, max_steps=_MAX_STEPS.value,
+        calibration_steps=_CALIBRATION_STEPS.value, checkpoint_minutes=_CHECKPOINT_MINUTES.value)
 
 
 # ---------------------------------------------------------------------------- export
@@ -431,31 +291,17 @@ def heldout_eval(output_dir: str, context: int, max_tokens: int, batch_size: int
     return stdlib_corpus.perplexity(stdlib_corpus.jaxinfer_nll_fn(model_cfg, params), windows, batch_size)
 
 
-class _DropOrbaxInfo:
-    """absl log filter: orbax logs a dozen INFO lines per checkpoint; keep its warnings."""
-
-    def filter(self, record) -> bool:
-        return record.levelno >= 30 or "orbax" not in record.pathname
-
-
 def main(argv):
     del argv
-    logging.get_absl_handler().addFilter(_DropOrbaxInfo())
+    logging.get_absl_handler().addFilter(train_lib.DropOrbaxInfo())
     run_start = time.time()
     cfg = config_from_flags()
     work_dir, output_dir = _WORK_DIR.value, _OUTPUT_DIR.value
     os.makedirs(work_dir, exist_ok=True)
-    run_config_path = os.path.join(work_dir, "run_config.json")
-    if os.path.exists(run_config_path):
-        with open(run_config_path) as f:
-            saved = json.load(f)
-        if saved != dataclasses.asdict(cfg):
-            diff = {k: (saved.get(k), v) for k, v in dataclasses.asdict(cfg).items() if saved.get(k) != v}
-            raise app.UsageError(f"{work_dir} holds a run with other settings {diff} (saved, now); "
-                                 f"pass a new --work_dir or the same settings")
-    else:
-        with open(run_config_path, "w") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=2)
+    try:
+        train_lib.check_run_config(work_dir, dataclasses.asdict(cfg))
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
 
     split, stream, data_stats = prepare_data(cfg, work_dir)
     data_s = time.time() - run_start
@@ -467,9 +313,7 @@ def main(argv):
     logging.info("held-out: perplexity %.3f (mean NLL %.4f) over %d tokens", heldout["perplexity"],
                  heldout["mean_nll"], heldout["tokens"])
 
-    with open(os.path.join(work_dir, "train_log.jsonl")) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    last = rows[-50:]
+    last = train_lib.read_log(work_dir)[-50:]
     model_cfg = cfg.model_config()
     num_params = sum(x.size for x in jax.tree.leaves(params))
     summary = {
