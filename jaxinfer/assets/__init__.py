@@ -4,7 +4,10 @@ from __future__ import annotations
 import os
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-NAMED_MODELS = {"tiny-code": os.path.join(_HERE, "tiny-code")}
+# tiny-code: scripts/train_tiny.py. tiny-code-recursive: tiny-code converted by
+# scripts/convert_recursive.py (2 shared layers x 3 loops, rank-16 LoRA) and uptrained by
+# scripts/uptrain_recursive.py (docs/recursive.md).
+NAMED_MODELS = {name: os.path.join(_HERE, name) for name in ("tiny-code", "tiny-code-recursive")}
 DEFAULT_MODEL = "tiny-code"
 
 

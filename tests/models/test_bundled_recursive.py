@@ -1,0 +1,74 @@
+"""The bundled recursive model jaxinfer/assets/tiny-code-recursive.
+
+tiny-code converted by scripts/convert_recursive.py (2 shared layers looped 3 times,
+rank-16 LoRA per loop) and uptrained by scripts/uptrain_recursive.py; docs/recursive.md
+has the commands and the held-out perplexities. Checked: the folder is within the
+15 MB budget and says what it is; `InferenceSession.from_pretrained("tiny-code-recursive")`
+serves it by name with the greedy tokens of the recursive model's own dense reference
+forward, on real held-out code; its first loop drafts for itself (early_exit) without
+changing the tokens; the uptraining lowered held-out perplexity at every exit.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxinfer import EngineConfig, InferenceSession, SamplingParams, SpeculativeConfig
+from jaxinfer.assets import resolve_model_path
+from script_loader import load_script
+
+NAME = "tiny-code-recursive"
+MODEL_DIR = resolve_model_path(NAME)
+MAX_TOKENS = 6
+ENGINE = EngineConfig(page_size=8, num_pages=32, max_num_batched_tokens=64, compilation_cache_dir="")
+
+pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(MODEL_DIR, "model.safetensors")),
+                                reason=f"{MODEL_DIR} not built (docs/recursive.md)")
+
+
+@pytest.fixture(scope="module")
+def lib():
+    return load_script("convert_recursive").recursive_lib
+
+
+@pytest.fixture(scope="module")
+def prompts(lib):
+    docs = load_script("eval_perplexity").heldout_token_ids(MODEL_DIR, max_files=2)
+    return [docs[0][:20], docs[1][:33]]
+
+
+def test_folder_is_small_and_describes_its_loops():
+    assert os.path.getsize(os.path.join(MODEL_DIR, "model.safetensors")) <= 15 * 2**20
+    with open(os.path.join(MODEL_DIR, "config.json")) as f:
+        section = json.load(f)["recursive"]
+    assert (section["num_blocks"], section["num_loops"], section["lora_rank"]) == (2, 3, 16)
+    with open(os.path.join(MODEL_DIR, "uptrain_summary.json")) as f:
+        ppl = json.load(f)["heldout_perplexity"]
+    for exit_ in ("1", "2", "3"):
+        assert ppl["after"][exit_] < ppl["before"][exit_], exit_
+
+
+def test_served_by_name_with_the_reference_tokens_and_self_speculation(lib, prompts):
+    config, _, spec, rp = lib.load_recursive(MODEL_DIR)
+    forward = lib.make_forward(config, spec, (spec.num_loops,))
+    want = []
+    for prompt in prompts:
+        tokens = list(prompt)
+        for _ in range(MAX_TOKENS):
+            logits = forward(rp, jnp.asarray([tokens], jnp.int32))[spec.num_loops]
+            tokens.append(int(np.argmax(np.asarray(logits)[-1])))
+        want.append(tokens[len(prompt):])
+    greedy = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+    with InferenceSession.from_pretrained(NAME, engine=ENGINE) as session:
+        assert [o.token_ids for o in session.generate(prompts, greedy)] == want
+    draft = SpeculativeConfig(method="early_exit", num_speculative_tokens=3, draft_loops=1)
+    with InferenceSession.from_pretrained(NAME, engine=dataclasses.replace(ENGINE, speculative=draft)) as session:
+        assert [o.token_ids for o in session.generate(prompts, greedy)] == want
+        metrics = session.metrics()
+    assert metrics["spec_num_accepted_tokens"] > 0
+    assert metrics["num_free_pages"] == metrics["num_total_pages"]
