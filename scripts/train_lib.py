@@ -1,4 +1,4 @@
-"""The training loop shared by scripts/train_tiny.py and scripts/uptrain_recursive.py (no flags).
+"""The training loop shared by scripts/train_tiny.py and scripts/uptrain_recursive.py.
 
 - `sample_batch`: random windows of a token stream, a function of (seed, step) only, so
   a resumed run sees the batches the killed one would have.
@@ -6,6 +6,8 @@
   global-norm clipping, at learning rate 1; the step scales the update by the scheduled
   rate (warmup + cosine decay), so the schedule's length can be fitted after the run has
   started. AdamW's update is linear in the rate, so this is plain AdamW.
+- `define_flags`: the absl flags of the loop, the optimizer and the held-out scoring, each
+  script passing its own defaults.
 - `run_loop`: the resumable loop. Orbax checkpoints of {"params", "opt_state"} plus a JSON
   meta every `checkpoint_minutes` and at the end; a JSONL row per step (loss, lr, grad
   norm, tokens/s and whatever the step reports); a tqdm progress bar; with max_steps 0
@@ -19,15 +21,41 @@ import json
 import os
 import sys
 import time
+import types
 from typing import Callable
 
-from absl import logging
+from absl import flags, logging
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from tqdm import tqdm
+
+
+def define_flags(*, max_minutes: float, learning_rate: float, warmup_steps: int, weight_decay: float,
+                 eval_max_tokens: int) -> types.SimpleNamespace:
+    """Defines the flags both training scripts take; returns their FlagHolders by name."""
+    return types.SimpleNamespace(
+        max_minutes=flags.DEFINE_float("max_minutes", max_minutes,
+                                       "Wall-clock budget of the training loop (all sessions)."),
+        max_steps=flags.DEFINE_integer("max_steps", 0, "Training steps; 0 = fit to --max_minutes from measured speed."),
+        calibration_steps=flags.DEFINE_integer("calibration_steps", 12,
+                                               "Steps timed (after compilation) to fit the step count."),
+        checkpoint_minutes=flags.DEFINE_float("checkpoint_minutes", 5.0, "Minutes between orbax checkpoints."),
+        max_train_files=flags.DEFINE_integer("max_train_files", 0, "Use only the first N training files (0 = all)."),
+        seq_len=flags.DEFINE_integer("seq_len", 256, "Training window length (tokens)."),
+        batch_size=flags.DEFINE_integer("batch_size", 16, "Windows per step."),
+        learning_rate=flags.DEFINE_float("learning_rate", learning_rate, "Peak learning rate."),
+        min_lr_ratio=flags.DEFINE_float("min_lr_ratio", 0.1, "Final learning rate / peak."),
+        warmup_steps=flags.DEFINE_integer("warmup_steps", warmup_steps, "Linear warmup steps."),
+        weight_decay=flags.DEFINE_float("weight_decay", weight_decay, "AdamW decoupled weight decay (matrices only)."),
+        grad_clip=flags.DEFINE_float("grad_clip", 1.0, "Global gradient norm clip."),
+        seed=flags.DEFINE_integer("seed", 0, "Seed of the data order (and of a new model's init)."),
+        eval_max_tokens=flags.DEFINE_integer("eval_max_tokens", eval_max_tokens,
+                                             "Held-out tokens scored (0 = skip)."),
+        eval_batch_size=flags.DEFINE_integer("eval_batch_size", 8, "Windows per held-out scoring call."),
+    )
 
 
 def sample_batch(stream: np.ndarray, data_key: jax.Array, step: int, batch: int, length: int) -> np.ndarray:
@@ -215,5 +243,5 @@ def check_run_config(work_dir: str, config: dict) -> None:
             json.dump(config, f, indent=2)
 
 
-__all__ = ["DropOrbaxInfo", "check_run_config", "lr_schedule", "make_optimizer", "make_step", "read_log", "run_loop",
-           "sample_batch", "trim_log"]
+__all__ = ["DropOrbaxInfo", "check_run_config", "define_flags", "lr_schedule", "make_optimizer", "make_step",
+           "read_log", "run_loop", "sample_batch", "trim_log"]

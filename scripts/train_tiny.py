@@ -47,11 +47,8 @@ from jaxinfer.models.transformer import AttentionMetadata, Transformer, init_par
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "jaxinfer/assets/tiny-code", "Exported HF model folder.")
 _WORK_DIR = flags.DEFINE_string("work_dir", "runs/tiny-code",
                                 "Tokenizer, token cache, checkpoints and loss log; resumed if present.")
-_MAX_MINUTES = flags.DEFINE_float("max_minutes", 40.0, "Wall-clock budget of the training loop (all sessions).")
-_MAX_STEPS = flags.DEFINE_integer("max_steps", 0, "Training steps; 0 = fit to --max_minutes from measured speed.")
-_CALIBRATION_STEPS = flags.DEFINE_integer("calibration_steps", 12,
-                                          "Steps timed (after compilation) to fit the step count.")
-_MAX_TRAIN_FILES = flags.DEFINE_integer("max_train_files", 0, "Use only the first N training files (0 = all).")
+_LOOP = train_lib.define_flags(max_minutes=40.0, learning_rate=2e-3, warmup_steps=40, weight_decay=0.1,
+                               eval_max_tokens=100_000)
 _VOCAB_SIZE = flags.DEFINE_integer("vocab_size", 4096, "Sentencepiece vocabulary size.")
 _HIDDEN_SIZE = flags.DEFINE_integer("hidden_size", 256, "Model width D.")
 _INTERMEDIATE_SIZE = flags.DEFINE_integer("intermediate_size", 768, "SwiGLU width F.")
@@ -60,20 +57,9 @@ _NUM_HEADS = flags.DEFINE_integer("num_heads", 4, "Query heads (head_dim = hidde
 _NUM_KV_HEADS = flags.DEFINE_integer("num_kv_heads", 2, "KV heads (GQA when < num_heads).")
 _TIE_EMBEDDINGS = flags.DEFINE_bool("tie_embeddings", True, "Share the embedding and the LM head.")
 _MAX_POSITIONS = flags.DEFINE_integer("max_position_embeddings", 1024, "Positions the exported config allows.")
-_SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "Training window length (tokens).")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Windows per step.")
-_LEARNING_RATE = flags.DEFINE_float("learning_rate", 2e-3, "Peak learning rate.")
-_MIN_LR_RATIO = flags.DEFINE_float("min_lr_ratio", 0.1, "Final learning rate / peak.")
-_WARMUP_STEPS = flags.DEFINE_integer("warmup_steps", 40, "Linear warmup steps.")
-_WEIGHT_DECAY = flags.DEFINE_float("weight_decay", 0.1, "AdamW decoupled weight decay (matrices only).")
-_GRAD_CLIP = flags.DEFINE_float("grad_clip", 1.0, "Global gradient norm clip.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of jax.random.key for the init and the data order.")
-_CHECKPOINT_MINUTES = flags.DEFINE_float("checkpoint_minutes", 5.0, "Minutes between orbax checkpoints.")
 _SAVE_DTYPE = flags.DEFINE_enum("save_dtype", "auto", ["auto", "float32", "bfloat16"],
                                 "Exported weight dtype; auto = float32 unless that exceeds --max_export_mb.")
 _MAX_EXPORT_MB = flags.DEFINE_float("max_export_mb", 25.0, "Size limit of model.safetensors for auto.")
-_EVAL_MAX_TOKENS = flags.DEFINE_integer("eval_max_tokens", 100_000, "Held-out tokens scored after export.")
-_EVAL_BATCH_SIZE = flags.DEFINE_integer("eval_batch_size", 8, "Windows per held-out scoring call.")
 
 BOS_ID, EOS_ID, UNK_ID = 1, 2, 0
 TOKENIZER_FILE = "tokenizer.model"
@@ -125,10 +111,9 @@ def config_from_flags() -> TrainConfig:
                        intermediate_size=_INTERMEDIATE_SIZE.value, num_layers=_NUM_LAYERS.value,
                        num_heads=_NUM_HEADS.value, num_kv_heads=_NUM_KV_HEADS.value,
                        tie_embeddings=_TIE_EMBEDDINGS.value, max_position_embeddings=_MAX_POSITIONS.value,
-                       seq_len=_SEQ_LEN.value, batch_size=_BATCH_SIZE.value, learning_rate=_LEARNING_RATE.value,
-                       min_lr_ratio=_MIN_LR_RATIO.value, warmup_steps=_WARMUP_STEPS.value,
-                       weight_decay=_WEIGHT_DECAY.value, grad_clip=_GRAD_CLIP.value, seed=_SEED.value,
-                       max_train_files=_MAX_TRAIN_FILES.value)
+                       **{name: getattr(_LOOP, name).value for name in (
+                           "seq_len", "batch_size", "learning_rate", "min_lr_ratio", "warmup_steps", "weight_decay",
+                           "grad_clip", "seed", "max_train_files")})
 
 
 def hf_config_dict(cfg: ModelConfig, dtype: str) -> dict:
@@ -248,8 +233,8 @@ def train(cfg: TrainConfig, stream: np.ndarray, work_dir: str) -> tuple[dict, di
         fresh_state=fresh_state, train_step=make_train_step(Transformer(model_cfg), tx, cfg.batch_size, cfg.seq_len),
         stream=stream, data_key=data_key, work_dir=work_dir, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
         schedule_for=lambda total: train_lib.lr_schedule(cfg.learning_rate, cfg.min_lr_ratio, cfg.warmup_steps, total),
-        warmup_steps=cfg.warmup_steps, max_minutes=_MAX_MINUTES.value, max_steps=_MAX_STEPS.value,
-        calibration_steps=_CALIBRATION_STEPS.value, checkpoint_minutes=_CHECKPOINT_MINUTES.value)
+        warmup_steps=cfg.warmup_steps, max_minutes=_LOOP.max_minutes.value, max_steps=_LOOP.max_steps.value,
+        calibration_steps=_LOOP.calibration_steps.value, checkpoint_minutes=_LOOP.checkpoint_minutes.value)
 
 
 # ---------------------------------------------------------------------------- export
@@ -309,7 +294,7 @@ def main(argv):
     train_s = time.time() - run_start - data_s
 
     save_dtype = export(cfg, params, work_dir, output_dir)
-    heldout = heldout_eval(output_dir, cfg.seq_len, _EVAL_MAX_TOKENS.value, _EVAL_BATCH_SIZE.value)
+    heldout = heldout_eval(output_dir, cfg.seq_len, _LOOP.eval_max_tokens.value, _LOOP.eval_batch_size.value)
     logging.info("held-out: perplexity %.3f (mean NLL %.4f) over %d tokens", heldout["perplexity"],
                  heldout["mean_nll"], heldout["tokens"])
 
@@ -332,11 +317,11 @@ def main(argv):
                      "steps": meta["step"], "planned_steps": meta["total_steps"], "tokens_seen": meta["tokens"],
                      "epochs": meta["tokens"] / data_stats["train_tokens"],
                      "stopped_by_wall_clock_budget": meta["stopped_by_budget"],
-                     "max_minutes": _MAX_MINUTES.value},
+                     "max_minutes": _LOOP.max_minutes.value},
         "data": data_stats,
         "final_train_loss": last[-1]["loss"] if last else None,
         "final_train_loss_mean_last_50_steps": float(np.mean([r["loss"] for r in last])) if last else None,
-        "heldout": {**heldout, "context": cfg.seq_len, "max_tokens": _EVAL_MAX_TOKENS.value},
+        "heldout": {**heldout, "context": cfg.seq_len, "max_tokens": _LOOP.eval_max_tokens.value},
         "wall_time_s": {"data": round(data_s, 1), "train_loop_all_sessions": round(meta["elapsed_s"], 1),
                         "train_this_session": round(train_s, 1), "total_this_session": round(time.time() - run_start, 1)},
         "train_tokens_per_s": meta["tokens"] / max(1e-9, meta["elapsed_s"]),

@@ -49,23 +49,10 @@ _MODEL = flags.DEFINE_string("model", None, "Recursive folder written by scripts
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where to write the uptrained folder.")
 _WORK_DIR = flags.DEFINE_string("work_dir", "runs/uptrain-recursive",
                                 "Token cache, checkpoints and loss log; resumed if present.")
-_MAX_MINUTES = flags.DEFINE_float("max_minutes", 30.0, "Wall-clock budget of the training loop (all sessions).")
-_MAX_STEPS = flags.DEFINE_integer("max_steps", 0, "Training steps; 0 = fit to --max_minutes from measured speed.")
-_CALIBRATION_STEPS = flags.DEFINE_integer("calibration_steps", 12, "Steps timed to fit the step count.")
-_CHECKPOINT_MINUTES = flags.DEFINE_float("checkpoint_minutes", 5.0, "Minutes between orbax checkpoints.")
-_MAX_TRAIN_FILES = flags.DEFINE_integer("max_train_files", 0, "Use only the first N training files (0 = all).")
-_SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "Training window length (tokens).")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Windows per step.")
-_LEARNING_RATE = flags.DEFINE_float("learning_rate", 1e-3, "Peak learning rate.")
-_MIN_LR_RATIO = flags.DEFINE_float("min_lr_ratio", 0.1, "Final learning rate / peak.")
-_WARMUP_STEPS = flags.DEFINE_integer("warmup_steps", 20, "Linear warmup steps.")
-_WEIGHT_DECAY = flags.DEFINE_float("weight_decay", 0.0, "AdamW decoupled weight decay (matrices only).")
-_GRAD_CLIP = flags.DEFINE_float("grad_clip", 1.0, "Global gradient norm clip.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the data order.")
+_LOOP = train_lib.define_flags(max_minutes=30.0, learning_rate=1e-3, warmup_steps=20, weight_decay=0.0,
+                               eval_max_tokens=4000)
 _EXIT_LOSSES = flags.DEFINE_list("exit_losses", [], "Loop counts whose exit is trained (default: every exit of "
                                                     "the folder's exit_after_loops).")
-_EVAL_MAX_TOKENS = flags.DEFINE_integer("eval_max_tokens", 4000, "Held-out tokens scored before and after (0 = skip).")
-_EVAL_BATCH_SIZE = flags.DEFINE_integer("eval_batch_size", 8, "Windows per held-out scoring call.")
 
 SUMMARY_FILE = "uptrain_summary.json"
 
@@ -120,13 +107,13 @@ def main(argv):
         raise app.UsageError(f"--exit_losses: expected loop counts, got {_EXIT_LOSSES.value}") from None
     if exits[0] < 1 or exits[-1] > spec.num_loops:
         raise app.UsageError(f"--exit_losses: {list(exits)} must lie in 1..{spec.num_loops}")
-    if _SEQ_LEN.value > config.max_position_embeddings:
-        raise app.UsageError(f"--seq_len: {_SEQ_LEN.value} exceeds the model's {config.max_position_embeddings} "
+    if _LOOP.seq_len.value > config.max_position_embeddings:
+        raise app.UsageError(f"--seq_len: {_LOOP.seq_len.value} exceeds the model's {config.max_position_embeddings} "
                              f"positions")
     work_dir = _WORK_DIR.value
     os.makedirs(work_dir, exist_ok=True)
     settings = {"model": os.path.abspath(model_dir), "recursive": spec.section(), "exits": list(exits),
-                **{name: getattr(flags.FLAGS, name) for name in (
+                **{name: getattr(_LOOP, name).value for name in (
                     "seq_len", "batch_size", "learning_rate", "min_lr_ratio", "warmup_steps", "weight_decay",
                     "grad_clip", "seed", "max_train_files")}}
     try:
@@ -134,12 +121,14 @@ def main(argv):
     except ValueError as e:
         raise app.UsageError(str(e)) from None
 
-    stream = training_stream(model_dir, work_dir, _MAX_TRAIN_FILES.value)
-    before = (heldout_perplexities(model_dir, config, spec, rp, _EVAL_MAX_TOKENS.value, _SEQ_LEN.value,
-                                   _EVAL_BATCH_SIZE.value) if _EVAL_MAX_TOKENS.value else None)
+    stream = training_stream(model_dir, work_dir, _LOOP.max_train_files.value)
+    score = lambda folder, params: (heldout_perplexities(  # noqa: E731
+        folder, config, spec, params, _LOOP.eval_max_tokens.value, _LOOP.seq_len.value, _LOOP.eval_batch_size.value)
+        if _LOOP.eval_max_tokens.value else None)
+    before = score(model_dir, rp)
     if before:
         logging.info("held-out perplexity before, per exit: %s", before)
-    tx = train_lib.make_optimizer(_GRAD_CLIP.value, _WEIGHT_DECAY.value)
+    tx = train_lib.make_optimizer(_LOOP.grad_clip.value, _LOOP.weight_decay.value)
     start_params = jax.tree.map(jnp.asarray, rp)
 
     def fresh_state():
@@ -148,16 +137,16 @@ def main(argv):
     loss_fn = make_loss(config, spec, exits)
     params, meta = train_lib.run_loop(
         fresh_state=fresh_state, train_step=train_lib.make_step(loss_fn, tx), stream=stream,
-        data_key=jax.random.fold_in(jax.random.key(_SEED.value), 1), work_dir=work_dir,
-        batch_size=_BATCH_SIZE.value, seq_len=_SEQ_LEN.value,
-        schedule_for=lambda total: train_lib.lr_schedule(_LEARNING_RATE.value, _MIN_LR_RATIO.value,
-                                                         _WARMUP_STEPS.value, total),
-        warmup_steps=_WARMUP_STEPS.value, max_minutes=_MAX_MINUTES.value, max_steps=_MAX_STEPS.value,
-        calibration_steps=_CALIBRATION_STEPS.value, checkpoint_minutes=_CHECKPOINT_MINUTES.value, desc="uptrain")
+        data_key=jax.random.fold_in(jax.random.key(_LOOP.seed.value), 1), work_dir=work_dir,
+        batch_size=_LOOP.batch_size.value, seq_len=_LOOP.seq_len.value,
+        schedule_for=lambda total: train_lib.lr_schedule(_LOOP.learning_rate.value, _LOOP.min_lr_ratio.value,
+                                                         _LOOP.warmup_steps.value, total),
+        warmup_steps=_LOOP.warmup_steps.value, max_minutes=_LOOP.max_minutes.value, max_steps=_LOOP.max_steps.value,
+        calibration_steps=_LOOP.calibration_steps.value, checkpoint_minutes=_LOOP.checkpoint_minutes.value,
+        desc="uptrain")
     params = jax.tree.map(np.asarray, jax.device_get(params))
     recursive_lib.save_recursive(_OUTPUT_DIR.value, hf_config, config, spec, params, source_dir=model_dir)
-    after = (heldout_perplexities(_OUTPUT_DIR.value, config, spec, params, _EVAL_MAX_TOKENS.value, _SEQ_LEN.value,
-                                  _EVAL_BATCH_SIZE.value) if _EVAL_MAX_TOKENS.value else None)
+    after = score(_OUTPUT_DIR.value, params)
     last = train_lib.read_log(work_dir)[-50:]
     summary = {
         "model": os.path.abspath(model_dir), "output_dir": os.path.abspath(_OUTPUT_DIR.value),
@@ -167,7 +156,7 @@ def main(argv):
         "train_minutes": meta["elapsed_s"] / 60, "stopped_by_wall_clock_budget": meta["stopped_by_budget"],
         "final_train_loss_mean_last_50_steps": {k: float(np.mean([r[k] for r in last]))
                                                 for k in last[-1] if k.startswith("loss")} if last else None,
-        "heldout_perplexity": {"max_tokens": _EVAL_MAX_TOKENS.value, "context": _SEQ_LEN.value,
+        "heldout_perplexity": {"max_tokens": _LOOP.eval_max_tokens.value, "context": _LOOP.seq_len.value,
                                "before": before, "after": after},
         "wall_time_s": round(time.time() - run_start, 1),
         "device": f"{jax.devices()[0].device_kind} x{jax.device_count()} ({os.cpu_count()} CPU cores)",
