@@ -272,6 +272,19 @@ def make_forward(config, spec: RecursiveSpec, exits: Optional[Sequence[int]] = N
     return forward
 
 
+def greedy_tokens(config, spec: RecursiveSpec, rp: Mapping, prompt: Sequence[int], max_tokens: int) -> list[int]:
+    """The greedy continuation of prompt by the full recursive model's dense forward (the
+    engine's oracle: no KV cache, the whole sequence re-run per token)."""
+    import jax.numpy as jnp
+
+    forward = make_forward(config, spec, (spec.num_loops,))
+    tokens = list(prompt)
+    for _ in range(max_tokens):
+        logits = forward(rp, jnp.asarray([tokens], jnp.int32))[spec.num_loops]
+        tokens.append(int(np.argmax(np.asarray(logits)[-1])))
+    return tokens[len(prompt):]
+
+
 def exit_nll_fns(config, spec: RecursiveSpec, rp: Mapping, exits: Optional[Sequence[int]] = None,
                  dtype: str = "float32") -> dict:
     """{k: stdlib_corpus.NllFn of the recursive model exiting after k loops} for k in exits.

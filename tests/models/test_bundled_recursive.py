@@ -14,8 +14,6 @@ import dataclasses
 import json
 import os
 
-import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from jaxinfer import EngineConfig, InferenceSession, SamplingParams, SpeculativeConfig
@@ -55,14 +53,7 @@ def test_folder_is_small_and_describes_its_loops():
 
 def test_served_by_name_with_the_reference_tokens_and_self_speculation(lib, prompts):
     config, _, spec, rp = lib.load_recursive(MODEL_DIR)
-    forward = lib.make_forward(config, spec, (spec.num_loops,))
-    want = []
-    for prompt in prompts:
-        tokens = list(prompt)
-        for _ in range(MAX_TOKENS):
-            logits = forward(rp, jnp.asarray([tokens], jnp.int32))[spec.num_loops]
-            tokens.append(int(np.argmax(np.asarray(logits)[-1])))
-        want.append(tokens[len(prompt):])
+    want = [lib.greedy_tokens(config, spec, rp, prompt, MAX_TOKENS) for prompt in prompts]
     greedy = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
     with InferenceSession.from_pretrained(NAME, engine=ENGINE) as session:
         assert [o.token_ids for o in session.generate(prompts, greedy)] == want
