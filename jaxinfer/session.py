@@ -41,7 +41,7 @@ from jaxinfer.engine.engine import Engine
 from jaxinfer.engine.validation import NewRequest, resolve_max_model_len
 from jaxinfer.models import checkpoint, lazy_checkpoint, parallel
 from jaxinfer.models.tokenizer import load_tokenizer
-from jaxinfer.runtime import compile_cache, draft_runner, step_broadcast
+from jaxinfer.runtime import compile_cache, depthwise_runner, draft_runner, step_broadcast
 from jaxinfer.runtime import warmup as warmup_lib
 from jaxinfer.runtime.model_runner import ModelRunner
 from jaxinfer.sharding import distributed
@@ -95,8 +95,9 @@ class InferenceSession:
                                         max_model_len=max_model_len)  # None without a draft model
         if engine.disaggregation is not None:  # a prefill and a decode runner (engine/splitwise.py)
             runners = splitwise.build_runners(model_config, params, engine, dtype=dtype, max_model_len=max_model_len)
-        runner = runners[0] if engine.disaggregation else ModelRunner.from_config(
-            model_config, params, engine, dtype=dtype, max_model_len=max_model_len, mesh=mesh)
+        runner = runners[0] if engine.disaggregation else depthwise_runner.for_engine(
+            model_config, params, engine, model_path, dtype=dtype, max_model_len=max_model_len) or \
+            ModelRunner.from_config(model_config, params, engine, dtype=dtype, max_model_len=max_model_len, mesh=mesh)
         # Several processes: process 0 runs the engine and sends each step; the others
         # only follow (run_follower) and take no requests.
         self._follower_runner = None

@@ -122,6 +122,13 @@ class ScheduledSequence:
     # ids (EOS, stop token ids) -inf logits
     banned_token_ids: tuple = ()
     ban_until_position: int = 0
+    # Depth-wise batching of a recursive model (engine/depthwise.py; other runners ignore
+    # these): the loop of the shared block the tokens run this step (loop > 0: their hidden
+    # states come from the previous step's row of the same request_id), and, for a sequence
+    # that samples before the last loop, the confidence at or above which it exits (None:
+    # it samples only after the last loop)
+    loop: int = 0
+    exit_threshold: Optional[float] = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -272,16 +272,30 @@ def make_forward(config, spec: RecursiveSpec, exits: Optional[Sequence[int]] = N
     return forward
 
 
-def greedy_tokens(config, spec: RecursiveSpec, rp: Mapping, prompt: Sequence[int], max_tokens: int) -> list[int]:
+def greedy_tokens(config, spec: RecursiveSpec, rp: Mapping, prompt: Sequence[int], max_tokens: int,
+                  exit_threshold: Optional[float] = None) -> list[int]:
     """The greedy continuation of prompt by the full recursive model's dense forward (the
-    engine's oracle: no KV cache, the whole sequence re-run per token)."""
+    engine's oracle: no KV cache, the whole sequence re-run per token).
+
+    With `exit_threshold`, each token is the argmax of the first exit (after k loops, k in
+    exit_after_loops, k < num_loops) whose max probability is >= the threshold, else of the
+    last loop's logits; every earlier token's hidden states still run all loops (the
+    engine's early exit fills the skipped loops' K/V).
+    """
     import jax.numpy as jnp
 
-    forward = make_forward(config, spec, (spec.num_loops,))
+    exits = (spec.num_loops,) if exit_threshold is None else tuple(sorted({*spec.exit_after_loops, spec.num_loops}))
+    forward = make_forward(config, spec, exits)
     tokens = list(prompt)
     for _ in range(max_tokens):
-        logits = forward(rp, jnp.asarray([tokens], jnp.int32))[spec.num_loops]
-        tokens.append(int(np.argmax(np.asarray(logits)[-1])))
+        out = forward(rp, jnp.asarray([tokens], jnp.int32))
+        chosen = out[spec.num_loops]
+        for k in exits[:-1] if exit_threshold is not None else ():
+            row = np.asarray(out[k], np.float64)[-1]
+            if 1.0 / np.exp(row - row.max()).sum() >= exit_threshold:
+                chosen = out[k]
+                break
+        tokens.append(int(np.argmax(np.asarray(chosen)[-1])))
     return tokens[len(prompt):]
 
 

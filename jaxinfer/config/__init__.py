@@ -208,8 +208,17 @@ class SamplingParams:
     # independent samples of the prompt, in [1, MAX_N]; the engine runs them as n
     # requests sharing the prompt's cached pages (engine/engine.py)
     n: int = 1
+    # Recursive models with depth-wise batching (engine/depthwise.py): the token is sampled
+    # after the first exit loop where the max probability of the exit's distribution is
+    # >= this, in [0, 1]; None = the engine's default (EngineConfig.early_exit_threshold)
+    early_exit_threshold: Optional[float] = None
 
     def __post_init__(self):
+        _require(self.early_exit_threshold is None or (not isinstance(self.early_exit_threshold, bool) and _is_number(
+            self.early_exit_threshold) and 0 <= self.early_exit_threshold <= 1), "early_exit_threshold",
+            f"must be None or a number in [0, 1], got {self.early_exit_threshold!r}")
+        if self.early_exit_threshold is not None:
+            object.__setattr__(self, "early_exit_threshold", float(self.early_exit_threshold))
         for name, kind in (("max_tokens", int), ("top_k", int), ("seed", int), ("temperature", float),
                            ("top_p", float), ("min_p", float), ("presence_penalty", float),
                            ("frequency_penalty", float), ("repetition_penalty", float), ("min_tokens", int),
@@ -404,9 +413,20 @@ class EngineConfig:
     num_prefill_devices: Optional[int] = None
     prefill_tensor_parallel_size: int = 1
     decode_tensor_parallel_size: int = 1
+    # Recursive models (engine/depthwise.py): one call of the shared block per step over tokens
+    # at mixed loop depths. None = on for a recursive folder when its features allow it, True =
+    # on (an error names what prevents it), False = each token's loops back to back (unrolled)
+    depthwise_batching: Optional[bool] = None
+    # Default SamplingParams.early_exit_threshold of requests that leave it None (None = no exit)
+    early_exit_threshold: Optional[float] = None
 
     def __post_init__(self):
         _python_ints(self)
+        _require(self.depthwise_batching in (None, True, False), "depthwise_batching",
+                 f"must be None, True or False, got {self.depthwise_batching!r}")
+        _require(self.early_exit_threshold is None or (not isinstance(self.early_exit_threshold, bool) and _is_number(
+            self.early_exit_threshold) and 0 <= self.early_exit_threshold <= 1), "early_exit_threshold",
+            f"must be None or a number in [0, 1], got {self.early_exit_threshold!r}")
         _require(self.speculative is None or isinstance(self.speculative, SpeculativeConfig), "speculative",
                  f"must be None or a SpeculativeConfig, got {type(self.speculative).__name__}")
         _require(self.disaggregation in (None, "splitwise"), "disaggregation",

@@ -53,6 +53,7 @@ import numpy as np
 
 from jaxinfer.config import EngineConfig, ModelConfig, SamplingParams
 from jaxinfer.engine.block_manager import BlockManager
+from jaxinfer.engine.depthwise import DepthwisePipeline, depthwise_step
 from jaxinfer.engine.errors import NonFiniteOutput, RequestFailed, StepFailed  # noqa: F401 - re-exported
 from jaxinfer.engine.output_processor import OutputProcessor
 from jaxinfer.engine.request import Request
@@ -152,6 +153,14 @@ class Engine:
         self._arrivals = itertools.count()
         self._seed_rng = random.Random()
         self._counters = _Counters()
+        # Depth-wise batching of a recursive model (engine/depthwise.py): the runner says so.
+        self.depthwise = (DepthwisePipeline(self.block_manager, num_loops=runner.num_loops,
+                                            exit_loops=runner.exit_loops,
+                                            default_threshold=engine_config.early_exit_threshold)
+                          if getattr(runner, "depthwise", False) else None)
+        if self.depthwise is None and engine_config.early_exit_threshold is not None:
+            raise ValueError("early_exit_threshold: early exit needs depth-wise batching (a recursive model folder "
+                             "and depthwise_batching not False)")
         self._weight_bytes = runner.weight_bytes
         self._kv_cache_bytes = runner.kv_cache_bytes
         self._device_info = runner.device_info()
@@ -168,6 +177,11 @@ class Engine:
           ValueError: naming the field and the request's index; nothing is queued.
         """
         requests = validate_requests(list(requests), self.limits)
+        if self.depthwise is None:
+            for i, r in enumerate(requests):
+                if r.params.early_exit_threshold is not None:
+                    raise ValueError(f"params[{i}].early_exit_threshold: early exit needs depth-wise batching (a "
+                                     f"recursive model folder and depthwise_batching not False)")
         given = {r.request_id for r in requests if r.request_id is not None}
         taken = set(self.requests)
         named = []
@@ -204,7 +218,8 @@ class Engine:
 
     @property
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished
+        # Depth-wise: entries in flight (fill entries of finished requests too) hold pages.
+        return self.scheduler.has_unfinished or bool(self.depthwise is not None and self.depthwise.entries)
 
     def abort(self, request_id: str) -> Optional[StreamDelta]:
         """Stops a request wherever it is and frees its pages.
@@ -253,6 +268,8 @@ class Engine:
           last delta (finish_reason set, with its RequestOutput) also forgets it.
         """
         start = time.perf_counter()
+        if self.depthwise is not None:
+            return depthwise_step(self, start)
         drafts = None
         if self.proposer is not None:
             decodes = self.scheduler.decoding()
@@ -447,6 +464,7 @@ class Engine:
             **_router_metrics(getattr(self.runner, "expert_token_counts", None)),
             # A pipelined runner's figures (pipeline_bubble_fraction, ...); none otherwise.
             **(self.runner.pipeline_metrics() if hasattr(self.runner, "pipeline_metrics") else {}),
+            **(self.depthwise.counters.as_metrics(self.depthwise.num_loops) if self.depthwise is not None else {}),
         }
 
 

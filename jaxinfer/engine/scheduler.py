@@ -239,14 +239,19 @@ class Scheduler:
         """The running requests whose next step is a decode (one token left to compute)."""
         return [r for r in self.running if r.num_tokens - r.num_computed == 1]
 
-    def schedule(self, drafts: Optional[dict] = None) -> Optional[ScheduledStep]:
+    def schedule(self, drafts: Optional[dict] = None, *, busy=(), token_budget: Optional[int] = None
+                 ) -> Optional[ScheduledStep]:
         """Returns the next step (None if there is nothing to run).
 
         `drafts` (speculative decoding, engine/speculative.py): request id -> draft ids
         fed after a decode's last token and verified in this step; a decode takes them
         as far as the token budget and the free pages go (drafts never preempt).
+        `busy` (depth-wise batching, engine/depthwise.py): ids of running requests whose
+        last scheduled tokens are still in flight; they are not scheduled.
+        `token_budget`: this step's budget when below max_num_batched_tokens.
         """
-        budget = self.max_num_batched_tokens
+        budget = self.max_num_batched_tokens if token_budget is None else min(token_budget,
+                                                                              self.max_num_batched_tokens)
         chosen: list = []  # (request, num_tokens) in batch order
         chosen_set: set = set()
         taken_drafts: dict = {}  # request id -> the drafts it runs this step
@@ -259,8 +264,10 @@ class Scheduler:
             budget -= num_tokens
 
         for request in self.decoding():
-            if budget == 0:
+            if budget <= 0:
                 break
+            if request.request_id in busy:
+                continue
             draft = tuple((drafts or {}).get(request.request_id, ()))[:budget - 1]
             if draft and (bm.pages_needed(request.num_computed + 1 + len(draft))
                           - max(len(request.page_ids), bm.pages_needed(request.num_computed + 1))
@@ -272,7 +279,7 @@ class Scheduler:
                     taken_drafts[request.request_id] = draft
         for request in list(self.running):
             remaining = request.num_tokens - request.num_computed
-            if budget == 0 or request in chosen_set or remaining <= 1:
+            if budget <= 0 or request in chosen_set or remaining <= 1 or request.request_id in busy:
                 continue
             take(request, min(remaining, budget))
         index = 0
@@ -336,6 +343,7 @@ class Scheduler:
             logit_bias=params.logit_bias if samples else (),
             banned_token_ids=request.min_tokens_ban_ids if banned else (),
             ban_until_position=len(request.prompt_ids) + params.min_tokens,
+            exit_threshold=params.early_exit_threshold if samples else None,
         )
 
     def update(self, step: ScheduledStep, step_output: StepOutput) -> list:

@@ -1,0 +1,164 @@
+"""Continuous depth-wise batching of a recursive model (engine/depthwise.py,
+runtime/depthwise_runner.py, models/recursive_block.py) on the bundled tiny-code-recursive
+(2 shared layers x 3 loops, rank-16 LoRA).
+
+Checked: with exit off, the greedy tokens equal the unrolled engine's (loops back to back)
+for requests joining at different steps, with chunked prefill and with preemptions; early
+exit picks, per token, the first exit whose confidence reaches the threshold, with the
+skipped loops' K/V filled (the dense oracle runs every loop for earlier tokens); a
+threshold of 1 never exits; aborts in flight leak no page; the metrics add up; the
+settings depth-wise batching cannot run with are refused with the field named.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from jaxinfer import EngineConfig, InferenceSession, SamplingParams, SpeculativeConfig
+from jaxinfer.assets import resolve_model_path
+from jaxinfer.types import ScheduledSequence, StepInput
+from script_loader import load_script
+
+NAME = "tiny-code-recursive"
+MODEL_DIR = resolve_model_path(NAME)
+BASE = dict(page_size=8, num_pages=48, max_num_batched_tokens=32, max_num_seqs=8, compilation_cache_dir="")
+MAX_TOKENS = 8
+
+pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(MODEL_DIR, "model.safetensors")),
+                                reason=f"{MODEL_DIR} not built (docs/recursive.md)")
+
+
+@pytest.fixture(scope="module")
+def lib():
+    return load_script("convert_recursive").recursive_lib
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    docs = load_script("eval_perplexity").heldout_token_ids(MODEL_DIR, max_files=3)
+    # 45 tokens > the 32-token budget: chunked prefill across depth-wise steps.
+    return [docs[0][:12], docs[1][:45], docs[2][:5], docs[0][30:52]]
+
+
+@pytest.fixture(scope="module")
+def depthwise():
+    with InferenceSession.from_pretrained(NAME, engine=EngineConfig(**BASE)) as session:
+        yield session
+
+
+@pytest.fixture(scope="module")
+def unrolled_tokens(prompts):
+    greedy = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+    with InferenceSession.from_pretrained(NAME, engine=EngineConfig(depthwise_batching=False, **BASE)) as session:
+        assert type(session.engine.runner).__name__ == "ModelRunner"
+        return [o.token_ids for o in session.generate(prompts, greedy)]
+
+
+def _run(engine, items, join_every=2):
+    """Adds (prompt, params) items one by one, `join_every` steps apart, and steps to the end."""
+    ids, done, pending, steps = [], {}, list(items), 0
+    while pending or engine.has_unfinished:
+        if pending and steps % join_every == 0:
+            prompt, params = pending.pop(0)
+            ids.append(engine.add_request(prompt, params))
+        for delta in engine.step():
+            if delta.is_finished:
+                done[delta.request_id] = delta.output.token_ids
+        steps += 1
+        assert steps < 2000
+    return [done[i] for i in ids]
+
+
+def test_default_for_recursive_folders_and_greedy_equals_unrolled(depthwise, prompts, unrolled_tokens):
+    engine = depthwise.engine
+    assert type(engine.runner).__name__ == "DepthwiseRunner"
+    greedy = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+    engine.reset_prefix_cache()
+    before = engine.metrics()
+    assert _run(engine, [(p, greedy) for p in prompts]) == unrolled_tokens
+    m = engine.metrics()
+    delta = {k: m[k] - before[k] for k in ("depthwise_steps", "depthwise_rows", "depthwise_mixed_steps",
+                                           "num_early_exits", "depthwise_fill_rows")}
+    # every fed token (prompt, then each generated token but the last) runs all 3 loops
+    assert delta["depthwise_rows"] == 3 * sum(len(p) + MAX_TOKENS - 1 for p in prompts)
+    assert delta["depthwise_mixed_steps"] > delta["depthwise_steps"] // 2  # one block call, several depths
+    assert delta["num_early_exits"] == 0 and delta["depthwise_fill_rows"] == 0
+    assert m["num_free_pages"] == m["num_total_pages"] and not engine.depthwise.entries
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.4])
+def test_early_exit_matches_the_dense_exit_oracle(depthwise, lib, prompts, threshold):
+    config, _, spec, rp = lib.load_recursive(MODEL_DIR)
+    want = [lib.greedy_tokens(config, spec, rp, p, MAX_TOKENS, exit_threshold=threshold) for p in prompts[:3]]
+    first = depthwise.engine.metrics()
+    before = dict(first["early_exits_per_loop"])
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True, early_exit_threshold=threshold)
+    assert [o.token_ids for o in depthwise.generate(prompts[:3], params)] == want
+    m = depthwise.engine.metrics()
+    exits = sum(m["early_exits_per_loop"][k] - before[k] for k in before)
+    if threshold == 0.0:  # every token leaves at the first exit
+        assert m["early_exits_per_loop"]["1"] - before["1"] == 3 * MAX_TOKENS
+    assert exits > 0 and m["depthwise_fill_rows"] > first["depthwise_fill_rows"]
+    assert m["mean_loops_per_token"] < 3.0
+    assert m["num_free_pages"] == m["num_total_pages"] and not depthwise.engine.depthwise.entries
+
+
+def test_threshold_one_never_exits_and_requests_mix(depthwise, prompts, unrolled_tokens):
+    greedy = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+    never = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True, early_exit_threshold=1.0)
+    eager = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True, early_exit_threshold=0.0)
+    # exiting requests beside full-depth ones do not change the full-depth ones' tokens
+    got = _run(depthwise.engine, [(prompts[0], never), (prompts[1], eager), (prompts[2], greedy),
+                                  (prompts[3], eager)], join_every=1)
+    assert got[0] == unrolled_tokens[0] and got[2] == unrolled_tokens[2]
+
+
+def test_abort_in_flight_and_preemption_leak_nothing(prompts, unrolled_tokens):
+    greedy = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+    # 12 pages of 8 tokens for 4 requests of up to 53 tokens: preemptions
+    with InferenceSession.from_pretrained(NAME, engine=EngineConfig(**{**BASE, "num_pages": 12})) as session:
+        engine = session.engine
+        assert _run(engine, [(p, greedy) for p in prompts], join_every=1) == unrolled_tokens
+        assert engine.metrics()["num_preemptions"] > 0
+        eager = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True, early_exit_threshold=0.0)
+        rid = engine.add_request(prompts[0], eager)
+        other = engine.add_request(prompts[2], greedy)
+        for _ in range(6):
+            engine.step()
+        assert engine.depthwise.entries
+        engine.abort(rid)
+        while engine.has_unfinished:
+            engine.step()
+        m = engine.metrics()
+        assert m["num_free_pages"] == m["num_total_pages"] and m["num_requests_tracked"] == 0
+        assert not engine.depthwise.entries and not engine.depthwise.busy
+        assert other not in engine.requests
+        engine.block_manager.check_consistency()
+
+
+def test_runner_refuses_a_loop_without_its_rows(depthwise):
+    seq = ScheduledSequence(request_id="nowhere", token_ids=(5,), start_position=0, page_ids=(0,),
+                            sample_offsets=(), temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, seed=0, loop=1)
+    with pytest.raises(ValueError, match="'nowhere': loop 1 but the last step had no 1 rows"):
+        depthwise.engine.runner.execute(StepInput(sequences=(seq,)))
+
+
+def test_settings_it_cannot_run_with_are_named():
+    with pytest.raises(ValueError, match="early_exit_threshold"):
+        SamplingParams(early_exit_threshold=1.5)
+    with pytest.raises(ValueError, match="depthwise_batching"):
+        EngineConfig(depthwise_batching="yes")
+    with pytest.raises(ValueError, match="depthwise_batching: True needs a recursive model folder"):
+        InferenceSession.from_pretrained("tiny-code", engine=EngineConfig(depthwise_batching=True, **BASE))
+    with pytest.raises(ValueError, match="early_exit_threshold: early exit needs depth-wise batching"):
+        InferenceSession.from_pretrained("tiny-code", engine=EngineConfig(early_exit_threshold=0.5, **BASE))
+    spec = SpeculativeConfig(method="ngram")
+    with pytest.raises(ValueError, match="speculative: cannot run with depthwise_batching=True"):
+        InferenceSession.from_pretrained(NAME, engine=EngineConfig(depthwise_batching=True, speculative=spec, **BASE))
+
+
+def test_unrolled_engine_refuses_a_request_exit_threshold(prompts):
+    with InferenceSession.from_pretrained(NAME, engine=EngineConfig(depthwise_batching=False, **BASE)) as session:
+        with pytest.raises(ValueError, match=r"params\[0\].early_exit_threshold"):
+            session.engine.add_request(prompts[0], SamplingParams(early_exit_threshold=0.5))
