@@ -21,8 +21,8 @@ no requests. Closing process 0's session stops them.
 Design note: the session always goes through the loop thread, also for a single caller:
 one path, one set of races (none: only the loop thread touches the engine), at the cost
 of a thread hand-off per finished request (`generate`) or step (`stream`), measured as
-noise (scripts/benchmark_latency.py, BUILD.md). `EngineConfig(disaggregation="splitwise")`
-builds a SplitwiseEngine over a prefill and a decode runner (engine/splitwise.py).
+noise (scripts/benchmark_latency.py, BUILD.md). Splitwise: engine/splitwise.py; a
+recursive folder runs depth-wise (runtime/depthwise_runner.py) unless its settings forbid.
 """
 from __future__ import annotations
 
@@ -31,8 +31,7 @@ import json
 import os
 from typing import Optional, Sequence, Union
 
-from jaxinfer import progress as progress_bars
-from jaxinfer import quant
+from jaxinfer import progress as progress_bars, quant
 from jaxinfer.assets import resolve_model_path
 from jaxinfer.config import EngineConfig, ModelConfig, SamplingParams
 from jaxinfer.engine.async_engine import AsyncEngine, RequestStream
@@ -170,12 +169,13 @@ class InferenceSession:
                                       engine.pipeline_parallel_size, int4_group_size=group)
         mesh = mesh_for_engine(engine.tensor_parallel_size, engine.expert_parallel_size,
                                engine.pipeline_parallel_size)
-        if not quantized and lazy_checkpoint.is_lazy_loadable(path):
-            # Read per device shard by the runner, straight from the safetensors memmap.
+        if depthwise_runner.will_run(engine, hf_config, model_path=path, quantized=quantized):
+            params = None  # the depth-wise runner reads the shared block and the LoRA itself
+        elif not quantized and lazy_checkpoint.is_lazy_loadable(path):  # read per device shard by the runner
             params = lazy_checkpoint.lazy_hf_params(path, model_config, dtype)
         elif quantization is None:
-            # An int4 (or orbax) folder: on several devices the leaves stay on the host
-            # (numpy over the memmap) and the runner puts each device's shard there.
+            # An int4 (or orbax) folder: on several devices the leaves stay on the host (numpy
+            # over the memmap) and the runner puts each device's shard there.
             model_config, params, _ = checkpoint.load_model(path, dtype, on_host=mesh.size > 1)
         else:
             # Quantize from float32 weights; the leaves left float are cast to dtype after.

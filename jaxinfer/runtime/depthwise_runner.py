@@ -34,7 +34,7 @@ import numpy as np
 from jaxinfer.config import EngineConfig, ModelConfig
 from jaxinfer.models import checkpoint, recursive, recursive_block
 from jaxinfer.models.quant_format import int4_format_of
-from jaxinfer.runtime import input_batch, kv_cache, program_memory
+from jaxinfer.runtime import input_batch, kv_cache, program_memory, warmup
 from jaxinfer.runtime.input_batch import BatchConfig, bucket
 from jaxinfer.runtime.model_runner import kv_tokens_finite, rows_finite, sample_rows, step_metadata
 from jaxinfer.sharding import mesh as mesh_lib
@@ -90,7 +90,7 @@ class DepthwiseRunner:
         self.map_budget = program_memory.MapBudget()
         self.weight_bytes = int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self.bp)))
         self.kv_cache_bytes = kv_cache.cache_bytes(self.kv_caches)
-        self.shape_profile = None  # recorded shapes (the warm-up's profile) are the plain runner's only
+        self.shape_profile = None  # set by the session: where compiled shape keys are recorded
         self.fault_injector = None
 
     @property
@@ -137,10 +137,7 @@ class DepthwiseRunner:
         device_seconds = time.perf_counter() - device_start
         is_compile = batch.shape_key not in self._shape_keys
         if is_compile:
-            self._shape_keys.add(batch.shape_key)
-            self._num_compiles += 1
-            if self.map_budget.after_compile([self._step]):
-                self._shape_keys.clear()
+            self._note_compile(batch.shape_key)
         unpack_start = time.perf_counter()
         *samples, finite, tokens_finite, confidence = results
         outputs = dict(input_batch.unpack_outputs(batch, *samples, finite=finite, tokens_finite=tokens_finite))
@@ -155,6 +152,32 @@ class DepthwiseRunner:
         stats = StepStats(device_seconds=device_seconds, host_seconds=host_seconds, is_compile=is_compile,
                           num_tokens=batch.num_real_tokens, num_padded_tokens=num_rows)
         return StepOutput(outputs=outputs, stats=stats)
+
+    def warm(self, key: tuple) -> bool:
+        """Compiles the step program of shape `key` (runtime/warmup.py) on a dummy batch of
+        loop-0 rows that writes no page; the carry in use is left alone. False when held."""
+        key = warmup.check_key(key)
+        if key in self._shape_keys:
+            return False
+        num_rows = key[0]
+        if num_rows > self.max_rows:
+            raise ValueError(f"key: {num_rows} rows exceed the runner's {self.max_rows} (max_rows)")
+        order = np.arange(num_rows, dtype=np.int32)
+        rows = recursive_block.BlockRows(np.zeros(num_rows, np.int32), order, order,
+                                         np.zeros(self.num_loops, np.int32), np.full(num_rows, -1, np.int32))
+        results, self.kv_caches, _ = self._step(self.bp, self.kv_caches, jnp.zeros_like(self._carry),
+                                                warmup.dummy_batch(key, self.batch_config), rows)
+        jax.block_until_ready(results)
+        self._note_compile(key)
+        return True
+
+    def _note_compile(self, key: tuple) -> None:
+        self._shape_keys.add(key)
+        self._num_compiles += 1
+        if self.shape_profile is not None:
+            self.shape_profile.record(key)
+        if self.map_budget.after_compile([self._step]):
+            self._shape_keys.clear()
 
     def _rows(self, step: StepInput, batch, num_rows: int) -> tuple:
         """The step's BlockRows and the [S] exit threshold of each sample row (-1: always)."""
@@ -219,6 +242,28 @@ def blockers(engine_config: EngineConfig, params) -> list:
     return out
 
 
+def will_run(engine_config: EngineConfig, hf_config, params=None, model_path=None, quantized: bool = False) -> bool:
+    """Whether a model of `hf_config` (its config.json dict) runs depth-wise under `engine_config`.
+
+    Raises:
+      ValueError: depthwise_batching=True for a folder that is not recursive, or with a
+        setting it cannot run with (the setting is named).
+    """
+    wanted = engine_config.depthwise_batching
+    if wanted is False or not recursive.is_recursive(hf_config):
+        if wanted:
+            raise ValueError(f"depthwise_batching: True needs a recursive model folder "
+                             f"(scripts/convert_recursive.py writes one); {model_path!r} is not one")
+        return False
+    found = blockers(engine_config, params) + ([("quantization", "the shared block runs float weights")]
+                                               if quantized else [])
+    if found and wanted:
+        field, why = found[0]
+        raise ValueError(f"{field}: cannot run with depthwise_batching=True ({why}); set "
+                         f"depthwise_batching=False to run the loops back to back")
+    return not found
+
+
 def for_engine(config: ModelConfig, params, engine_config: EngineConfig, model_path: Optional[str], *, dtype,
                max_model_len: int) -> Optional[DepthwiseRunner]:
     """The depth-wise runner when `engine_config` asks for one (or leaves it to the folder), else None.
@@ -227,19 +272,8 @@ def for_engine(config: ModelConfig, params, engine_config: EngineConfig, model_p
       ValueError: depthwise_batching=True for a folder that is not recursive, or with a
         setting it cannot run with (the setting is named).
     """
-    wanted = engine_config.depthwise_batching
     hf = checkpoint.read_hf_config(model_path) if model_path is not None and os.path.isdir(model_path) else {}
-    if wanted is False or not recursive.is_recursive(hf):
-        if wanted:
-            raise ValueError(f"depthwise_batching: True needs a recursive model folder "
-                             f"(scripts/convert_recursive.py writes one); {model_path!r} is not one")
-        return None
-    found = blockers(engine_config, params)
-    if found:
-        if wanted:
-            field, why = found[0]
-            raise ValueError(f"{field}: cannot run with depthwise_batching=True ({why}); set "
-                             f"depthwise_batching=False to run the loops back to back")
+    if not will_run(engine_config, hf, params, model_path):
         return None
     spec, rp = recursive.read_recursive(model_path, hf, config)
     num_pages = kv_cache.num_pages_for(config, engine_config, dtype=dtype, max_model_len=max_model_len)
