@@ -24,6 +24,17 @@ of --hf_batch_size (left padded, greedy, all output tokens forced). The compute 
 is 2 x parameters FLOPs per token over the float32 GEMM rate measured in this run; "%
 roofline" compares it with the tokens the model actually ran (prompt tokens served by
 the prefix cache are not run).
+Recursive models (docs/recursive.md): --depthwise_batching on|off|auto picks the
+runner, --early_exit_threshold T sets every request's exit rule, and
+
+    python scripts/benchmark_throughput.py --model tiny-code-recursive --prompts code --skip_hf \
+        --compare_recursive --baseline_model tiny-code --early_exit_threshold 0.5
+
+times, on one workload in one process: the recursive model with its loops back to back
+(unrolled), with continuous depth-wise batching, with depth-wise batching and early exit,
+and --baseline_model (the model it was converted from), with the ratios. --prompts code
+takes the prompts from the held-out Python files of the model's data split (lengths
+uniform in [--min_input_len, --max_input_len]).
 Warm-up (compilation) runs the same workload once; the prefix cache is then reset so the
 timed run recomputes every prompt (except a shared prefix, which the cache serves as it
 would in production).
@@ -73,6 +84,14 @@ _NUM_SPEC_TOKENS = flags.DEFINE_integer("num_speculative_tokens", 4, "Draft toke
 _DRAFT_MODEL = flags.DEFINE_string("draft_model", None, "Draft model folder (--speculative_method draft).")
 _DRAFT_LOOPS = flags.DEFINE_integer("draft_loops", 1, "Loops of the recursive --model that draft (--speculative_method "
                                     "early_exit).", lower_bound=1)
+_PROMPTS = flags.DEFINE_enum("prompts", "random", ["random", "code"],
+                             "random ids, or the held-out Python files of the model's data split.")
+_DEPTHWISE = flags.DEFINE_enum("depthwise_batching", "auto", ["auto", "on", "off"],
+                               "Recursive models: continuous depth-wise batching (auto = on when possible).")
+_EXIT = flags.DEFINE_float("early_exit_threshold", None, "Recursive models, depth-wise: exit confidence in [0, 1].")
+_COMPARE_RECURSIVE = flags.DEFINE_bool("compare_recursive", False, "A recursive --model unrolled, depth-wise, "
+                                       "depth-wise with early exit, and --baseline_model, in one run.")
+_BASELINE = flags.DEFINE_string("baseline_model", None, "--compare_recursive: the model the recursive one came from.")
 _JSON = flags.DEFINE_string("json_out", "runs/bench/throughput.json", "JSON report path.")
 _SWEEP = flags.DEFINE_list("num_requests_sweep", [], "Also time the first N requests for each N (<= --num_requests).")
 _PLOT = flags.DEFINE_string("plot", None, "Also draw throughput vs number of requests here (PNG; needs matplotlib).")
@@ -87,6 +106,42 @@ def make_workload(seed, num, min_len, max_len, shared_prefix_len, vocab):
     prefix = [1] + rng.randint(3, vocab, size=max(shared_prefix_len - 1, 0)).tolist() if shared_prefix_len else [1]
     return [prefix + rng.randint(3, vocab, size=int(rng.randint(min_len, max_len + 1))).tolist()
             for _ in range(num)]
+
+
+def code_workload(path, seed, num, min_len, max_len):
+    """Held-out code files of the model's data split, cut to lengths uniform in [min_len, max_len]."""
+    import numpy as np
+    import stdlib_corpus
+
+    from jaxinfer.assets import resolve_model_path
+    docs = [d for d in stdlib_corpus.heldout_token_ids(resolve_model_path(path)) if len(d) >= min_len]
+    if not docs:
+        raise app.UsageError(f"--prompts code: no held-out file has --min_input_len={min_len} tokens")
+    rng = np.random.RandomState(seed)
+    return [docs[i % len(docs)][:int(rng.randint(min_len, max_len + 1))] for i in range(num)]
+
+
+def compare_recursive(path, prompts, output_len, engine_config) -> dict:
+    """The recursive model unrolled / depth-wise / depth-wise + exit, and the baseline model."""
+    import dataclasses
+    runs = {"unrolled": run_engine(path, prompts, output_len, dataclasses.replace(
+                engine_config, depthwise_batching=False, early_exit_threshold=None)),
+            "depthwise": run_engine(path, prompts, output_len, dataclasses.replace(
+                engine_config, depthwise_batching=True, early_exit_threshold=None))}
+    if _EXIT.value is not None:
+        runs["depthwise_exit"] = run_engine(path, prompts, output_len, dataclasses.replace(
+            engine_config, depthwise_batching=True, early_exit_threshold=_EXIT.value))
+    if _BASELINE.value:
+        runs["baseline"] = run_engine(_BASELINE.value, prompts, output_len, dataclasses.replace(
+            engine_config, depthwise_batching=None, early_exit_threshold=None))
+    base = runs["unrolled"]["output_tokens_per_s"]
+    print(f"\n{'':16s}{'out tok/s':>10s}{'vs unrolled':>12s}{'steps':>7s}{'loops/token':>12s}{'exits':>7s}"
+          f"{'compiles':>9s}{'warm-up s':>10s}")
+    for name, r in runs.items():
+        print(f"{name:16s}{r['output_tokens_per_s']:10.1f}{r['output_tokens_per_s'] / base:12.2f}{r['num_steps']:7d}"
+              f"{r.get('mean_loops_per_token', float('nan')):12.2f}{r.get('num_early_exits', 0):7d}"
+              f"{r['num_compiles']:9d}{r['warmup_seconds']:10.1f}")
+    return {"runs": runs, "speedup_vs_unrolled": {k: r["output_tokens_per_s"] / base for k, r in runs.items()}}
 
 
 def run_engine(path, prompts, output_len, engine_config, session=None):
@@ -119,7 +174,13 @@ def run_engine(path, prompts, output_len, engine_config, session=None):
             "shared_prefix_tokens_saved": m["shared_prefix_tokens_saved"] - before["shared_prefix_tokens_saved"],
             "mean_ttft_s": sum(o.time_to_first_token for o in outs) / len(outs),
             "mean_tpot_ms": 1000 * sum(o.time_per_output_token for o in outs) / len(outs),
-            "num_params": bench_common.num_params(session.engine.runner.params),
+            # parameters each token runs through (a recursive model: every loop's, merged)
+            "num_params": getattr(session.engine.runner, "params_per_token", None)
+            or bench_common.num_params(session.engine.runner.params),
+            **({k: m[k] - before[k] for k in ("depthwise_steps", "depthwise_rows", "depthwise_mixed_steps",
+                                               "depthwise_fill_rows", "num_early_exits")}
+               if "depthwise_steps" in m else {}),
+            **({"mean_loops_per_token": m["mean_loops_per_token"]} if "depthwise_steps" in m else {}),
             **({k: m[k] - before[k] for k in ("spec_num_drafts", "spec_num_draft_tokens", "spec_num_accepted_tokens")}
                if session.engine.config.speculative is not None else {})}
 
@@ -162,7 +223,8 @@ def main(argv):
         _PRESET.value, os.path.join(_WORK_DIR.value, f"llama-{_PRESET.value}"))
     vocab = min(1000, bench_common.MODEL_PRESETS[_PRESET.value]["vocab_size"])
     args = (_NUM_REQUESTS.value, _MIN_INPUT.value, _MAX_INPUT.value, _SHARED_PREFIX.value, vocab)
-    prompts = make_workload(_SEED.value, *args)
+    prompts = (make_workload(_SEED.value, *args) if _PROMPTS.value == "random" else
+               code_workload(path, _SEED.value, _NUM_REQUESTS.value, _MIN_INPUT.value, _MAX_INPUT.value))
     try:
         counts = sorted({int(n) for n in _SWEEP.value})
     except ValueError:
@@ -183,7 +245,17 @@ def main(argv):
         return EngineConfig(page_size=_PAGE_SIZE.value, max_num_batched_tokens=_MAX_BATCHED_TOKENS.value,
                             max_num_seqs=_MAX_SEQS.value, shared_prefix_attention=shared,
                             attention_impl=_ATTENTION_IMPL.value, compilation_cache_dir=_COMPILATION_CACHE.value,
-                            speculative=speculative)
+                            speculative=speculative, early_exit_threshold=_EXIT.value,
+                            depthwise_batching={"auto": None, "on": True, "off": False}[_DEPTHWISE.value])
+
+    if _COMPARE_RECURSIVE.value:
+        report = {"env": bench_common.environment(), "model": path, "prompts": _PROMPTS.value,
+                  "workload": {"num_requests": _NUM_REQUESTS.value, "input_len": [_MIN_INPUT.value, _MAX_INPUT.value],
+                               "output_len": _OUTPUT_LEN.value}, "early_exit_threshold": _EXIT.value,
+                  "baseline_model": _BASELINE.value,
+                  **compare_recursive(path, prompts, _OUTPUT_LEN.value, engine_config(_SHARED_ATTENTION.value))}
+        bench_common.write_json(_JSON.value, report)
+        return
 
     plain = None
     if _COMPARE_SHARED.value:

@@ -38,6 +38,7 @@ from jaxinfer.runtime import input_batch, kv_cache, program_memory, warmup
 from jaxinfer.runtime.input_batch import BatchConfig, bucket
 from jaxinfer.runtime.model_runner import kv_tokens_finite, rows_finite, sample_rows, step_metadata
 from jaxinfer.sharding import mesh as mesh_lib
+from jaxinfer.sharding import rules
 from jaxinfer.types import StepInput, StepOutput, StepStats
 
 __all__ = ["DepthwiseRunner", "for_engine"]
@@ -81,14 +82,23 @@ class DepthwiseRunner:
         self.batch_config = BatchConfig(page_size=page_size, num_pages=spec.num_loops * num_pages,
                                         vocab_size=config.vocab_size, max_positions=config.max_position_embeddings)
         self.max_rows = bucket(max_rows)
-        self._carry = jnp.zeros((self.max_rows, config.hidden_size), self.dtype)
+        self._carry = jax.device_put(jnp.zeros((self.max_rows, config.hidden_size), self.dtype),
+                                     rules.replicated(self.mesh))
         self._carry_rows: dict = {}  # request id -> (first row, rows) in the carry
+        replicated = rules.replicated(self.mesh)
+        # Outputs placed as the inputs were, so the next step's arguments match this program.
         self._step = jax.jit(functools.partial(_depthwise_step, config, spec, self.dtype, attention_impl, lora_impl),
-                             donate_argnums=(1, 2))
+                             out_shardings=(replicated, jax.tree.map(lambda x: x.sharding, self.kv_caches),
+                                            replicated), donate_argnums=(1, 2))
         self._shape_keys: set = set()
         self._num_compiles = 0
         self.map_budget = program_memory.MapBudget()
         self.weight_bytes = int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self.bp)))
+        # Weights a token runs through (FLOPs / 2): the outer ones, the shared block once per
+        # loop, each loop's LoRA and vectors once.
+        self.params_per_token = int(sum(x.size for x in jax.tree.leaves(self.bp["outer"]))
+                                    + spec.num_loops * sum(x.size for x in jax.tree.leaves(self.bp["block"]))
+                                    + sum(x.size for x in jax.tree.leaves((self.bp["lora"], self.bp["vecs"]))))
         self.kv_cache_bytes = kv_cache.cache_bytes(self.kv_caches)
         self.shape_profile = None  # set by the session: where compiled shape keys are recorded
         self.fault_injector = None
@@ -165,7 +175,8 @@ class DepthwiseRunner:
         order = np.arange(num_rows, dtype=np.int32)
         rows = recursive_block.BlockRows(np.zeros(num_rows, np.int32), order, order,
                                          np.zeros(self.num_loops, np.int32), np.full(num_rows, -1, np.int32))
-        results, self.kv_caches, _ = self._step(self.bp, self.kv_caches, jnp.zeros_like(self._carry),
+        results, self.kv_caches, _ = self._step(self.bp, self.kv_caches, jnp.zeros_like(self._carry,
+                                                                                      device=self._carry.sharding),
                                                 warmup.dummy_batch(key, self.batch_config), rows)
         jax.block_until_ready(results)
         self._note_compile(key)
@@ -279,4 +290,5 @@ def for_engine(config: ModelConfig, params, engine_config: EngineConfig, model_p
     num_pages = kv_cache.num_pages_for(config, engine_config, dtype=dtype, max_model_len=max_model_len)
     return DepthwiseRunner(config, spec, rp, page_size=engine_config.page_size, num_pages=num_pages,
                            max_rows=engine_config.max_num_batched_tokens, dtype=dtype,
-                           attention_impl=engine_config.attention_impl, kv_cache_dtype=engine_config.kv_cache_dtype)
+                           attention_impl=engine_config.attention_impl, lora_impl=engine_config.attention_impl,
+                           kv_cache_dtype=engine_config.kv_cache_dtype)
