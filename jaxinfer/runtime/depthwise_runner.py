@@ -89,7 +89,7 @@ class DepthwiseRunner:
         # Outputs placed as the inputs were, so the next step's arguments match this program.
         self._step = jax.jit(functools.partial(_depthwise_step, config, spec, self.dtype, attention_impl, lora_impl),
                              out_shardings=(replicated, jax.tree.map(lambda x: x.sharding, self.kv_caches),
-                                            replicated), donate_argnums=(1, 2))
+                                            replicated), donate_argnums=(1, 2), static_argnums=(5,))
         self._shape_keys: set = set()
         self._num_compiles = 0
         self.map_budget = program_memory.MapBudget()
@@ -141,13 +141,16 @@ class DepthwiseRunner:
         if num_rows > self.max_rows:
             raise ValueError(f"step: {num_rows} rows exceed the runner's {self.max_rows} (max_rows)")
         rows, thresholds = self._rows(step, batch, num_rows)
+        # A step where nothing samples skips the LM head (its weights are a large read).
+        heads = bool(batch.num_samples.sum())
+        key = batch.shape_key + (heads,)
         device_start = time.perf_counter()
-        results, self.kv_caches, self._carry = self._step(self.bp, self.kv_caches, self._carry, device, rows)
+        results, self.kv_caches, self._carry = self._step(self.bp, self.kv_caches, self._carry, device, rows, heads)
         results = jax.device_get(results)
         device_seconds = time.perf_counter() - device_start
-        is_compile = batch.shape_key not in self._shape_keys
+        is_compile = key not in self._shape_keys
         if is_compile:
-            self._note_compile(batch.shape_key)
+            self._note_compile(key, record=heads)
         unpack_start = time.perf_counter()
         *samples, finite, tokens_finite, confidence = results
         outputs = dict(input_batch.unpack_outputs(batch, *samples, finite=finite, tokens_finite=tokens_finite))
@@ -167,7 +170,7 @@ class DepthwiseRunner:
         """Compiles the step program of shape `key` (runtime/warmup.py) on a dummy batch of
         loop-0 rows that writes no page; the carry in use is left alone. False when held."""
         key = warmup.check_key(key)
-        if key in self._shape_keys:
+        if key + (True,) in self._shape_keys:
             return False
         num_rows = key[0]
         if num_rows > self.max_rows:
@@ -177,16 +180,18 @@ class DepthwiseRunner:
                                          np.zeros(self.num_loops, np.int32), np.full(num_rows, -1, np.int32))
         results, self.kv_caches, _ = self._step(self.bp, self.kv_caches, jnp.zeros_like(self._carry,
                                                                                       device=self._carry.sharding),
-                                                warmup.dummy_batch(key, self.batch_config), rows)
+                                                warmup.dummy_batch(key, self.batch_config), rows, True)
         jax.block_until_ready(results)
-        self._note_compile(key)
+        self._note_compile(key + (True,), record=True)
         return True
 
-    def _note_compile(self, key: tuple) -> None:
+    def _note_compile(self, key: tuple, record: bool) -> None:
+        """Counts a compiled program; `record`: its shape key (all but the last field, the
+        LM-head flag) goes to the shape profile (warm-up keys are the plain runner's, with heads)."""
         self._shape_keys.add(key)
         self._num_compiles += 1
-        if self.shape_profile is not None:
-            self.shape_profile.record(key)
+        if record and self.shape_profile is not None:
+            self.shape_profile.record(key[:-1])
         if self.map_budget.after_compile([self._step]):
             self._shape_keys.clear()
 
@@ -212,13 +217,22 @@ class DepthwiseRunner:
         return recursive_block.BlockRows(loop, perm, inv_perm, group_sizes, carry_index), thresholds
 
 
-def _depthwise_step(config, spec, dtype, attention_impl, lora_impl, bp, kv_caches, carry, batch, rows):
+def _depthwise_step(config, spec, dtype, attention_impl, lora_impl, bp, kv_caches, carry, batch, rows, heads):
     """One compiled step: the block over the rows, exit logits of the sample rows, sampling
-    (the exit rule is applied on the host to the returned confidence)."""
+    (the exit rule is applied on the host to the returned confidence). `heads` (static):
+    some sequence samples; without, the LM head is not run and the sample arrays are dummies."""
     metadata = step_metadata(batch)
     hidden, kv_caches = recursive_block.block_forward(config, spec, bp, batch.tokens, carry, rows, batch.positions,
                                                       kv_caches, metadata, dtype=dtype,
                                                       attention_impl=attention_impl, lora_impl=lora_impl)
+    new_carry = jax.lax.dynamic_update_slice(jnp.zeros_like(carry), hidden.astype(carry.dtype), (0, 0))
+    if not heads:
+        num_samples, num_top = batch.logits_indices.shape[0], batch.num_top_logprobs
+        zeros = functools.partial(jnp.zeros, dtype=jnp.float32)
+        return (jnp.zeros((num_samples,), jnp.int32), zeros((num_samples,)),
+                jnp.zeros((num_samples, num_top), jnp.int32), zeros((num_samples, num_top)), zeros((0,)),
+                jnp.ones((num_samples,), bool), kv_tokens_finite(kv_caches, batch), zeros((num_samples,))), \
+            kv_caches, new_carry
     if batch.all_logits:
         all_rows = recursive_block.exit_logits(config, bp, hidden, jnp.arange(hidden.shape[0]), dtype)  # [T, V]
         logits = all_rows[batch.logits_indices]
@@ -229,7 +243,6 @@ def _depthwise_step(config, spec, dtype, attention_impl, lora_impl, bp, kv_cache
         prompt_lp = jnp.zeros((0,), jnp.float32)
     # Max probability of the raw distribution: 1 / sum(exp(logits - max)).
     confidence = 1.0 / jnp.sum(jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True)), axis=-1)
-    new_carry = jax.lax.dynamic_update_slice(jnp.zeros_like(carry), hidden.astype(carry.dtype), (0, 0))
     return (*sample_rows(logits, batch), prompt_lp, rows_finite(logits), kv_tokens_finite(kv_caches, batch),
             confidence), kv_caches, new_carry
 

@@ -162,3 +162,14 @@ def test_unrolled_engine_refuses_a_request_exit_threshold(prompts):
     with InferenceSession.from_pretrained(NAME, engine=EngineConfig(depthwise_batching=False, **BASE)) as session:
         with pytest.raises(ValueError, match=r"params\[0\].early_exit_threshold"):
             session.engine.add_request(prompts[0], SamplingParams(early_exit_threshold=0.5))
+
+
+def test_pallas_kernels_in_interpret_mode_give_the_same_tokens(prompts, unrolled_tokens):
+    """The grouped LoRA op and the ragged paged attention, both as Pallas kernels
+    (interpret mode), in the depth-wise block: the unrolled XLA engine's tokens."""
+    greedy = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    engine = EngineConfig(**{**BASE, "attention_impl": "pallas_interpret"})
+    with InferenceSession.from_pretrained(NAME, engine=engine) as session:
+        assert type(session.engine.runner).__name__ == "DepthwiseRunner"
+        got = [o.token_ids for o in session.generate([prompts[2], prompts[0]], greedy)]
+    assert got == [unrolled_tokens[2][:3], unrolled_tokens[0][:3]]
