@@ -253,7 +253,10 @@ def make_forward(config, spec: RecursiveSpec, exits: Optional[Sequence[int]] = N
     head = Head()
 
     @jax.jit
-    def forward(rp, inputs):
+    def forward(rp, inputs, exit_after=None):
+        """exit_after: optional [S * C] int32, the loops each position ran before it exited
+        (num_loops = none): from then on the position's K/V come from its exit hidden
+        state (CALM's state propagation, the engine's "copy" fill)."""
         batch, length = inputs.shape
         positions = jnp.tile(jnp.arange(length, dtype=jnp.int32), batch)
         metadata = AttentionMetadata.dense(batch, length)
@@ -261,10 +264,15 @@ def make_forward(config, spec: RecursiveSpec, exits: Optional[Sequence[int]] = N
         x = embed(config, embedding, inputs.reshape(-1), act)
         head_params = {k: v for k, v in rp["outer"].items() if k in ("norm", "lm_head")}
         logits = {}
+        h_exit = x
         for loop in range(exits[-1]):
             for j in range(spec.num_blocks):
+                if exit_after is not None:
+                    x = jnp.where((exit_after <= loop)[:, None], h_exit, x)
                 layer = DecoderLayer(config, loop * spec.num_blocks + j, act, act)
                 x, _ = layer.apply({"params": merged_layer(rp, loop, j)}, x, positions, None, metadata)
+            if exit_after is not None:
+                h_exit = jnp.where((exit_after == loop + 1)[:, None], x, h_exit)
             if loop + 1 in exits:
                 logits[loop + 1] = head.apply({"params": head_params}, x, embedding)
         return logits
@@ -273,29 +281,34 @@ def make_forward(config, spec: RecursiveSpec, exits: Optional[Sequence[int]] = N
 
 
 def greedy_tokens(config, spec: RecursiveSpec, rp: Mapping, prompt: Sequence[int], max_tokens: int,
-                  exit_threshold: Optional[float] = None) -> list[int]:
+                  exit_threshold: Optional[float] = None, kv_fill: str = "compute") -> list[int]:
     """The greedy continuation of prompt by the full recursive model's dense forward (the
     engine's oracle: no KV cache, the whole sequence re-run per token).
 
-    With `exit_threshold`, each token is the argmax of the first exit (after k loops, k in
+    With `exit_threshold`, each token after the first (whose fed token is a generated one:
+    the engine's rule) is the argmax of the first exit (after k loops, k in
     exit_after_loops, k < num_loops) whose max probability is >= the threshold, else of the
-    last loop's logits; every earlier token's hidden states still run all loops (the
-    engine's early exit fills the skipped loops' K/V).
+    last loop's logits. kv_fill "compute": every fed token still runs all loops (exact
+    K/V); "copy": a fed token that exited after k loops gives the deeper layers its exit
+    hidden state (the engine's EngineConfig.early_exit_kv_fill).
     """
     import jax.numpy as jnp
 
     exits = (spec.num_loops,) if exit_threshold is None else tuple(sorted({*spec.exit_after_loops, spec.num_loops}))
     forward = make_forward(config, spec, exits)
-    tokens = list(prompt)
-    for _ in range(max_tokens):
-        out = forward(rp, jnp.asarray([tokens], jnp.int32))
-        chosen = out[spec.num_loops]
-        for k in exits[:-1] if exit_threshold is not None else ():
+    tokens, ran = list(prompt), [spec.num_loops] * len(prompt)  # loops each fed position ran
+    for step in range(max_tokens):
+        out = forward(rp, jnp.asarray([tokens], jnp.int32),
+                      jnp.asarray(ran, jnp.int32) if kv_fill == "copy" else None)
+        chosen, loops = out[spec.num_loops], spec.num_loops
+        for k in exits[:-1] if exit_threshold is not None and step > 0 else ():
             row = np.asarray(out[k], np.float64)[-1]
             if 1.0 / np.exp(row - row.max()).sum() >= exit_threshold:
-                chosen = out[k]
+                chosen, loops = out[k], k
                 break
+        ran[-1] = loops
         tokens.append(int(np.argmax(np.asarray(chosen)[-1])))
+        ran.append(spec.num_loops)
     return tokens[len(prompt):]
 
 

@@ -419,9 +419,15 @@ class EngineConfig:
     depthwise_batching: Optional[bool] = None
     # Default SamplingParams.early_exit_threshold of requests that leave it None (None = no exit)
     early_exit_threshold: Optional[float] = None
+    # K/V of the loops an early-exited token skips: "compute" (the token goes on through them,
+    # exact) or "copy" (its exit hidden state is projected into each skipped layer's K/V in the
+    # exit step, CALM's state propagation: cheaper, approximate)
+    early_exit_kv_fill: str = "compute"
 
     def __post_init__(self):
         _python_ints(self)
+        _require(self.early_exit_kv_fill in ("compute", "copy"), "early_exit_kv_fill",
+                 f"must be 'compute' or 'copy', got {self.early_exit_kv_fill!r}")
         _require(self.depthwise_batching in (None, True, False), "depthwise_batching",
                  f"must be None, True or False, got {self.depthwise_batching!r}")
         _require(self.early_exit_threshold is None or (not isinstance(self.early_exit_threshold, bool) and _is_number(

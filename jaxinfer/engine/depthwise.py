@@ -50,6 +50,7 @@ class Entry:
     pages: tuple  # pages it holds a reference on
     loop: int = 0
     fill: bool = False  # exited early: runs its remaining loops for the K/V only
+    decode: bool = False  # one generated token (not a prompt's): the only kind that may exit early
 
 
 @dataclasses.dataclass
@@ -64,8 +65,9 @@ class DepthwiseCounters:
     sampled_loops: int = 0  # loops those tokens ran before they were sampled
     exits_per_loop: dict = dataclasses.field(default_factory=dict)  # exit loop (1-based) -> tokens
 
-    def as_metrics(self, num_loops: int) -> dict:
+    def as_metrics(self, num_loops: int, copy_fill_rows: int = 0) -> dict:
         return {"depthwise_steps": self.num_steps, "depthwise_rows": self.num_rows,
+                "depthwise_copy_fill_rows": copy_fill_rows,
                 "depthwise_fill_rows": self.num_fill_rows, "depthwise_mixed_steps": self.num_mixed_steps,
                 "mean_loops_per_token": (self.sampled_loops / self.num_sampled_tokens
                                          if self.num_sampled_tokens else 0.0),
@@ -77,8 +79,9 @@ class DepthwisePipeline:
     """The in-flight entries of a depth-wise batched engine (see the module docstring)."""
 
     def __init__(self, block_manager: BlockManager, *, num_loops: int, exit_loops: tuple,
-                 default_threshold: Optional[float] = None):
+                 default_threshold: Optional[float] = None, kv_fill: str = "compute"):
         self.block_manager = block_manager
+        self.kv_fill = kv_fill  # "copy": the runner writes an exit's skipped K/V in the exit step
         self.num_loops = num_loops
         self.exit_loops = frozenset(exit_loops)  # 1-based loop counts with an exit head
         self.default_threshold = default_threshold
@@ -95,10 +98,13 @@ class DepthwisePipeline:
     def token_budget(self, max_num_batched_tokens: int) -> int:
         return max_num_batched_tokens - self.num_rows
 
-    def admit(self, step: Optional[ScheduledStep]) -> None:
-        """Takes the scheduler's new sequences in at loop 0 (they hold their pages from now)."""
+    def admit(self, step: Optional[ScheduledStep], prompt_lens: dict) -> None:
+        """Takes the scheduler's new sequences in at loop 0 (they hold their pages from now).
+        `prompt_lens`: request id -> prompt length (only a decode token may exit early)."""
         for seq in (step.step_input.sequences if step is not None else ()):
-            entry = Entry(key=f"d{next(self._keys)}", step_id=step.step_id, seq=seq, pages=tuple(seq.page_ids))
+            decode = len(seq.token_ids) == 1 and seq.start_position >= prompt_lens.get(seq.request_id, 0)
+            entry = Entry(key=f"d{next(self._keys)}", step_id=step.step_id, seq=seq, pages=tuple(seq.page_ids),
+                          decode=decode)
             self.block_manager.share(entry.pages)
             self.busy[seq.request_id] = entry
             self.entries.append(entry)
@@ -121,7 +127,7 @@ class DepthwisePipeline:
         for e in self.entries:
             samples = bool(e.seq.sample_offsets) and not e.fill
             last = e.loop == self.num_loops - 1
-            threshold = self._threshold(e.seq) if samples and not last else None
+            threshold = self._threshold(e.seq) if samples and not last and e.decode else None
             may_exit = threshold is not None and (e.loop + 1) in self.exit_loops
             keep = samples and (last or may_exit)
             seqs.append(dataclasses.replace(
@@ -158,9 +164,9 @@ class DepthwisePipeline:
                     self.counters.sampled_loops += (e.loop + 1) * len(out.token_ids)
                     if not last:
                         self.counters.exits_per_loop[e.loop + 1] = self.counters.exits_per_loop.get(e.loop + 1, 0) + 1
-                if not last and sampled and out.finite:
-                    e.fill = True  # its deeper loops' K/V are still to write
-            if last or (not e.fill and not current) or not out.finite:
+                if not last and sampled and out.finite and self.kv_fill == "compute":
+                    e.fill = True  # its deeper loops' K/V are still to write ("copy": written already)
+            if last or not e.fill and (not current or sampled) or not out.finite:
                 self._release(e)
             else:
                 e.loop += 1
@@ -193,7 +199,8 @@ def depthwise_step(engine, start: float) -> list:
     step = engine.scheduler.schedule(busy=pipe.busy,
                                      token_budget=pipe.token_budget(engine.config.max_num_batched_tokens))
     engine.scheduler.take_swap_ops()  # none: depth-wise batching preempts by recompute only
-    pipe.admit(step)
+    pipe.admit(step, {s.request_id: len(engine.requests[s.request_id].prompt_ids)
+                      for s in (step.step_input.sequences if step is not None else ())})
     if not pipe.entries:
         return []
     step_input = pipe.step_input()

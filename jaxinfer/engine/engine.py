@@ -156,7 +156,8 @@ class Engine:
         # Depth-wise batching of a recursive model (engine/depthwise.py): the runner says so.
         self.depthwise = (DepthwisePipeline(self.block_manager, num_loops=runner.num_loops,
                                             exit_loops=runner.exit_loops,
-                                            default_threshold=engine_config.early_exit_threshold)
+                                            default_threshold=engine_config.early_exit_threshold,
+                                            kv_fill=runner.kv_fill)
                           if getattr(runner, "depthwise", False) else None)
         if self.depthwise is None and engine_config.early_exit_threshold is not None:
             raise ValueError("early_exit_threshold: early exit needs depth-wise batching (a recursive model folder "
@@ -464,7 +465,8 @@ class Engine:
             **_router_metrics(getattr(self.runner, "expert_token_counts", None)),
             # A pipelined runner's figures (pipeline_bubble_fraction, ...); none otherwise.
             **(self.runner.pipeline_metrics() if hasattr(self.runner, "pipeline_metrics") else {}),
-            **(self.depthwise.counters.as_metrics(self.depthwise.num_loops) if self.depthwise is not None else {}),
+            **(self.depthwise.counters.as_metrics(self.depthwise.num_loops, self.runner.num_copy_fill_rows)
+               if self.depthwise is not None else {}),
         }
 
 

@@ -34,7 +34,7 @@ from jaxinfer.models.transformer import embed
 from jaxinfer.pallas.attention import AttentionMetadata, attention
 from jaxinfer.pallas.grouped_lora import grouped_lora_matmul
 
-__all__ = ["BlockRows", "block_forward", "check_supported", "device_params", "exit_logits"]
+__all__ = ["BlockRows", "FillRows", "block_forward", "check_supported", "copy_fill", "device_params", "exit_logits"]
 
 
 class BlockRows(NamedTuple):
@@ -45,6 +45,18 @@ class BlockRows(NamedTuple):
     inv_perm: np.ndarray  # [T] int32 loop-sorted position of each batch row
     group_sizes: np.ndarray  # [G] int32 real rows per loop (sorted order)
     carry_index: np.ndarray  # [T] int32 row of the previous step's hidden states, -1 = embed the token
+
+
+class FillRows(NamedTuple):
+    """K/V to write for early-exited tokens' skipped loops ("copy" fill), one row per
+    (token, skipped loop), sorted by loop (arrays built on the host by the runner)."""
+
+    src: np.ndarray  # [F] int32 row (batch layout) whose hidden state after this pass is copied
+    loop: np.ndarray  # [F] int32 the skipped loop the row writes
+    group_sizes: np.ndarray  # [G] int32 real rows per loop
+    positions: np.ndarray  # [F] int32 the token's position
+    slots: np.ndarray  # [F] int32 physical KV slot in that loop's pages (padding: out of range)
+    sample_row: np.ndarray  # [F] int32 the token's sample row: it writes only if that row exits
 
 
 def check_supported(config: ModelConfig, spec: recursive.RecursiveSpec) -> None:
@@ -149,6 +161,48 @@ def block_forward(config: ModelConfig, spec: recursive.RecursiveSpec, bp, tokens
         hidden = activation(cfg.hidden_act, proj(j, h, "mlp.gate_proj")) * proj(j, h, "mlp.up_proj")
         x = x + proj(j, hidden, "mlp.down_proj")
     return unsort(x), tuple(new_caches)
+
+
+def copy_fill(config: ModelConfig, spec: recursive.RecursiveSpec, bp, hidden, fill: FillRows, exited,
+              kv_caches, *, dtype, lora_impl=None):
+    """Writes, for each fill row whose token exited, the K/V of its skipped loop computed
+    from the token's exit hidden state (CALM's state propagation, Schuster et al. 2022):
+    for every block layer j, k / v = proj_{loop, j}(RMSNorm_{loop, j}(h_exit)), RoPE on k.
+
+    Args:
+      hidden: [T, D] this pass's output (batch layout); exited: [S] bool per sample row.
+    Returns:
+      the new kv_caches.
+    """
+    from jaxinfer.pallas import ragged_paged_attention as rpa
+
+    cfg = config
+    h = jnp.take(hidden, fill.src, axis=0)  # [F, D]
+    pages = getattr(kv_caches[0][0], "values", kv_caches[0][0])  # [P, L, ...] (quantized: its values)
+    num_slots = pages.shape[0] * pages.shape[1]
+    slots = jnp.where(jnp.take(exited, fill.sample_row), fill.slots, num_slots)  # not exited: dropped
+    inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+    out = []
+    for j in range(spec.num_blocks):
+        hn = _rms(h, _vector(bp, j, "input_layernorm.scale", fill.loop), cfg.rms_norm_eps, cfg.norm_weight_offset,
+                  dtype)
+        kv = []
+        for name in ("self_attn.k_proj", "self_attn.v_proj"):
+            w = bp["block"][j][name + ".kernel"].astype(dtype)
+            y = grouped_lora_matmul(hn, w, *bp["lora"][j][name], fill.group_sizes, impl=lora_impl) \
+                if name in bp["lora"][j] else jnp.dot(hn, w, preferred_element_type=jnp.float32)
+            bias = _vector(bp, j, name + ".bias", fill.loop)
+            if bias is not None:
+                y = y.astype(jnp.float32) + bias.astype(jnp.float32)
+            kv.append(y.astype(dtype).reshape(h.shape[0], cfg.num_kv_heads, cfg.head_dim))
+        k, v = kv
+        if cfg.qk_norm:
+            k = _rms(k, _vector(bp, j, "self_attn.k_norm.scale", fill.loop)[:, None]
+                     if "self_attn.k_norm.scale" in bp["vecs"][j] else bp["block"][j]["self_attn.k_norm.scale"],
+                     cfg.rms_norm_eps, 0.0, dtype)
+        k = apply_rope(k, fill.positions, inv_freq)
+        out.append(rpa.write_kv(kv_caches[j][0], kv_caches[j][1], k, v, slots))
+    return tuple(out)
 
 
 def exit_logits(config: ModelConfig, bp, hidden, rows_index, dtype) -> jax.Array:

@@ -61,12 +61,15 @@ class DepthwiseRunner:
 
     def __init__(self, config: ModelConfig, spec: recursive.RecursiveSpec, rp, *, page_size: int, num_pages: int,
                  max_rows: int, dtype=jnp.float32, attention_impl: Optional[str] = None,
-                 lora_impl: Optional[str] = None, kv_cache_dtype: str = "auto"):
+                 lora_impl: Optional[str] = None, kv_cache_dtype: str = "auto", kv_fill: str = "compute"):
         recursive_block.check_supported(config, spec)
         self.config = self.model_config = config
         self.spec = spec
         self.num_loops = spec.num_loops
         self.exit_loops = spec.exit_after_loops
+        if kv_fill not in ("compute", "copy"):
+            raise ValueError(f"early_exit_kv_fill: {kv_fill!r} is not 'compute' or 'copy'")
+        self.kv_fill = kv_fill  # "copy": an exiting row writes its skipped loops' K/V in its step
         self.page_size = page_size
         self.num_pages = num_pages
         if num_pages * spec.num_loops * page_size > np.iinfo(np.int32).max:
@@ -90,6 +93,7 @@ class DepthwiseRunner:
         self._step = jax.jit(functools.partial(_depthwise_step, config, spec, self.dtype, attention_impl, lora_impl),
                              out_shardings=(replicated, jax.tree.map(lambda x: x.sharding, self.kv_caches),
                                             replicated), donate_argnums=(1, 2), static_argnums=(5,))
+        self.num_copy_fill_rows = 0  # (token, skipped loop) K/V rows written by "copy" fills
         self._shape_keys: set = set()
         self._num_compiles = 0
         self.map_budget = program_memory.MapBudget()
@@ -143,9 +147,11 @@ class DepthwiseRunner:
         rows, thresholds = self._rows(step, batch, num_rows)
         # A step where nothing samples skips the LM head (its weights are a large read).
         heads = bool(batch.num_samples.sum())
-        key = batch.shape_key + (heads,)
+        fill = self._fill_rows(step, batch, thresholds) if self.kv_fill == "copy" else None
+        key = batch.shape_key + (heads, 0 if fill is None else int(fill.src.size))
         device_start = time.perf_counter()
-        results, self.kv_caches, self._carry = self._step(self.bp, self.kv_caches, self._carry, device, rows, heads)
+        results, self.kv_caches, self._carry = self._step(self.bp, self.kv_caches, self._carry, device, rows, heads,
+                                                          fill, thresholds)
         results = jax.device_get(results)
         device_seconds = time.perf_counter() - device_start
         is_compile = key not in self._shape_keys
@@ -159,6 +165,8 @@ class DepthwiseRunner:
             if batch.num_samples[i] and confidence[first] < thresholds[first]:  # stays in: nothing sampled
                 outputs[s.request_id] = dataclasses.replace(outputs[s.request_id], token_ids=(), logprobs=None,
                                                             top_logprobs=None)
+            elif fill is not None and batch.num_samples[i] and s.exit_threshold is not None:
+                self.num_copy_fill_rows += len(s.token_ids) * (self.num_loops - 1 - s.loop)
         self._carry_rows = {s.request_id: (int(batch.token_offsets[i]), int(batch.num_tokens[i]))
                             for i, s in enumerate(step.sequences)}
         host_seconds = (device_start - host_start) + (time.perf_counter() - unpack_start)
@@ -170,7 +178,7 @@ class DepthwiseRunner:
         """Compiles the step program of shape `key` (runtime/warmup.py) on a dummy batch of
         loop-0 rows that writes no page; the carry in use is left alone. False when held."""
         key = warmup.check_key(key)
-        if key + (True,) in self._shape_keys:
+        if key + (True, 0) in self._shape_keys:
             return False
         num_rows = key[0]
         if num_rows > self.max_rows:
@@ -180,20 +188,44 @@ class DepthwiseRunner:
                                          np.zeros(self.num_loops, np.int32), np.full(num_rows, -1, np.int32))
         results, self.kv_caches, _ = self._step(self.bp, self.kv_caches, jnp.zeros_like(self._carry,
                                                                                       device=self._carry.sharding),
-                                                warmup.dummy_batch(key, self.batch_config), rows, True)
+                                                warmup.dummy_batch(key, self.batch_config), rows, True, None,
+                                                np.full(key[1], -1.0, np.float32))
         jax.block_until_ready(results)
-        self._note_compile(key + (True,), record=True)
+        self._note_compile(key + (True, 0), record=True)
         return True
 
     def _note_compile(self, key: tuple, record: bool) -> None:
         """Counts a compiled program; `record`: its shape key (all but the last field, the
-        LM-head flag) goes to the shape profile (warm-up keys are the plain runner's, with heads)."""
+        LM-head flag and the fill rows) goes to the shape profile (warm-up keys are the plain runner's, with heads)."""
         self._shape_keys.add(key)
         self._num_compiles += 1
         if record and self.shape_profile is not None:
-            self.shape_profile.record(key[:-1])
+            self.shape_profile.record(key[:-2])
         if self.map_budget.after_compile([self._step]):
             self._shape_keys.clear()
+
+    def _fill_rows(self, step: StepInput, batch, thresholds) -> Optional[recursive_block.FillRows]:
+        """The "copy" fill rows of the step's exit candidates (None when there is none)."""
+        pages, size, rows = self.num_pages, self.page_size, []
+        for i, s in enumerate(step.sequences):
+            if s.exit_threshold is None or not batch.num_samples[i] or s.loop >= self.num_loops - 1:
+                continue
+            first, sample_row = int(batch.token_offsets[i]), int(batch.sample_starts[i])
+            for t in range(len(s.token_ids)):
+                pos = s.start_position + t
+                page = s.page_ids[pos // size]  # logical (`step` is the engine's, not the offset copy)
+                rows += [(loop, first + t, pos, (page + loop * pages) * size + pos % size, sample_row)
+                         for loop in range(s.loop + 1, self.num_loops)]
+        if not rows:
+            return None
+        rows.sort(key=lambda r: r[0])
+        width = bucket(len(rows))
+        table = np.zeros((width, 5), np.int64)
+        table[:, 3] = pages * self.num_loops * size  # padding: dropped
+        table[:len(rows)] = rows
+        group_sizes = np.bincount(table[:len(rows), 0], minlength=self.num_loops).astype(np.int32)
+        loop, src, positions, slots, sample_row = (table[:, c].astype(np.int32) for c in range(5))
+        return recursive_block.FillRows(src, loop, group_sizes, positions, slots, sample_row)
 
     def _rows(self, step: StepInput, batch, num_rows: int) -> tuple:
         """The step's BlockRows and the [S] exit threshold of each sample row (-1: always)."""
@@ -217,10 +249,12 @@ class DepthwiseRunner:
         return recursive_block.BlockRows(loop, perm, inv_perm, group_sizes, carry_index), thresholds
 
 
-def _depthwise_step(config, spec, dtype, attention_impl, lora_impl, bp, kv_caches, carry, batch, rows, heads):
+def _depthwise_step(config, spec, dtype, attention_impl, lora_impl, bp, kv_caches, carry, batch, rows, heads, fill,
+                    thresholds):
     """One compiled step: the block over the rows, exit logits of the sample rows, sampling
-    (the exit rule is applied on the host to the returned confidence). `heads` (static):
-    some sequence samples; without, the LM head is not run and the sample arrays are dummies."""
+    (the host applies the exit rule to the returned confidence; the device applies it too,
+    to the "copy" fill rows). `heads` (static): some sequence samples; without, the LM head
+    is not run and the sample arrays are dummies."""
     metadata = step_metadata(batch)
     hidden, kv_caches = recursive_block.block_forward(config, spec, bp, batch.tokens, carry, rows, batch.positions,
                                                       kv_caches, metadata, dtype=dtype,
@@ -243,6 +277,9 @@ def _depthwise_step(config, spec, dtype, attention_impl, lora_impl, bp, kv_cache
         prompt_lp = jnp.zeros((0,), jnp.float32)
     # Max probability of the raw distribution: 1 / sum(exp(logits - max)).
     confidence = 1.0 / jnp.sum(jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True)), axis=-1)
+    if fill is not None:
+        kv_caches = recursive_block.copy_fill(config, spec, bp, hidden, fill, confidence >= thresholds, kv_caches,
+                                              dtype=dtype, lora_impl=lora_impl)
     return (*sample_rows(logits, batch), prompt_lp, rows_finite(logits), kv_tokens_finite(kv_caches, batch),
             confidence), kv_caches, new_carry
 
@@ -304,4 +341,4 @@ def for_engine(config: ModelConfig, params, engine_config: EngineConfig, model_p
     return DepthwiseRunner(config, spec, rp, page_size=engine_config.page_size, num_pages=num_pages,
                            max_rows=engine_config.max_num_batched_tokens, dtype=dtype,
                            attention_impl=engine_config.attention_impl, lora_impl=engine_config.attention_impl,
-                           kv_cache_dtype=engine_config.kv_cache_dtype)
+                           kv_cache_dtype=engine_config.kv_cache_dtype, kv_fill=engine_config.early_exit_kv_fill)
