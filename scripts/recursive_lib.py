@@ -281,7 +281,7 @@ def make_forward(config, spec: RecursiveSpec, exits: Optional[Sequence[int]] = N
 
 
 def greedy_tokens(config, spec: RecursiveSpec, rp: Mapping, prompt: Sequence[int], max_tokens: int,
-                  exit_threshold: Optional[float] = None, kv_fill: str = "compute") -> list[int]:
+                  exit_threshold: Optional[float] = None, kv_fill: str = "compute", with_logprobs: bool = False):
     """The greedy continuation of prompt by the full recursive model's dense forward (the
     engine's oracle: no KV cache, the whole sequence re-run per token).
 
@@ -290,26 +290,33 @@ def greedy_tokens(config, spec: RecursiveSpec, rp: Mapping, prompt: Sequence[int
     exit_after_loops, k < num_loops) whose max probability is >= the threshold, else of the
     last loop's logits. kv_fill "compute": every fed token still runs all loops (exact
     K/V); "copy": a fed token that exited after k loops gives the deeper layers its exit
-    hidden state (the engine's EngineConfig.early_exit_kv_fill).
+    hidden state (the engine's EngineConfig.early_exit_kv_fill). `with_logprobs`: returns
+    (tokens, log p of each under the distribution it was taken from).
     """
     import jax.numpy as jnp
 
     exits = (spec.num_loops,) if exit_threshold is None else tuple(sorted({*spec.exit_after_loops, spec.num_loops}))
     forward = make_forward(config, spec, exits)
     tokens, ran = list(prompt), [spec.num_loops] * len(prompt)  # loops each fed position ran
+    logprobs = []
+    width = len(prompt) + max_tokens  # one compiled shape: the causal forward ignores the padding after
     for step in range(max_tokens):
-        out = forward(rp, jnp.asarray([tokens], jnp.int32),
-                      jnp.asarray(ran, jnp.int32) if kv_fill == "copy" else None)
+        last = len(tokens) - 1
+        out = forward(rp, jnp.asarray([tokens + [0] * (width - len(tokens))], jnp.int32),
+                      jnp.asarray(ran + [spec.num_loops] * (width - len(ran)), jnp.int32)
+                      if kv_fill == "copy" else None)
         chosen, loops = out[spec.num_loops], spec.num_loops
         for k in exits[:-1] if exit_threshold is not None and step > 0 else ():
-            row = np.asarray(out[k], np.float64)[-1]
+            row = np.asarray(out[k], np.float64)[last]
             if 1.0 / np.exp(row - row.max()).sum() >= exit_threshold:
                 chosen, loops = out[k], k
                 break
         ran[-1] = loops
-        tokens.append(int(np.argmax(np.asarray(chosen)[-1])))
+        row = np.asarray(chosen, np.float64)[last]
+        tokens.append(int(np.argmax(row)))
+        logprobs.append(float(row.max() - row.max() - np.log(np.exp(row - row.max()).sum())))
         ran.append(spec.num_loops)
-    return tokens[len(prompt):]
+    return (tokens[len(prompt):], logprobs) if with_logprobs else tokens[len(prompt):]
 
 
 def exit_nll_fns(config, spec: RecursiveSpec, rp: Mapping, exits: Optional[Sequence[int]] = None,

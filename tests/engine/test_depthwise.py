@@ -23,7 +23,7 @@ from script_loader import load_script
 NAME = "tiny-code-recursive"
 MODEL_DIR = resolve_model_path(NAME)
 BASE = dict(page_size=8, num_pages=48, max_num_batched_tokens=32, max_num_seqs=8, compilation_cache_dir="")
-MAX_TOKENS = 8
+MAX_TOKENS = 6
 
 pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(MODEL_DIR, "model.safetensors")),
                                 reason=f"{MODEL_DIR} not built (docs/recursive.md)")
@@ -87,21 +87,35 @@ def test_default_for_recursive_folders_and_greedy_equals_unrolled(depthwise, pro
     assert m["num_free_pages"] == m["num_total_pages"] and not engine.depthwise.entries
 
 
-@pytest.mark.parametrize("threshold", [0.0, 0.4])
-def test_early_exit_matches_the_dense_exit_oracle(depthwise, lib, prompts, threshold):
+@pytest.fixture(scope="module")
+def copy_fill():
+    engine = EngineConfig(early_exit_kv_fill="copy", **BASE)
+    with InferenceSession.from_pretrained(NAME, engine=engine) as session:
+        yield session
+
+
+@pytest.mark.parametrize("kv_fill,threshold", [("compute", 0.4), ("copy", 0.4)])
+def test_early_exit_matches_the_dense_exit_oracle(request, lib, prompts, kv_fill, threshold):
+    """Tokens and log-probs equal the dense oracle of the same fill rule; the two fill
+    rules' log-probs differ by far more than the tolerance (so the check tells them apart)."""
+    session = request.getfixturevalue("depthwise" if kv_fill == "compute" else "copy_fill")
     config, _, spec, rp = lib.load_recursive(MODEL_DIR)
-    want = [lib.greedy_tokens(config, spec, rp, p, MAX_TOKENS, exit_threshold=threshold) for p in prompts[:3]]
-    first = depthwise.engine.metrics()
-    before = dict(first["early_exits_per_loop"])
-    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True, early_exit_threshold=threshold)
-    assert [o.token_ids for o in depthwise.generate(prompts[:3], params)] == want
-    m = depthwise.engine.metrics()
-    exits = sum(m["early_exits_per_loop"][k] - before[k] for k in before)
-    if threshold == 0.0:  # every token leaves at the first exit
-        assert m["early_exits_per_loop"]["1"] - before["1"] == 3 * MAX_TOKENS
-    assert exits > 0 and m["depthwise_fill_rows"] > first["depthwise_fill_rows"]
-    assert m["mean_loops_per_token"] < 3.0
-    assert m["num_free_pages"] == m["num_total_pages"] and not depthwise.engine.depthwise.entries
+    want = {fill: [lib.greedy_tokens(config, spec, rp, p, MAX_TOKENS, exit_threshold=threshold, kv_fill=fill,
+                                     with_logprobs=True) for p in prompts[:3]] for fill in ("compute", "copy")}
+    first = session.engine.metrics()
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True, early_exit_threshold=threshold,
+                            logprobs=True)
+    outs = session.generate(prompts[:3], params)
+    for out, (tokens, logprobs) in zip(outs, want[kv_fill]):
+        assert out.token_ids == tokens
+        assert max(abs(a - b) for a, b in zip(out.logprobs, logprobs)) < 1e-4
+    gap = max(abs(a - b) for (_, x), (_, y) in zip(want["compute"], want["copy"]) for a, b in zip(x, y))
+    assert gap > 1e-2
+    m = session.engine.metrics()
+    exits = {k: m["early_exits_per_loop"][k] - first["early_exits_per_loop"][k] for k in m["early_exits_per_loop"]}
+    fill_rows = "depthwise_fill_rows" if kv_fill == "compute" else "depthwise_copy_fill_rows"
+    assert sum(exits.values()) > 0 and m[fill_rows] > first[fill_rows] and m["mean_loops_per_token"] < 3.0
+    assert m["num_free_pages"] == m["num_total_pages"] and not session.engine.depthwise.entries
 
 
 def test_threshold_one_never_exits_and_requests_mix(depthwise, prompts, unrolled_tokens):
@@ -109,9 +123,13 @@ def test_threshold_one_never_exits_and_requests_mix(depthwise, prompts, unrolled
     never = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True, early_exit_threshold=1.0)
     eager = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True, early_exit_threshold=0.0)
     # exiting requests beside full-depth ones do not change the full-depth ones' tokens
+    before = depthwise.engine.metrics()["early_exits_per_loop"]
     got = _run(depthwise.engine, [(prompts[0], never), (prompts[1], eager), (prompts[2], greedy),
                                   (prompts[3], eager)], join_every=1)
     assert got[0] == unrolled_tokens[0] and got[2] == unrolled_tokens[2]
+    # threshold 0: every token but the first (a prompt's, never exiting) leaves at the first exit
+    after = depthwise.engine.metrics()["early_exits_per_loop"]
+    assert (after["1"] - before["1"], after["2"] - before["2"]) == (2 * (MAX_TOKENS - 1), 0)
 
 
 def test_abort_in_flight_and_preemption_leak_nothing(prompts, unrolled_tokens):
