@@ -31,8 +31,9 @@ runner, --early_exit_threshold T sets every request's exit rule, and
         --compare_recursive --baseline_model tiny-code --early_exit_threshold 0.5
 
 times, on one workload in one process: the recursive model with its loops back to back
-(unrolled), with continuous depth-wise batching, with depth-wise batching and early exit,
-and --baseline_model (the model it was converted from), with the ratios. --prompts code
+(unrolled), with continuous depth-wise batching, with depth-wise batching and early exit
+(the skipped loops' K/V computed, and copied from the exit state: early_exit_kv_fill), and
+--baseline_model (the model it was converted from), with the ratios. --prompts code
 takes the prompts from the held-out Python files of the model's data split (lengths
 uniform in [--min_input_len, --max_input_len]).
 Warm-up (compilation) runs the same workload once; the prefix cache is then reset so the
@@ -129,8 +130,9 @@ def compare_recursive(path, prompts, output_len, engine_config) -> dict:
             "depthwise": run_engine(path, prompts, output_len, dataclasses.replace(
                 engine_config, depthwise_batching=True, early_exit_threshold=None))}
     if _EXIT.value is not None:
-        runs["depthwise_exit"] = run_engine(path, prompts, output_len, dataclasses.replace(
-            engine_config, depthwise_batching=True, early_exit_threshold=_EXIT.value))
+        for fill in ("compute", "copy"):
+            runs[f"exit_{fill}"] = run_engine(path, prompts, output_len, dataclasses.replace(
+                engine_config, depthwise_batching=True, early_exit_threshold=_EXIT.value, early_exit_kv_fill=fill))
     if _BASELINE.value:
         runs["baseline"] = run_engine(_BASELINE.value, prompts, output_len, dataclasses.replace(
             engine_config, depthwise_batching=None, early_exit_threshold=None))
@@ -178,7 +180,7 @@ def run_engine(path, prompts, output_len, engine_config, session=None):
             "num_params": getattr(session.engine.runner, "params_per_token", None)
             or bench_common.num_params(session.engine.runner.params),
             **({k: m[k] - before[k] for k in ("depthwise_steps", "depthwise_rows", "depthwise_mixed_steps",
-                                               "depthwise_fill_rows", "num_early_exits")}
+                                               "depthwise_fill_rows", "depthwise_copy_fill_rows", "num_early_exits")}
                if "depthwise_steps" in m else {}),
             **({"mean_loops_per_token": m["mean_loops_per_token"]} if "depthwise_steps" in m else {}),
             **({k: m[k] - before[k] for k in ("spec_num_drafts", "spec_num_draft_tokens", "spec_num_accepted_tokens")}
