@@ -23,13 +23,13 @@ In memory ("rp", a pytree of arrays, jaxinfer orientation: kernels [in, out]):
   rp["lora"][l][j]       {"self_attn.q_proj": {"A": [r, in], "B": [out, r]}, ...};
   rp["per_loop"][l][j]   {"input_layernorm.scale": [D], ...}.
 
-Serving: `InferenceSession.from_pretrained(folder)` runs the model with its loops back
-to back (each token passes every loop in one step), through `load_unrolled`: every
-(loop, j) gets merged weights W_shared_j + (B_l A_l)^T, so the engine sees a plain
-L-layer model and every engine feature (paged KV, chunking, TP/PP, int4, speculation)
-applies unchanged. The weights then take L layers of memory, not B + LoRA; continuous
-depth-wise batching (one call of the shared block over tokens at different loops, with
-the grouped LoRA op of jaxinfer.pallas.grouped_lora) is the engine work still to come.
+Serving, two ways (docs/recursive.md). Depth-wise (the default): the shared block and the
+LoRA stay as they are (`read_recursive`) and one call of the block per step carries tokens
+at different loops (models/recursive_block.py, runtime/depthwise_runner.py,
+engine/depthwise.py). Unrolled (`EngineConfig(depthwise_batching=False)`, or a setting
+depth-wise batching cannot run with): `load_unrolled` gives every (loop, j) merged
+weights W_shared_j + (B_l A_l)^T, so the engine sees a plain L-layer model and every
+engine feature (TP/PP, int4, speculation) applies unchanged, at L layers of memory.
 """
 from __future__ import annotations
 
