@@ -88,6 +88,13 @@ _DRAFT_MODEL = flags.DEFINE_string("draft_model", None, "Draft model folder or b
                                    "draft).")
 _DRAFT_LOOPS = flags.DEFINE_integer("draft_loops", 1, "Loops of the recursive model that draft (--speculative_method "
                                     "early_exit).")
+_DEPTHWISE = flags.DEFINE_enum("depthwise_batching", "auto", ["auto", "on", "off"],
+                               "A recursive model: one call of the shared block per step over tokens at different "
+                               "loops (auto = when its settings allow; off = loops back to back).")
+_EARLY_EXIT_THRESHOLD = flags.DEFINE_float("early_exit_threshold", None, "Depth-wise: a decode token exits after "
+                                           "the first loop whose max probability reaches this (default: never).")
+_EARLY_EXIT_KV_FILL = flags.DEFINE_enum("early_exit_kv_fill", "compute", ["compute", "copy"],
+                                        "K/V of the loops an exited token skips: run them, or copy the exit state.")
 _COMPILATION_CACHE_DIR = flags.DEFINE_string(
     "compilation_cache_dir", None,
     "Persistent XLA compilation cache folder (default: $JAXINFER_COMPILATION_CACHE_DIR, else "
@@ -174,7 +181,9 @@ def _engine_config():
                         tensor_parallel_size=_TENSOR_PARALLEL_SIZE.value,
                         expert_parallel_size=_EXPERT_PARALLEL_SIZE.value,
                         pipeline_parallel_size=_PIPELINE_PARALLEL_SIZE.value,
-                        pipeline_microbatches=_PIPELINE_MICROBATCHES.value)
+                        pipeline_microbatches=_PIPELINE_MICROBATCHES.value,
+                        depthwise_batching={"auto": None, "on": True, "off": False}[_DEPTHWISE.value],
+                        early_exit_threshold=_EARLY_EXIT_THRESHOLD.value, early_exit_kv_fill=_EARLY_EXIT_KV_FILL.value)
 
 
 _LOADED = []  # a session was built in this process (the job's processes exit together after that)

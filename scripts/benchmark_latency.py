@@ -66,6 +66,10 @@ _NUM_SPEC_TOKENS = flags.DEFINE_integer("num_speculative_tokens", 4, "Draft toke
 _DRAFT_MODEL = flags.DEFINE_string("draft_model", None, "Draft model folder or bundled name (--speculative draft).")
 _DRAFT_LOOPS = flags.DEFINE_integer("draft_loops", 1, "Loops of the recursive model that draft (--speculative "
                                     "early_exit).", lower_bound=1)
+_DEPTHWISE = flags.DEFINE_enum("depthwise_batching", "off", ["auto", "on", "off"],
+                               "A recursive --model: depth-wise batching (docs/recursive.md); off = its loops back "
+                               "to back, the form speculation verifies with.")
+_EXIT = flags.DEFINE_float("early_exit_threshold", None, "Depth-wise: every request's early-exit confidence.")
 _PROMPTS = flags.DEFINE_enum("prompts", "random", ["random", "code"],
                              "random ids, or the held-out Python files of the model's data split (code completion).")
 _NUM_PROMPTS = flags.DEFINE_integer("num_prompts", 8, "Prompts of the --speculative comparison.", lower_bound=1)
@@ -81,7 +85,7 @@ def _jaxinfer(path, prompt, output_len, repeats, quantization=None, quant_group_
     quant_config = QuantConfig(group_size=quant_group_size) if quantization else None
     # No prefix caching: every repetition reuses the prompt and must prefill it in full.
     engine = EngineConfig(max_num_batched_tokens=max(512, len(prompt)), enable_prefix_caching=False,
-                          compilation_cache_dir=_COMPILATION_CACHE.value)
+                          compilation_cache_dir=_COMPILATION_CACHE.value, **_recursive_fields())
     session = InferenceSession.from_pretrained(path, dtype=_DTYPE.value, engine=engine,
                                                quantization=quantization, quantization_config=quant_config)
     load_seconds = time.perf_counter() - start
@@ -132,7 +136,8 @@ def _speculation(path, prompts, output_len, repeats, methods, batch_sizes=()):
             method=method, num_speculative_tokens=_NUM_SPEC_TOKENS.value,
             draft_model=_DRAFT_MODEL.value if method == "draft" else None, draft_loops=_DRAFT_LOOPS.value)
         engine = EngineConfig(max_num_batched_tokens=max(512, max(map(len, prompts))), enable_prefix_caching=False,
-                              compilation_cache_dir=_COMPILATION_CACHE.value, speculative=spec)
+                              compilation_cache_dir=_COMPILATION_CACHE.value, speculative=spec,
+                              **(_recursive_fields() if spec is None else {}))
         session = InferenceSession.from_pretrained(path, dtype=_DTYPE.value, engine=engine)
         for prompt in prompts:  # warm-up: every shape these prompts meet
             session.generate([prompt], params)
@@ -167,6 +172,12 @@ def _speculation(path, prompts, output_len, repeats, methods, batch_sizes=()):
     for row in rows:
         row["same_tokens_as_first"] = row.pop("outputs") == first_outputs
     return rows
+
+
+def _recursive_fields() -> dict:
+    """EngineConfig fields of --depthwise_batching and --early_exit_threshold."""
+    return {"depthwise_batching": {"auto": None, "on": True, "off": False}[_DEPTHWISE.value],
+            "early_exit_threshold": _EXIT.value}
 
 
 def _prompts(path, rng):
