@@ -36,7 +36,7 @@ import time
 from typing import Optional
 
 from jaxinfer.engine.block_manager import BlockManager
-from jaxinfer.engine.errors import NonFiniteOutput, StepFailed
+from jaxinfer.engine.errors import NonFiniteOutput
 from jaxinfer.types import ScheduledStep, StepInput, StepOutput
 
 
@@ -212,12 +212,7 @@ def depthwise_step(engine, start: float) -> list:
         failed = pipe.fail_all()
         engine.runner.reset()
         engine.scheduler.take_failed()
-        for request_id in failed:
-            request = engine.requests.get(request_id)
-            if request is not None:
-                engine._fail(request, None)
-        engine._counters.num_failed_steps += 1
-        raise StepFailed(e, failed) from e
+        engine._fail_step(e, failed)
     for request in engine.scheduler.take_failed():
         engine._fail(request, NonFiniteOutput(
             request.request_id, f"request {request.request_id!r}: the model produced a non-finite value (NaN or "

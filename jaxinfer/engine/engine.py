@@ -301,14 +301,8 @@ class Engine:
             step_output = result() if result is not None else runner.execute(step.step_input)
             touched = scheduler.update(step, step_output)
         except Exception as e:  # noqa: BLE001 - fail this step's requests only
-            failed = list(step.num_scheduled_tokens)
             scheduler.take_failed()  # (a partial update's): failed below with the rest
-            for request_id in failed:
-                request = self.requests.get(request_id)
-                if request is not None:
-                    self._fail(request, None)  # the error travels in StepFailed
-            self._counters.num_failed_steps += 1
-            raise StepFailed(e, failed) from e
+            self._fail_step(e, list(step.num_scheduled_tokens))
         for request in scheduler.take_failed():  # non-finite logits: failed alone
             self._fail(request, NonFiniteOutput(
                 request.request_id, f"request {request.request_id!r}: the model produced a non-finite value (NaN or "
@@ -357,14 +351,18 @@ class Engine:
                     stats = self.runner.swap_in(space.take(op.request_id), op.page_ids)
                     space.swapped_in(stats.nbytes, stats.seconds, not stats.is_compile)
         except Exception as e:  # noqa: BLE001 - fail the requests involved, keep serving
-            failed = list(dict.fromkeys([op.request_id for op in ops]
-                                        + (list(step.num_scheduled_tokens) if step is not None else [])))
-            for request_id in failed:
-                request = self.requests.get(request_id)
-                if request is not None:
-                    self._fail(request, None)
-            self._counters.num_failed_steps += 1
-            raise StepFailed(e, failed) from e
+            self._fail_step(e, list(dict.fromkeys([op.request_id for op in ops] + (
+                list(step.num_scheduled_tokens) if step is not None else []))))
+
+    def _fail_step(self, error: BaseException, request_ids: list) -> None:
+        """Fails `request_ids` (pages freed, forgotten), counts a failed step and raises
+        StepFailed (the error travels in it); the engine keeps serving."""
+        for request_id in request_ids:
+            request = self.requests.get(request_id)
+            if request is not None:
+                self._fail(request, None)
+        self._counters.num_failed_steps += 1
+        raise StepFailed(error, request_ids) from error
 
     def take_errors(self) -> dict:
         """The requests failed alone since the last call: {request id: exception}."""

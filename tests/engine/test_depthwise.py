@@ -11,32 +11,26 @@ settings depth-wise batching cannot run with are refused with the field named.
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from jaxinfer import EngineConfig, InferenceSession, SamplingParams, SpeculativeConfig
-from jaxinfer.assets import resolve_model_path
 from jaxinfer.types import ScheduledSequence, StepInput
-from script_loader import load_script
+from recursive_assets import MODEL_DIR, NAME, heldout, needs_model, recursive_lib
 
-NAME = "tiny-code-recursive"
-MODEL_DIR = resolve_model_path(NAME)
 BASE = dict(page_size=8, num_pages=48, max_num_batched_tokens=32, max_num_seqs=8, compilation_cache_dir="")
 MAX_TOKENS = 6
 
-pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(MODEL_DIR, "model.safetensors")),
-                                reason=f"{MODEL_DIR} not built (docs/recursive.md)")
+pytestmark = needs_model
 
 
 @pytest.fixture(scope="module")
 def lib():
-    return load_script("convert_recursive").recursive_lib
+    return recursive_lib()
 
 
 @pytest.fixture(scope="module")
 def prompts():
-    docs = load_script("eval_perplexity").heldout_token_ids(MODEL_DIR, max_files=3)
+    docs = heldout(3)
     # 45 tokens > the 32-token budget: chunked prefill across depth-wise steps.
     return [docs[0][:12], docs[1][:45], docs[2][:5], docs[0][30:52]]
 

@@ -17,26 +17,21 @@ import os
 import pytest
 
 from jaxinfer import EngineConfig, InferenceSession, SamplingParams, SpeculativeConfig
-from jaxinfer.assets import resolve_model_path
-from script_loader import load_script
-
-NAME = "tiny-code-recursive"
-MODEL_DIR = resolve_model_path(NAME)
+from recursive_assets import MODEL_DIR, NAME, heldout, needs_model, recursive_lib
 MAX_TOKENS = 6
 ENGINE = EngineConfig(page_size=8, num_pages=32, max_num_batched_tokens=64, compilation_cache_dir="")
 
-pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(MODEL_DIR, "model.safetensors")),
-                                reason=f"{MODEL_DIR} not built (docs/recursive.md)")
+pytestmark = needs_model
 
 
 @pytest.fixture(scope="module")
 def lib():
-    return load_script("convert_recursive").recursive_lib
+    return recursive_lib()
 
 
 @pytest.fixture(scope="module")
 def prompts(lib):
-    docs = load_script("eval_perplexity").heldout_token_ids(MODEL_DIR, max_files=2)
+    docs = heldout(2)
     return [docs[0][:20], docs[1][:33]]
 
 
