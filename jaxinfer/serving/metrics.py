@@ -77,6 +77,10 @@ class _EngineCollector:
                       m.get("num_kv_transfers", 0))
         yield counter("kv_transfer_bytes", "KV bytes copied from the prefill to the decode runner.",
                       m.get("kv_transfer_bytes", 0))
+        # Depth-wise batching of a recursive model (zeros otherwise; docs/recursive.md).
+        yield counter("depthwise_steps", "Depth-wise steps (one call of the shared block).",
+                      m.get("depthwise_steps", 0))
+        yield counter("early_exits", "Tokens sampled before the last loop (early exit).", m.get("num_early_exits", 0))
         # Speculative decoding, vLLM's spec_decode names (zeros when it is off).
         yield counter("spec_decode_num_drafts", "Sequences verified with draft tokens.", m.get("spec_num_drafts", 0))
         yield counter("spec_decode_num_draft_tokens", "Draft tokens proposed and verified.",

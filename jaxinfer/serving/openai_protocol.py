@@ -153,6 +153,7 @@ class _GenerationRequest(_Model):
     stop_token_ids: Optional[list[int]] = None
     min_tokens: Optional[int] = None
     repetition_penalty: Optional[float] = None
+    early_exit_threshold: Optional[float] = None  # ours: recursive models served depth-wise
     priority: Optional[int] = 0
     cache_salt: Optional[str] = None
 
@@ -165,6 +166,8 @@ class _GenerationRequest(_Model):
             fields["n"] = self.n
         if self.logit_bias:  # {"token id": bias}: SamplingParams reads the string keys
             fields["logit_bias"] = self.logit_bias
+        if self.early_exit_threshold is not None:  # not sent otherwise: older SamplingParams work
+            fields["early_exit_threshold"] = self.early_exit_threshold
         return fields
 
     def check_stream_options(self) -> None:

@@ -282,7 +282,8 @@ def test_validation_errors_name_the_field(server):
     _error(post({"prompt": PROMPT, "logit_bias": {"5": "x"}}), 400, "logit_bias.5")
     for field, value in (("top_k", -5), ("min_p", 2.0), ("seed", -1), ("stop_token_ids", [-1]), ("stop", [""]),
                          ("logprobs", 50), ("presence_penalty", 3.0), ("frequency_penalty", -3.0),
-                         ("repetition_penalty", 0.0), ("min_tokens", 100), ("n", 0), ("logit_bias", {"x": 1})):
+                         ("repetition_penalty", 0.0), ("min_tokens", 100), ("n", 0), ("logit_bias", {"x": 1}),
+                         ("early_exit_threshold", 1.5), ("early_exit_threshold", 0.5)):  # 0.5: not a recursive model
         if field in SamplingParams.__dataclass_fields__:  # the vLLM / OpenAI fields pass through by name
             _error(post({"prompt": PROMPT, field: value}), 400, field)
     _error(post({"max_tokens": 4}), 400, "prompt")
