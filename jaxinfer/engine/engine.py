@@ -144,7 +144,8 @@ class Engine:
         self.output_processor = OutputProcessor(tokenizer)
         self.proposer = make_proposer(engine_config.speculative, draft_runner)  # None = no speculation
         self.limits = RequestLimits(vocab_size=model_config.vocab_size, max_model_len=self.max_model_len,
-                                    num_pages=runner.num_pages, page_size=runner.page_size)
+                                    num_pages=runner.num_pages, page_size=runner.page_size,
+                                    early_exit=getattr(runner, "depthwise", False))
         self.requests: dict = {}  # request id -> Request, until its last delta is returned
         # request id -> the exception that failed that request alone in `step` (its
         # pages freed, the engine forgot it); the owner takes them with take_errors()
@@ -178,11 +179,6 @@ class Engine:
           ValueError: naming the field and the request's index; nothing is queued.
         """
         requests = validate_requests(list(requests), self.limits)
-        if self.depthwise is None:
-            for i, r in enumerate(requests):
-                if r.params.early_exit_threshold is not None:
-                    raise ValueError(f"params[{i}].early_exit_threshold: early exit needs depth-wise batching (a "
-                                     f"recursive model folder and depthwise_batching not False)")
         given = {r.request_id for r in requests if r.request_id is not None}
         taken = set(self.requests)
         named = []

@@ -48,6 +48,7 @@ class RequestLimits:
     max_model_len: int  # prompt + max_tokens at most
     num_pages: int  # KV pages in the pool
     page_size: int  # tokens per page
+    early_exit: bool = False  # the engine serves a recursive model depth-wise (params.early_exit_threshold)
 
 
 def resolve_max_model_len(model_config: ModelConfig, engine_config: EngineConfig) -> int:
@@ -112,6 +113,9 @@ def validate_request(request: NewRequest, limits: RequestLimits, index: Optional
     if -(-total // limits.page_size) > limits.num_pages:
         raise ValueError(f"{_name('params', index)}.max_tokens: prompt + max_tokens = {total} tokens can never "
                          f"fit in the KV cache ({limits.num_pages} pages of {limits.page_size})")
+    if params.early_exit_threshold is not None and not limits.early_exit:
+        raise ValueError(f"{_name('params', index)}.early_exit_threshold: early exit needs depth-wise batching (a "
+                         f"recursive model folder and depthwise_batching not False)")
     for t in params.stop_token_ids:
         if t >= limits.vocab_size:
             raise ValueError(f"{_name('params', index)}.stop_token_ids: {t} outside the vocabulary "

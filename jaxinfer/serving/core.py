@@ -279,11 +279,16 @@ class ServingEngine:
                 raise InvalidRequest(f"stop: stop strings may have at most {self.config.max_stop_string_chars} "
                                      f"characters, got {len(s)}", param="stop")
         try:
-            return SamplingParams(**merged)
+            params = SamplingParams(**merged)
         except ValueError as e:
             raise invalid_from_value_error(e) from None
         except TypeError as e:  # an unknown field
             raise InvalidRequest(str(e)) from None
+        limits = getattr(self.session.engine, "limits", None)
+        if params.early_exit_threshold is not None and not getattr(limits, "early_exit", False):
+            raise InvalidRequest("early_exit_threshold: this model is not served depth-wise (a recursive model "
+                                 "folder, depthwise_batching not off)", param="early_exit_threshold")
+        return params
 
     def encode(self, prompt: Union[str, Sequence[int]], field: str = "prompt") -> list:
         """Text or token ids -> token ids (ids are range-checked by the engine)."""
