@@ -214,9 +214,7 @@ class SamplingParams:
     early_exit_threshold: Optional[float] = None
 
     def __post_init__(self):
-        _require(self.early_exit_threshold is None or (not isinstance(self.early_exit_threshold, bool) and _is_number(
-            self.early_exit_threshold) and 0 <= self.early_exit_threshold <= 1), "early_exit_threshold",
-            f"must be None or a number in [0, 1], got {self.early_exit_threshold!r}")
+        _check_exit_threshold(self.early_exit_threshold)
         if self.early_exit_threshold is not None:
             object.__setattr__(self, "early_exit_threshold", float(self.early_exit_threshold))
         for name, kind in (("max_tokens", int), ("top_k", int), ("seed", int), ("temperature", float),
@@ -294,6 +292,12 @@ class SamplingParams:
     def num_top_logprobs(self) -> int:
         """How many most likely alternatives are returned per generated token."""
         return self.logprobs if _is_int(self.logprobs) else 0
+
+
+def _check_exit_threshold(value) -> None:
+    """early_exit_threshold (SamplingParams and EngineConfig): None or a number in [0, 1]."""
+    _require(value is None or (not isinstance(value, bool) and _is_number(value) and 0 <= value <= 1),
+             "early_exit_threshold", f"must be None or a number in [0, 1], got {value!r}")
 
 
 def _bias_key(key) -> int:
@@ -430,9 +434,7 @@ class EngineConfig:
                  f"must be 'compute' or 'copy', got {self.early_exit_kv_fill!r}")
         _require(self.depthwise_batching in (None, True, False), "depthwise_batching",
                  f"must be None, True or False, got {self.depthwise_batching!r}")
-        _require(self.early_exit_threshold is None or (not isinstance(self.early_exit_threshold, bool) and _is_number(
-            self.early_exit_threshold) and 0 <= self.early_exit_threshold <= 1), "early_exit_threshold",
-            f"must be None or a number in [0, 1], got {self.early_exit_threshold!r}")
+        _check_exit_threshold(self.early_exit_threshold)
         _require(self.speculative is None or isinstance(self.speculative, SpeculativeConfig), "speculative",
                  f"must be None or a SpeculativeConfig, got {type(self.speculative).__name__}")
         _require(self.disaggregation in (None, "splitwise"), "disaggregation",
