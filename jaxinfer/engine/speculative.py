@@ -202,6 +202,37 @@ class DraftModelProposer:
             seqs.append(self._sequence(request, state, tuple(ids[start:]), start))
             state.fed = list(ids)
             work.append((request, state, k))
+        if not seqs:
+            return {}
+        if hasattr(self.runner, "execute_chain") and max(k for _, _, k in work) > 1:
+            drafts = self._chained(seqs, work)
+        else:
+            drafts = self._stepped(seqs, work)
+        return {request_id: tuple(d) for request_id, d in drafts.items() if d}
+
+    def _chained(self, seqs: list, work: list) -> dict:
+        """The catch-up step and every later draft step in one device call
+        (ModelRunner.execute_chain, runtime/draft_chain.py)."""
+        chain = [(request, state, k) for request, state, k in work if k > 1]
+        follow = [self._sequence(request, state, (0,), len(state.fed))
+                  for request, state, _ in chain]
+        num_iterations = self.config.num_speculative_tokens - 1
+        out, chained = self.runner.execute_chain(StepInput(sequences=tuple(seqs)), StepInput(sequences=tuple(follow)),
+                                                 [k - 1 for _, _, k in chain], num_iterations)
+        drafts: dict = {}
+        for request, state, k in work:
+            rid = request.request_id
+            first = out.outputs[rid]
+            ids, finite = chained.get(rid, ((), True))
+            if not (first.finite and first.token_ids and finite):  # a NaN in the draft model: no drafts
+                self.release(rid)
+                continue
+            drafts[rid] = [int(first.token_ids[0]), *ids]
+            state.fed += drafts[rid][:-1]  # the chain fed every draft but the last
+        return drafts
+
+    def _stepped(self, seqs: list, work: list) -> dict:
+        """One device call per draft position (runners without execute_chain)."""
         drafts: dict = {request.request_id: [] for request, _, _ in work}
         for depth in range(max((k for _, _, k in work), default=0)):
             if depth > 0:  # feed each active request's last draft
@@ -222,7 +253,7 @@ class DraftModelProposer:
                     self.release(seq.request_id)
                     work = [w for w in work if w[0].request_id != seq.request_id]
                     drafts[seq.request_id] = []
-        return {request_id: tuple(d) for request_id, d in drafts.items() if d}
+        return drafts
 
 
 def make_proposer(config: Optional[SpeculativeConfig], draft_runner=None):

@@ -62,7 +62,7 @@ from jaxinfer.models import parallel
 from jaxinfer.models.quant_format import int4_format_of
 from jaxinfer.models.transformer import AttentionMetadata, PrefixRows, Transformer, logical_axes
 from jaxinfer.runtime import faults as faults_lib
-from jaxinfer.runtime import input_batch, kv_cache, kv_swap, program_memory, sampler, warmup
+from jaxinfer.runtime import draft_chain, input_batch, kv_cache, kv_swap, program_memory, sampler, warmup
 from jaxinfer.runtime.input_batch import BatchConfig, DeviceBatch
 from jaxinfer.sharding import mesh as mesh_lib
 from jaxinfer.sharding import placement, rules
@@ -120,10 +120,12 @@ class ModelRunner:
         self._moe_layers = tuple(i for i in range(config.num_layers) if config.is_moe_layer(i))
         # Tokens routed to each expert over the run, per MoE layer [M, E] (router statistics).
         self.expert_token_counts = np.zeros((len(self._moe_layers), config.num_experts), np.int64)
-        self._step = jax.jit(functools.partial(_step_fn, self.model, config.vocab_size, self._moe_layers),
-                             in_shardings=(param_shardings, cache_shardings, replicated),
-                             out_shardings=(replicated, cache_shardings),
-                             donate_argnums=(1,))
+        self._step_body = functools.partial(_step_fn, self.model, config.vocab_size, self._moe_layers)
+        self._step = jax.jit(self._step_body, in_shardings=(param_shardings, cache_shardings, replicated),
+                             out_shardings=(replicated, cache_shardings), donate_argnums=(1,))
+        self._shardings = (param_shardings, cache_shardings, replicated)
+        self._chains: dict = {}  # decode iterations -> the jitted draft chain (execute_chain)
+        self._chain_keys: set = set()
         self._shape_keys: set = set()  # shapes whose program is compiled and held
         self._num_compiles = 0
         self.map_budget = program_memory.MapBudget()  # drops programs before mappings run out
@@ -212,6 +214,52 @@ class ModelRunner:
                           shared_prefix_tokens_saved=batch.shared_prefix_tokens_saved)
         return StepOutput(outputs=outputs, stats=stats)
 
+    def execute_chain(self, step: StepInput, chain: StepInput, lens, num_iterations: int):
+        """`step`, then `num_iterations` decode steps of `chain`'s sequences, each fed the
+        id it sampled before, in ONE device call (runtime/draft_chain.py: draft models).
+
+        Args:
+          step: the catch-up step; each chain request samples once in it.
+          chain: the first decode step: one placeholder id per sequence, at the position
+            after its request's step tokens; sample offsets (0,).
+          lens: per chain sequence, its decode steps (1 .. num_iterations).
+        Returns:
+          (the step's StepOutput, {request id: (ids its decode steps sampled, every one finite)}).
+        Raises:
+          ValueError: naming the request whose chain leaves its pages (draft_chain.chain_arrays).
+        """
+        faults, fail = (None, False) if self.fault_injector is None else self.fault_injector.begin(step)
+        batch = input_batch.build_batch(step, self.batch_config, faults)
+        chain_batch = input_batch.build_batch(chain, self.batch_config, faults)
+        arrays = draft_chain.chain_arrays(batch, chain, chain_batch, lens, self.batch_config)
+        if num_iterations not in self._chains:
+            params_s, cache_s, replicated = self._shardings
+            self._chains[num_iterations] = jax.jit(
+                functools.partial(draft_chain.chain_fn, self._step_body, kv_slots_finite, self.page_size, num_iterations),
+                in_shardings=(params_s, cache_s, replicated, replicated, replicated),
+                out_shardings=(replicated, cache_s), donate_argnums=(1,))
+        device_start = time.perf_counter()
+        (results, ids, finite), self.kv_caches = self._chains[num_iterations](
+            self.params, self.kv_caches, batch.device, chain_batch.device, draft_chain.ChainArrays(*arrays))
+        results, ids, finite = jax.device_get((results, ids, finite))
+        if fail:
+            faults_lib.FaultInjector.fail(self.fault_injector.num_executes - 1)
+        device_seconds = time.perf_counter() - device_start
+        key = (batch.shape_key, chain_batch.shape_key, num_iterations)
+        is_compile = key not in self._chain_keys
+        if is_compile:
+            self._chain_keys.add(key)
+            self._num_compiles += 1
+            self._after_compile()
+        if self._moe_layers:
+            self.expert_token_counts += results[-1]
+        outputs = input_batch.unpack_outputs(batch, *results[:-3], finite=results[-3], tokens_finite=results[-2])
+        chains = {seq.request_id: (tuple(int(t) for t in ids[:n, i]), bool(finite[:n, i].all()))
+                  for i, (seq, n) in enumerate(zip(chain.sequences, lens))}
+        stats = StepStats(device_seconds=device_seconds, host_seconds=0.0, is_compile=is_compile,
+                          num_tokens=batch.num_real_tokens, num_padded_tokens=int(batch.device.tokens.size))
+        return StepOutput(outputs=outputs, stats=stats), chains
+
     def warm(self, key: tuple) -> bool:
         """Compiles (or loads from the persistent cache) the step program of shape `key`
         without touching the pages (runtime/warmup.py); False when it is already held.
@@ -233,8 +281,12 @@ class ModelRunner:
         self._num_compiles += 1
         if self.shape_profile is not None:
             self.shape_profile.record(key)
-        if self.map_budget.after_compile([self._step]):
+        self._after_compile()
+
+    def _after_compile(self) -> None:
+        if self.map_budget.after_compile([self._step, *self._chains.values()]):
             self._shape_keys.clear()  # every program was dropped
+            self._chain_keys.clear()
 
 
 def _max_bytes_per_device(tree) -> int:
@@ -256,18 +308,22 @@ def _expert_counts(state, moe_layers: tuple, num_experts: int, valid: jax.Array)
     return jnp.stack(counts)
 
 
-def _step_fn(model: Transformer, vocab_size: int, moe_layers: tuple, params, kv_caches, batch: DeviceBatch):
+def _step_fn(model: Transformer, vocab_size: int, moe_layers: tuple, params, kv_caches, batch: DeviceBatch,
+             check_tokens: bool = True):
     """One compiled step: forward + KV write + attention + sampling (+ log-probs).
 
     Logits are cut to the real `vocab_size` (the mesh model's may be padded) before
-    anything reads them, so a padded id is never sampled or counted."""
+    anything reads them, so a padded id is never sampled or counted. check_tokens=False
+    leaves the written K/V unchecked (all True): a caller that writes the pages again in
+    the same program checks them at its end (reading them in between would make XLA
+    copy the pool; runtime/draft_chain.py)."""
     metadata = step_metadata(batch)
     apply = stage_apply(model, params, moe_layers)
     logits, prompt_lp, kv_caches, state = logits_of_step(apply, batch, vocab_size, batch.tokens, kv_caches, metadata)
     counts = stage_expert_counts(state, moe_layers, model.config.num_experts, kv_caches, batch)
     logits, kv_caches = inject_fault(logits, kv_caches, batch)
-    return (*sample_rows(logits, batch), prompt_lp, rows_finite(logits), kv_tokens_finite(kv_caches, batch),
-            counts), kv_caches
+    tokens_ok = kv_tokens_finite(kv_caches, batch) if check_tokens else jnp.ones(batch.slot_mapping.shape, bool)
+    return (*sample_rows(logits, batch), prompt_lp, rows_finite(logits), tokens_ok, counts), kv_caches
 
 
 def rows_finite(logits: jax.Array) -> jax.Array:
@@ -284,12 +340,18 @@ def kv_tokens_finite(kv_caches, batch: DeviceBatch) -> jax.Array:
     can be registered. Integer leaves (int8 codes) are skipped: their float scales
     carry a non-finite value.
     """
-    ok = jnp.ones(batch.slot_mapping.shape, bool)
+    return kv_slots_finite(kv_caches, batch.slot_mapping)
+
+
+def kv_slots_finite(kv_caches, slot_mapping: jax.Array) -> jax.Array:
+    """[N] bool: every K/V value (or scale) in each flat slot of `slot_mapping`, in every
+    layer, is finite; out-of-range slots (the dropped slot P * L) are True."""
+    ok = jnp.ones(slot_mapping.shape, bool)
     for pages in jax.tree.leaves(kv_caches):
         if not jnp.issubdtype(pages.dtype, jnp.floating) or pages.ndim < 3:
             continue
         flat = pages.reshape(pages.shape[0] * pages.shape[1], -1)
-        written = jnp.take(flat, batch.slot_mapping, axis=0, mode="fill", fill_value=0)  # [T, ...]
+        written = jnp.take(flat, slot_mapping, axis=0, mode="fill", fill_value=0)  # [N, ...]
         ok = ok & jnp.all(jnp.isfinite(written.astype(jnp.float32)), axis=-1)
     return ok
 
