@@ -25,10 +25,17 @@ A request's life:
 4. It decodes there until it finishes. A decode preempted for pages (recompute mode)
    is recomputed on the decode side itself.
 
-Each `step()` runs one decode step (this thread) and one prefill step (a worker thread)
-at the same time, then applies both: a decode step no longer carries prompt tokens,
-but the two sides still advance in lockstep, so a long prefill step holds the next
-decode step back (a decode loop decoupled from the prefill loop is not built).
+The two loops are decoupled: a prefill step runs on a worker thread and stays in flight
+across `step()` calls, each of which runs one decode step on the engine thread; the
+prefill step is applied by the first call that finds it done (or that has no decode to
+run, which then waits for it), and only then is the next prefill step scheduled. So a
+decode step never carries prompt tokens and never waits for a long prefill step
+(`decode_steps_beside_prefill` counts the decode steps run while one was in flight).
+Nothing is shared between the loops while a prefill step is in flight: the prefill
+scheduler (its pages, its prefix cache, the decode-side reservations made at its
+admission) is touched only between prefill steps, and a request aborted meanwhile is
+skipped when the step is applied (its pages were freed at the abort; the in-flight
+step's writes to them land before any later prefill step is dispatched).
 Greedy and seeded tokens are those of the colocated engine: the same positions are
 computed with the same keys.
 
@@ -91,6 +98,8 @@ class SplitwiseEngine(Engine):
         self.transfer = PageTransfer(prefill_runner, decode_runner)
         self._reserved: dict = {}  # request id -> (decode pages, leading pages from the decode prefix cache)
         self._worker = None  # the thread that runs prefill steps (started with the first one)
+        self._pending = None  # (ScheduledStep, Future of its StepOutput): the prefill step in flight
+        self.num_decode_steps_beside_prefill = 0  # decode steps run while a prefill step was in flight
         self.num_kv_transfers = 0
         self.kv_transfer_bytes = 0
         self.kv_transfer_seconds = 0.0
@@ -147,43 +156,58 @@ class SplitwiseEngine(Engine):
     # ------------------------------------------------------------------ steps
 
     def step(self) -> list:
-        """One decode step and one prefill step, run at the same time (the prefill on a
-        worker thread: the two runners share nothing), applied one after the other."""
+        """One decode step, with the prefill side running on its own (see the module docstring).
+
+        A prefill step runs on a worker thread (the two runners share nothing) and may
+        span several calls: each call runs one decode step on this thread, then applies
+        the prefill step if it has finished (or waits for it when no decode ran), and
+        schedules the next prefill step only once the last one is applied."""
         start = time.perf_counter()
-        d_step = self.decode_scheduler.schedule()
-        p_step = self.scheduler.schedule()
-        pending = None
-        if p_step is not None:
-            if self._worker is None:
-                self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxinfer-prefill")
-            pending = self._worker.submit(self.runner.execute, p_step.step_input)
         deltas, ran, error = [], [], None
+        if self._pending is not None and self._pending[1].done():  # its handoffs join this decode step
+            error = self._apply_prefill(deltas, ran)
+        d_step = self.decode_scheduler.schedule()
+        if self._pending is None:
+            p_step = self.scheduler.schedule()
+            if p_step is not None:
+                if self._worker is None:
+                    self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxinfer-prefill")
+                self._pending = (p_step, self._worker.submit(self.runner.execute, p_step.step_input))
         if d_step is not None:
+            if self._pending is not None:
+                self.num_decode_steps_beside_prefill += 1
             try:
                 touched, stats = self._execute(self.decode_scheduler, self.decode_runner, d_step)
                 deltas += self._deliver(touched, stats)
                 ran.append((stats, d_step.num_sequences))
             except StepFailed as e:
-                error = e  # the prefill step below is still applied
-        if p_step is not None:
-            try:
-                touched, stats = self._execute(self.scheduler, self.runner, p_step, result=pending.result)
-            except StepFailed as e:
-                error = error or e
-            else:
-                for request, _ in touched:  # prompts done here go to the decode side
-                    if request.prompt_computed and not request.is_finished and request.request_id in self._reserved:
-                        self._handoff(request)
-                touched = [(r, n) for r, n in touched if r.request_id in self.requests]  # a failed copy: gone
-                deltas += self._deliver(touched, stats)
-                ran.append((stats, p_step.num_sequences))
+                error = error or e  # the prefill step is still applied
+        if self._pending is not None and (d_step is None or self._pending[1].done()):
+            error = self._apply_prefill(deltas, ran) or error
         for stats, n in ran:
             self._counters.add(stats, n, 0.0)
-        if ran:  # host time of the whole step, once; the two device calls overlap
+        if ran:  # host time of the call, once; the device calls overlap
             self._counters.host_seconds += max(0.0, time.perf_counter() - start - max(s.device_seconds for s, _ in ran))
         if error is not None:
             raise error
         return deltas
+
+    def _apply_prefill(self, deltas: list, ran: list):
+        """Applies the prefill step in flight (waiting for it): hands finished prompts to
+        the decode side; returns its StepFailed, if it failed."""
+        p_step, pending = self._pending
+        self._pending = None
+        try:
+            touched, stats = self._execute(self.scheduler, self.runner, p_step, result=pending.result)
+        except StepFailed as e:
+            return e
+        for request, _ in touched:  # prompts done here go to the decode side
+            if request.prompt_computed and not request.is_finished and request.request_id in self._reserved:
+                self._handoff(request)
+        touched = [(r, n) for r, n in touched if r.request_id in self.requests]  # a failed copy: gone
+        deltas += self._deliver(touched, stats)
+        ran.append((stats, p_step.num_sequences))
+        return None
 
     def warmup(self, keys, on_program=None) -> dict:
         """Engine.warmup of each key on the prefill runner and on the decode runner (which
@@ -206,7 +230,9 @@ class SplitwiseEngine(Engine):
 
     @property
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished or self.decode_scheduler.has_unfinished
+        """Requests on either side, or a prefill step still to apply (even if all of its
+        requests were aborted: it is drained before the engine idles)."""
+        return self.scheduler.has_unfinished or self.decode_scheduler.has_unfinished or self._pending is not None
 
     def _finish(self, request: Request, reason: Optional[str] = None) -> None:
         d = self.decode_scheduler
@@ -238,6 +264,7 @@ class SplitwiseEngine(Engine):
             "num_free_pages": p.num_free_pages + d.num_free_pages, "num_total_pages": p.num_pages + d.num_pages,
             "num_cached_pages": p.num_cached_pages + d.num_cached_pages,
             "num_decode_reservations": len(self._reserved),
+            "decode_steps_beside_prefill": self.num_decode_steps_beside_prefill,
             "num_preemptions": self.scheduler.num_preemptions + self.decode_scheduler.num_preemptions,
             "num_kv_transfers": self.num_kv_transfers, "kv_transfer_bytes": self.kv_transfer_bytes,
             "kv_transfer_seconds": self.kv_transfer_seconds, "kv_transfer_exposed_seconds": self.kv_transfer_seconds,

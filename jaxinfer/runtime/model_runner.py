@@ -225,22 +225,26 @@ class ModelRunner:
           lens: per chain sequence, its decode steps (1 .. num_iterations).
         Returns:
           (the step's StepOutput, {request id: (ids its decode steps sampled, every one finite)}).
+          Router statistics (MoE) count the step's tokens only, not the decode steps'.
         Raises:
           ValueError: naming the request whose chain leaves its pages (draft_chain.chain_arrays).
         """
+        host_start = time.perf_counter()
         faults, fail = (None, False) if self.fault_injector is None else self.fault_injector.begin(step)
         batch = input_batch.build_batch(step, self.batch_config, faults)
         chain_batch = input_batch.build_batch(chain, self.batch_config, faults)
         arrays = draft_chain.chain_arrays(batch, chain, chain_batch, lens, self.batch_config)
         if num_iterations not in self._chains:
             params_s, cache_s, replicated = self._shardings
+            program = functools.partial(draft_chain.chain_fn, self._step_body, kv_slots_finite, self.page_size,
+                                        num_iterations)
             self._chains[num_iterations] = jax.jit(
-                functools.partial(draft_chain.chain_fn, self._step_body, kv_slots_finite, self.page_size, num_iterations),
+                program,
                 in_shardings=(params_s, cache_s, replicated, replicated, replicated),
                 out_shardings=(replicated, cache_s), donate_argnums=(1,))
         device_start = time.perf_counter()
         (results, ids, finite), self.kv_caches = self._chains[num_iterations](
-            self.params, self.kv_caches, batch.device, chain_batch.device, draft_chain.ChainArrays(*arrays))
+            self.params, self.kv_caches, batch.device, chain_batch.device, arrays)
         results, ids, finite = jax.device_get((results, ids, finite))
         if fail:
             faults_lib.FaultInjector.fail(self.fault_injector.num_executes - 1)
@@ -253,10 +257,12 @@ class ModelRunner:
             self._after_compile()
         if self._moe_layers:
             self.expert_token_counts += results[-1]
+        unpack_start = time.perf_counter()
         outputs = input_batch.unpack_outputs(batch, *results[:-3], finite=results[-3], tokens_finite=results[-2])
         chains = {seq.request_id: (tuple(int(t) for t in ids[:n, i]), bool(finite[:n, i].all()))
                   for i, (seq, n) in enumerate(zip(chain.sequences, lens))}
-        stats = StepStats(device_seconds=device_seconds, host_seconds=0.0, is_compile=is_compile,
+        host_seconds = (device_start - host_start) + (time.perf_counter() - unpack_start)
+        stats = StepStats(device_seconds=device_seconds, host_seconds=host_seconds, is_compile=is_compile,
                           num_tokens=batch.num_real_tokens, num_padded_tokens=int(batch.device.tokens.size))
         return StepOutput(outputs=outputs, stats=stats), chains
 

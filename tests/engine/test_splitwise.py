@@ -6,6 +6,8 @@ fake devices (TP 2 -> TP 2 and TP 2 -> TP 1) through InferenceSession.
 """
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -103,6 +105,49 @@ def test_seeded_sampling_equals_the_colocated_engine(model, runners):
     colocated = Engine(config, ModelRunner(config, params, page_size=4, num_pages=64), EngineConfig(page_size=4))
     want = [o.token_ids for o in _run(colocated, prompts, sampled)]
     assert [o.token_ids for o in _run(_splitwise(model, runners), prompts, sampled)] == want
+
+
+def test_decodes_go_on_while_a_prefill_step_is_in_flight(model, runners):
+    """The decode loop does not wait for a prefill step: while one is held in flight
+    (its runner blocked on an event), every step() call runs a decode step and streams
+    tokens; an abort meanwhile is skipped when the step lands; tokens equal HF."""
+    generate = model[2]
+    engine = _splitwise(model, runners, max_num_batched_tokens=64)
+    rng = np.random.RandomState(5)
+    short, long_prompt, dropped = (rng.randint(3, hf_models.VOCAB, size=n).tolist() for n in (6, 40, 30))
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    (a,) = engine.add_requests([NewRequest(prompt_ids=short, params=params)])
+    got = {a: []}
+    while len(got[a]) < 2:  # A is decoding on the decode side
+        for delta in engine.step():
+            got[delta.request_id] = got.get(delta.request_id, []) + list(delta.token_ids)
+    release, entered = threading.Event(), threading.Event()
+    execute = runners[0].execute
+
+    def held(step_input):
+        entered.set()
+        assert release.wait(60), "the test never released the prefill step"
+        return execute(step_input)
+    runners[0].execute = held
+    try:
+        b, c = engine.add_requests([NewRequest(prompt_ids=long_prompt, params=params),
+                                    NewRequest(prompt_ids=dropped, params=params)])
+        before = len(got[a])
+        for _ in range(3):  # the prefill step of B and C stays in flight
+            for delta in engine.step():
+                got[delta.request_id] = got.get(delta.request_id, []) + list(delta.token_ids)
+        assert entered.is_set() and len(got[a]) == before + 3
+        assert engine.metrics()["decode_steps_beside_prefill"] == 3
+        engine.abort(c)
+    finally:
+        release.set()
+        runners[0].execute = execute
+    while engine.has_unfinished:
+        for delta in engine.step():
+            got[delta.request_id] = got.get(delta.request_id, []) + list(delta.token_ids)
+    assert got[a] == generate(short, 12) and got[b] == generate(long_prompt, 12)
+    assert not got.get(c)
+    _no_leak(engine)
 
 
 def test_a_prefix_cached_on_the_decode_side_is_not_sent_again(model, runners):
