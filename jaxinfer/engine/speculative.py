@@ -31,11 +31,13 @@ Proposers.
   ids; the ids that followed their most recent earlier occurrence are the draft.
   Free to compute, strong on code and on edits that copy the prompt.
 - `DraftModelProposer`: a smaller model of the same tokenizer on its own runner and
-  page pool, decoding greedily k steps ahead (Leviathan et al.). It keeps each
-  request's draft KV between steps and recomputes only what verification changed (the
-  ids after the longest common prefix of what it fed and what was accepted). Method
-  "early_exit" uses it too, with a recursive target's first loops as the draft model
-  (self-speculation; runtime/draft_runner.py builds that runner).
+  page pool, sampling k steps ahead (Leviathan et al.). It keeps each request's draft
+  KV between steps and recomputes only what verification changed (the ids after the
+  longest common prefix of what it fed and what was accepted). In the steady state a
+  round (that catch-up and the k - 1 draft steps after it) is one device call
+  (ModelRunner.execute_chain, runtime/draft_chain.py). Method "early_exit" uses it
+  too, with a recursive target's first loops as the draft model (self-speculation;
+  runtime/draft_runner.py builds that runner).
 
 Budgets. A request drafts at most min(k, max_tokens left - 1) ids (so drafts never
 write past max_model_len), drafts never preempt anyone (the scheduler drops them when
@@ -82,6 +84,9 @@ class SpecCounters:
     accepted_per_position: list = dataclasses.field(default_factory=list)
     draft_seconds: float = 0.0  # time in the proposer (the draft model's steps)
     num_proposer_errors: int = 0  # proposer failures (those steps ran without drafts)
+    # a draft model's rounds: one device call each (a draft chain), or one call per draft position
+    num_chained_rounds: int = 0
+    num_stepped_rounds: int = 0
 
     def record(self, num_drafted: int, accepted: int) -> None:
         self.num_drafts += 1
@@ -99,7 +104,9 @@ class SpecCounters:
                 # tokens per verified sequence: accepted drafts + the one sampled after them
                 "spec_mean_accepted_length": 1 + self.num_accepted_tokens / max(self.num_drafts, 1),
                 "spec_accepted_per_position": list(self.accepted_per_position),
-                "spec_draft_seconds": self.draft_seconds, "spec_proposer_errors": self.num_proposer_errors}
+                "spec_draft_seconds": self.draft_seconds, "spec_proposer_errors": self.num_proposer_errors,
+                "spec_draft_chained_rounds": self.num_chained_rounds,
+                "spec_draft_stepped_rounds": self.num_stepped_rounds}
 
 
 def ngram_draft(ids: Sequence[int], k: int, ngram_max: int, ngram_min: int) -> tuple:
@@ -132,6 +139,13 @@ class NgramProposer:
         return drafts
 
 
+# A draft round runs as one device call (ModelRunner.execute_chain) when no request has
+# more than this many ids to catch up on: the steady state (after a verify step, one or
+# two ids). A round that feeds a prompt runs step by step: a chain program is compiled
+# per (catch-up shape, decode shape), and prompt shapes would multiply them.
+CHAIN_MAX_CATCH_UP = 4
+
+
 @dataclasses.dataclass
 class _DraftState:
     fed: list  # ids whose K/V are in the draft model's pages, in order
@@ -161,6 +175,8 @@ class DraftModelProposer:
         self.config = config
         self.pages = BlockManager(runner.num_pages, runner.page_size, enable_prefix_caching=False)
         self._states: dict = {}  # request id -> _DraftState
+        self.num_chained_rounds = 0  # rounds run as one device call (SpecCounters copies these)
+        self.num_stepped_rounds = 0
 
     def release(self, request_id: str) -> None:
         state = self._states.pop(request_id, None)
@@ -204,9 +220,13 @@ class DraftModelProposer:
             work.append((request, state, k))
         if not seqs:
             return {}
-        if hasattr(self.runner, "execute_chain") and max(k for _, _, k in work) > 1:
+        chain = (hasattr(self.runner, "execute_chain") and max(k for _, _, k in work) > 1
+                 and max(len(seq.token_ids) for seq in seqs) <= CHAIN_MAX_CATCH_UP)
+        if chain:
+            self.num_chained_rounds += 1
             drafts = self._chained(seqs, work)
         else:
+            self.num_stepped_rounds += 1
             drafts = self._stepped(seqs, work)
         return {request_id: tuple(d) for request_id, d in drafts.items() if d}
 
@@ -282,3 +302,5 @@ def timed_propose(proposer, requests: Sequence, limits: Mapping[str, int], count
         return {}
     finally:
         counters.draft_seconds += time.perf_counter() - start
+        counters.num_chained_rounds = getattr(proposer, "num_chained_rounds", 0)
+        counters.num_stepped_rounds = getattr(proposer, "num_stepped_rounds", 0)

@@ -171,6 +171,8 @@ def test_draft_model_self_draft_accepts_everything_and_another_draft_stays_exact
     m = session.metrics()
     # The draft is the target and shares its sampling noise: every draft is accepted.
     assert m["spec_num_draft_tokens"] > 0 and m["spec_acceptance_rate"] == 1.0
+    # Prompt catch-ups step by step; after a verify step a round is one device call.
+    assert m["spec_draft_stepped_rounds"] > 0 and m["spec_draft_chained_rounds"] > 0
     # Another model of the same vocabulary (the Mistral checkpoint): still the target's tokens.
     other, _ = hf_model_dir("mistral")
     config = SpeculativeConfig(method="draft", draft_model=other, num_speculative_tokens=2)
